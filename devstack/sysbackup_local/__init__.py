@@ -1,0 +1,1 @@
+"""devstack/sysbackup_local"""

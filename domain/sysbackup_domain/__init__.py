@@ -1,0 +1,1 @@
+"""domain/sysbackup_domain"""

@@ -1,0 +1,1 @@
+"""uploader/s3_sysbackup"""

@@ -1,0 +1,1 @@
+"""Sub-commands of the s3-sysbackup CLI, one module each."""
