@@ -1,0 +1,285 @@
+"""The pack format: many compressed blobs in one S3 object, with a trailer listing them.
+
+Layout (see docs/ARCHITECTURE.md, "Pack format"):
+
+    blob_0 | blob_1 | ... | trailer | trailer_length (u32 BE) | magic b"S3SBPK01"
+
+The trailer is zstd-compressed canonical JSON `{"version":1,"blobs":[{hash,kind,codec,offset,length,
+raw_length}, ...]}`. A reader can fetch the last TRAILER_TAIL_BYTES with a ranged GET, learn the trailer
+length, fetch the trailer, and then fetch single blobs by range.
+
+Everything read back from a pack is untrusted: the trailer is validated (offsets inside the blob area,
+no overlaps, no duplicate hashes) and every blob is re-hashed before it is believed.
+"""
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from sysbackup_domain import canonical
+from sysbackup_domain.compression import (
+    CODECS,
+    compress_if_worth,
+    compress_zstd,
+    decompress,
+    decompress_zstd_at_most,
+)
+from sysbackup_domain.errors import CorruptBlob, InvalidDocument
+from sysbackup_domain.hashing import blob_hash as compute_blob_hash
+from sysbackup_domain.hashing import is_blob_hash
+
+MAGIC = b"S3SBPK01"
+TRAILER_TAIL_BYTES = 12  # u32 trailer length + 8-byte magic
+_TAIL = struct.Struct(">I8s")
+
+# One PUT (S3 allows 5 GB, but the verifier Lambda reads a whole pack into memory).
+MAX_PACK_BYTES = 128 * 1024 * 1024
+
+# Why 16 MiB: PUT requests cost $0.005 per 1,000, so 16 MiB packs cost 64 PUTs per GiB, about $0.0003
+# per GiB, already negligible next to a month of storage ($0.023/GB); going bigger saves almost nothing.
+# Going smaller would multiply per-object costs that grow with the number of objects: one lock
+# extension request per pack per fold window, Glacier's per-object overhead and restore requests, and
+# the verifier's invocations. Against bigger packs: the host holds the pack in memory (several in
+# flight), a failed PUT retries the whole pack, the verifier re-reads it whole, and gc repacks at pack
+# granularity (a mostly-dead 16 MiB pack costs 16 MiB to rewrite, not 128). Restores are by ranged
+# GET of single blobs, so pack size does not change restore granularity much.
+TARGET_PACK_BYTES = 16 * 1024 * 1024
+
+# Caps that keep a trailer small enough to parse in a Lambda: with tiny files a pack fills by count.
+MAX_PACK_BLOBS = 100_000
+MAX_TRAILER_RAW_BYTES = 32 * 1024 * 1024
+# A blob is a chunk (<= 16 MiB by pyfastcdc's limits), a small file, or a tree document; trees of
+# enormous directories are the largest legitimate blobs.
+MAX_BLOB_RAW_BYTES = 512 * 1024 * 1024
+
+BLOB_KINDS = ("data", "tree")
+
+# Upper bound of one trailer entry's JSON, to keep a pack under its size cap before it is finished.
+_TRAILER_BYTES_PER_ENTRY = 200
+_TRAILER_FIXED_BYTES = 64
+
+
+class PackFull(ValueError):
+    """The blob does not fit in this pack; finish it and start another."""
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    """Where one blob lives inside a pack, and how it is stored."""
+
+    hash: str
+    kind: str
+    codec: str
+    offset: int
+    length: int
+    raw_length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hash": self.hash,
+            "kind": self.kind,
+            "codec": self.codec,
+            "offset": self.offset,
+            "length": self.length,
+            "raw_length": self.raw_length,
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> "PackEntry":
+        """Validate an untrusted entry (trailer, register request, index item) -> InvalidDocument."""
+        fields = canonical.require_object(
+            d, "pack entry", ("hash", "kind", "codec", "offset", "length", "raw_length")
+        )
+        entry = cls(
+            hash=canonical.require_hash(fields["hash"], "pack entry hash"),
+            kind=_require_choice(fields["kind"], "pack entry kind", BLOB_KINDS),
+            codec=_require_choice(fields["codec"], "pack entry codec", CODECS),
+            offset=canonical.require_int(fields["offset"], "pack entry offset", 0, MAX_PACK_BYTES),
+            length=canonical.require_int(fields["length"], "pack entry length", 0, MAX_PACK_BYTES),
+            raw_length=canonical.require_int(
+                fields["raw_length"], "pack entry raw_length", 0, MAX_BLOB_RAW_BYTES
+            ),
+        )
+        if entry.codec == "none" and entry.length != entry.raw_length:
+            raise InvalidDocument(
+                f"pack entry {entry.hash}: codec none but length {entry.length}"
+                f" != raw_length {entry.raw_length}"
+            )
+        return entry
+
+
+def _require_choice(value: object, where: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidDocument(f"{where} must be one of {', '.join(choices)}, got {value!r:.80}")
+    return value
+
+
+class PackWriter:
+    """Builds one pack in memory. Not thread-safe: one writer per packing thread.
+
+    Adding a hash that is already in the pack returns the existing entry (a blob is stored once).
+    `size` counts blob bytes so far; the finished pack adds the trailer and the tail.
+    """
+
+    def __init__(self, max_bytes: int = MAX_PACK_BYTES, max_blobs: int = MAX_PACK_BLOBS) -> None:
+        if not 0 < max_bytes <= MAX_PACK_BYTES:
+            raise ValueError(f"max_bytes must be in 1..{MAX_PACK_BYTES}, got {max_bytes}")
+        self._max_bytes = max_bytes
+        self._max_blobs = max_blobs
+        self._parts: list[bytes] = []
+        self._entries: dict[str, PackEntry] = {}
+        self._size = 0
+        self._finished = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def count(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, blob_hash: object) -> bool:
+        return blob_hash in self._entries
+
+    def has_room(self, stored_length: int) -> bool:
+        """Would a blob of `stored_length` stored bytes still fit (counting its trailer entry)?"""
+        if self.count >= self._max_blobs:
+            return False
+        trailer_bound = _TRAILER_FIXED_BYTES + _TRAILER_BYTES_PER_ENTRY * (self.count + 1)
+        return self._size + stored_length + trailer_bound + TRAILER_TAIL_BYTES <= self._max_bytes
+
+    def add(self, blob_hash: str, kind: str, plaintext: bytes | bytearray | memoryview) -> PackEntry:
+        """Add a blob by its plaintext, compressing it if that pays. The caller vouches for the hash."""
+        existing = self._entries.get(blob_hash)
+        if existing is not None:
+            return existing
+        codec, stored = compress_if_worth(plaintext)
+        return self.add_stored(blob_hash, kind, codec, stored, len(plaintext))
+
+    def add_stored(self, blob_hash: str, kind: str, codec: str, stored: bytes, raw_length: int) -> PackEntry:
+        """Add a blob already encoded with `codec` (the pipeline compresses in worker threads)."""
+        if self._finished:
+            raise ValueError("pack already finished")
+        if not is_blob_hash(blob_hash):
+            raise ValueError(f"not a blob hash: {blob_hash!r:.80}")
+        if kind not in BLOB_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(BLOB_KINDS)}, got {kind!r}")
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
+        if not 0 <= raw_length <= MAX_BLOB_RAW_BYTES:
+            raise ValueError(f"raw_length must be in 0..{MAX_BLOB_RAW_BYTES}, got {raw_length}")
+        if codec == "none" and len(stored) != raw_length:
+            raise ValueError(f"codec none but {len(stored)} stored bytes != raw_length {raw_length}")
+        existing = self._entries.get(blob_hash)
+        if existing is not None:
+            return existing
+        if not self.has_room(len(stored)):
+            raise PackFull(
+                f"a {len(stored)}-byte blob does not fit: pack holds {self.count} blobs, {self._size} bytes"
+            )
+        entry = PackEntry(blob_hash, kind, codec, self._size, len(stored), raw_length)
+        self._parts.append(bytes(stored))
+        self._entries[blob_hash] = entry
+        self._size += len(stored)
+        return entry
+
+    def finish(self) -> tuple[bytes, list[PackEntry]]:
+        """The whole pack (blobs, trailer, tail) and its entries in offset order. Ends this writer."""
+        if not self._entries:
+            raise ValueError("an empty pack is not worth a PUT")
+        self._finished = True
+        entries = list(self._entries.values())
+        trailer = encode_trailer(entries)
+        pack = b"".join([*self._parts, trailer, _TAIL.pack(len(trailer), MAGIC)])
+        self._parts = []
+        return pack, entries
+
+
+def encode_trailer(entries: list[PackEntry]) -> bytes:
+    """zstd-compressed canonical JSON listing the entries."""
+    document = {"version": 1, "blobs": [entry.to_json() for entry in entries]}
+    return compress_zstd(canonical.dumps(document))
+
+
+def trailer_length_from_tail(tail: bytes | bytearray | memoryview) -> int:
+    """The trailer's size from a pack's last TRAILER_TAIL_BYTES (for ranged reads)."""
+    if len(tail) != TRAILER_TAIL_BYTES:
+        raise InvalidDocument(f"pack tail must be {TRAILER_TAIL_BYTES} bytes, got {len(tail)}")
+    length, magic = _TAIL.unpack(bytes(tail))
+    if magic != MAGIC:
+        raise InvalidDocument(f"not a pack: magic {magic!r} != {MAGIC!r}")
+    if length == 0:
+        raise InvalidDocument("pack trailer length is zero")
+    return length
+
+
+def parse_trailer(pack: bytes | bytearray | memoryview) -> list[PackEntry]:
+    """The validated entries of a whole pack held in memory."""
+    if len(pack) < TRAILER_TAIL_BYTES:
+        raise InvalidDocument(f"pack of {len(pack)} bytes is too short to hold a trailer")
+    view = memoryview(pack)
+    trailer_length = trailer_length_from_tail(view[-TRAILER_TAIL_BYTES:])
+    trailer_end = len(pack) - TRAILER_TAIL_BYTES
+    if trailer_length > trailer_end:
+        raise InvalidDocument(f"trailer length {trailer_length} exceeds the pack ({len(pack)} bytes)")
+    return parse_trailer_bytes(view[trailer_end - trailer_length : trailer_end], len(pack))
+
+
+def parse_trailer_bytes(trailer: bytes | bytearray | memoryview, pack_size: int) -> list[PackEntry]:
+    """Validate a trailer read by range: every blob inside the blob area, no overlaps, no duplicates."""
+    blob_area_end = pack_size - TRAILER_TAIL_BYTES - len(trailer)
+    if blob_area_end < 0:
+        raise InvalidDocument(f"trailer of {len(trailer)} bytes does not fit a {pack_size}-byte pack")
+    try:
+        raw = decompress_zstd_at_most(trailer, MAX_TRAILER_RAW_BYTES)
+    except CorruptBlob as error:
+        raise InvalidDocument(f"pack trailer: {error}") from None
+    document = canonical.require_object(
+        canonical.loads(raw, "pack trailer"), "pack trailer", ("version", "blobs")
+    )
+    canonical.require_version(document, "pack trailer")
+    items = canonical.require_list(document["blobs"], "pack trailer blobs", max_items=MAX_PACK_BLOBS)
+    entries = [PackEntry.from_json(item) for item in items]
+    _check_layout(entries, blob_area_end)
+    return entries
+
+
+def _check_layout(entries: list[PackEntry], blob_area_end: int) -> None:
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.hash in seen:
+            raise InvalidDocument(f"pack trailer lists blob {entry.hash} twice")
+        seen.add(entry.hash)
+        if entry.offset + entry.length > blob_area_end:
+            raise InvalidDocument(
+                f"blob {entry.hash} at {entry.offset}+{entry.length}"
+                f" runs past the blob area ({blob_area_end} bytes)"
+            )
+    previous_end = 0
+    previous_hash = None
+    for entry in sorted(entries, key=lambda e: (e.offset, e.length)):
+        if entry.offset < previous_end:
+            raise InvalidDocument(f"blob {entry.hash} at offset {entry.offset} overlaps blob {previous_hash}")
+        previous_end = entry.offset + entry.length
+        previous_hash = entry.hash
+
+
+def open_blob(entry: PackEntry, stored: bytes | bytearray | memoryview) -> bytes:
+    """Decode a blob's stored bytes and check they hash to `entry.hash`; CorruptBlob otherwise."""
+    if len(stored) != entry.length:
+        raise CorruptBlob(f"blob {entry.hash}: got {len(stored)} stored bytes, expected {entry.length}")
+    plaintext = decompress(entry.codec, stored, entry.raw_length)
+    actual = compute_blob_hash(plaintext)
+    if actual != entry.hash:
+        raise CorruptBlob(f"blob claimed as {entry.hash} hashes to {actual}")
+    return plaintext
+
+
+def verify_pack(pack: bytes | bytearray | memoryview) -> list[PackEntry]:
+    """Parse the trailer and re-hash every blob. InvalidDocument / CorruptBlob on the first problem."""
+    entries = parse_trailer(pack)
+    view = memoryview(pack)
+    for entry in entries:
+        open_blob(entry, view[entry.offset : entry.offset + entry.length])
+    return entries
