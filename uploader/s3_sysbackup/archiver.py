@@ -1,0 +1,465 @@
+"""One `archive` run: pick, walk, read what changed, pack, ship, build trees, snapshot, commit.
+
+The order is what makes a crash harmless: blobs are registered before the trees that name them, and
+the manifest is committed only after everything is registered; the parent cache is updated last.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import stat
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sysbackup_domain.chunking import FILE_CHUNKING, chunk_file
+from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, SnapshotRecord
+from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
+
+from .api import ApiClient, ApiError
+from .cache import ArchiveLock, CachedFile, FileState, ParentCache
+from .config import Config
+from .metadata import acl_text, encode_xattrs, group_name, hardlink_id, user_name
+from .net import RequestCounter
+from .pickers import run_pickers
+from .sink import BlobSink, PackShipper, fault_point
+from .snapshots import take_snapshots
+from .transfer import Transfer
+from .walker import Node, walk
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_WARNINGS = 2  # the run committed a manifest, but something was skipped or incomplete
+LOCK_POLL_S = 0.1
+
+
+class CommitConflict(RuntimeError):
+    """The backend's head for this host is not the parent this host knows."""
+
+
+class MissingBlobs(RuntimeError):
+    """The backend refused the commit because blobs this host thought stored are gone."""
+
+
+@dataclass
+class FileOutcome:
+    """What reading (or reusing) one regular file produced."""
+
+    content: tuple[str, ...]
+    state: FileState  # the stat the content belongs to (what the cache records)
+    st: os.stat_result  # metadata for the tree entry
+    bytes_read: int = 0
+    reused: bool = False
+
+
+@dataclass
+class RunStats:
+    files: int = 0
+    dirs: int = 0
+    bytes_read: int = 0
+    files_read: int = 0
+    files_reused: int = 0
+    snapshots: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ArchiveOptions:
+    quiet: bool = False
+    adopt_head: bool = False  # take the backend's head as parent (after losing the cache)
+    root_path: str = "/"  # what "/" is: tests archive a scratch directory as if it were root
+
+
+@dataclass
+class ArchiveResult:
+    manifest_id: str
+    root: str
+    warnings: list[str]
+    stats: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_WARNINGS if self.warnings else EXIT_OK
+
+
+class Progress:
+    """One self-overwriting status line on stderr, when it is a terminal and not silenced."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def show(self, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if force or now - self._last >= 0.5:
+                self._last = now
+                sys.stderr.write("\r\x1b[K" + text)
+                sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+class Archiver:
+    def __init__(self, config: Config, api: ApiClient, transfer: Transfer, options: ArchiveOptions) -> None:
+        self.config = config
+        self.api = api
+        self.transfer = transfer
+        self.options = options
+        self.counter: RequestCounter = api.counter
+
+    def run(self) -> ArchiveResult:
+        cache_dir = self.config.content.cache_dir
+        with ArchiveLock(cache_dir):
+            cache = ParentCache(cache_dir, scope=self.api.endpoint)
+            try:
+                try:
+                    return self._run_once(cache)
+                except MissingBlobs as error:
+                    # Our cache vouched for blobs the backend no longer has (retention lapsed, gc):
+                    # forget what the cache knows and send everything the backend lacks.
+                    logger.warning("%s; re-running without the cache", error)
+                    cache.forget_content()
+                    return self._run_once(cache)
+            finally:
+                cache.close()
+
+    def _run_once(self, cache: ParentCache) -> ArchiveResult:
+        run_id = uuid.uuid4().hex
+        scan_started_ns = time.time_ns()
+        stats = RunStats()
+        warnings: list[str] = []
+        progress = Progress(not self.options.quiet)
+        shipper = PackShipper(self.api, self.transfer)
+        sink = BlobSink(self.api, shipper, known_stored=cache.all_stored())
+
+        picked = run_pickers(self.config.pickers_dir, self.config.content.picker_timeout_s)
+        warnings.extend(picked.warnings)
+        walked = walk(picked.paths, self.options.root_path)
+        warnings.extend(walked.warnings)
+        try:
+            outcomes = self._read_files(walked.root, cache, sink, stats, warnings, progress)
+            root = self._build_trees(walked.root, outcomes, sink, stats) if picked.paths else None
+            snapshots, snapshot_warnings = take_snapshots(
+                self.config.snapshots_dir,
+                self.config.content.snapshot_timeout_s,
+                sink.add_plaintext,
+                on_bytes=lambda n: progress.show(f"snapshots: {n} bytes"),
+            )
+            warnings.extend(snapshot_warnings)
+            stats.snapshots = len(snapshots)
+            progress.show("finishing uploads", force=True)
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            progress.done()
+            raise
+        progress.done()
+        manifest_stats = self._manifest_stats(stats, shipper, run_id, len(warnings))
+        manifest_id = self._commit(cache, run_id, root, snapshots, warnings, manifest_stats)
+        fault_point("mid-commit")
+        cache.record_commit(
+            manifest_id,
+            ((node_path, o.state, o.content) for node_path, o in outcomes.items()),
+            scan_started_ns,
+            sink.stored_now | sink.known_stored,
+        )
+        report = dict(manifest_stats)
+        report.update(
+            elapsed_s=round(time.monotonic() - stats.started, 3),
+            manifest_id=manifest_id,
+            warnings=warnings,
+            requests=self.counter.as_dict(),
+        )
+        return ArchiveResult(manifest_id, root or "", warnings, report)
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _read_files(
+        self,
+        root: Node,
+        cache: ParentCache,
+        sink: BlobSink,
+        stats: RunStats,
+        warnings: list[str],
+        progress: Progress,
+    ) -> dict[str, FileOutcome]:
+        """Content of every regular file: reused from the cache when unchanged, else read."""
+        outcomes: dict[str, FileOutcome] = {}
+        to_read: list[tuple[Node, CachedFile | None]] = []
+        for node in _iter_files(root):
+            cached = cache.lookup(node.path)
+            if cached is not None and cached.reusable_for(FileState.of(node.stat)):
+                outcomes[node.path] = FileOutcome(cached.content, cached.state, node.stat, reused=True)
+                stats.files_reused += 1
+            else:
+                to_read.append((node, cached))
+        lock = threading.Lock()
+        total = len(to_read)
+
+        def read_one(item: tuple[Node, CachedFile | None]) -> None:
+            node, cached = item
+            local_warnings: list[str] = []
+            outcome = self._read_file(node, cached, sink, local_warnings)
+            with lock:
+                warnings.extend(local_warnings)
+                if outcome is not None:
+                    outcomes[node.path] = outcome
+                    stats.bytes_read += outcome.bytes_read
+                stats.files_read += 1
+                progress.show(f"read {stats.files_read}/{total} files, {stats.bytes_read / 2**20:.1f} MiB")
+
+        pool = ThreadPoolExecutor(max_workers=self.config.content.workers, thread_name_prefix="read")
+        try:
+            for _ in pool.map(read_one, to_read):
+                pass  # map re-raises the first worker exception here
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # do not read on after a failure
+            raise
+        pool.shutdown(wait=True)
+        return outcomes
+
+    def _read_file(
+        self, node: Node, cached: CachedFile | None, sink: BlobSink, warnings: list[str]
+    ) -> FileOutcome | None:
+        previous = (
+            FileOutcome(cached.content, cached.state, node.stat, reused=True) if cached is not None else None
+        )
+        try:
+            fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as error:
+            return _fallback(previous, warnings, f"cannot open {node.path!r}: {error.strerror}")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return _fallback(previous, warnings, f"{node.path!r} is no longer a regular file")
+            if not _lock_shared(fd, self.config.content.lock_timeout_s):
+                return _fallback(
+                    previous,
+                    warnings,
+                    f"{node.path!r}: no shared lock within {self.config.content.lock_timeout_s:g} s",
+                )
+            return self._read_locked(fd, node, sink, warnings)
+        except OSError as error:
+            return _fallback(previous, warnings, f"cannot read {node.path!r}: {error.strerror}")
+        finally:
+            os.close(fd)  # also drops the lock
+
+    def _read_locked(self, fd: int, node: Node, sink: BlobSink, warnings: list[str]) -> FileOutcome:
+        """Chunk and hash the file; if it changed while read, read once more, then warn."""
+        bytes_read = 0
+        for attempt in (1, 2):
+            os.lseek(fd, 0, os.SEEK_SET)
+            before = os.fstat(fd)
+            content: list[str] = []
+            length = 0
+            with open(fd, "rb", buffering=0, closefd=False) as stream:
+                for chunk in chunk_file(stream, FILE_CHUNKING):  # type: ignore[arg-type]
+                    content.append(sink.add_plaintext("data", chunk))
+                    length += len(chunk)
+            bytes_read += length
+            after = os.fstat(fd)
+            if _unchanged(before, after) and after.st_size == length:
+                break
+            if attempt == 2:
+                warnings.append(
+                    f"{node.path!r} changed while being read (twice); this copy may be inconsistent"
+                )
+        return FileOutcome(tuple(content), FileState.of(after), after, bytes_read=bytes_read)
+
+    # -- trees ------------------------------------------------------------------------------
+
+    def _build_trees(
+        self, root: Node, outcomes: dict[str, FileOutcome], sink: BlobSink, stats: RunStats
+    ) -> str:
+        """Encode every directory bottom-up (children before parents); returns the root tree hash."""
+        order: list[Node] = []
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(child for child in (node.children or {}).values() if child.is_dir)
+        subtree_of: dict[int, str] = {}
+        for directory in reversed(order):  # a pre-order list reversed puts children first
+            entries = []
+            for child in (directory.children or {}).values():
+                entry = _tree_entry(child, outcomes.get(child.path), subtree_of.get(id(child)))
+                if entry is not None:
+                    entries.append(entry)
+                    stats.files += child.type == "file"
+                    stats.dirs += child.type == "dir"
+            subtree_of[id(directory)] = sink.add_plaintext("tree", encode_tree(Tree(tuple(entries))))
+        return subtree_of[id(root)]
+
+    # -- commit -----------------------------------------------------------------------------
+
+    def _commit(
+        self,
+        cache: ParentCache,
+        run_id: str,
+        root: str | None,
+        snapshots: list[SnapshotRecord],
+        warnings: list[str],
+        stats: dict[str, Any],
+    ) -> str:
+        parent = cache.parent_manifest
+        crashed_run = cache.inflight_run
+        cache.mark_inflight(run_id)
+        for _attempt in range(2):
+            request = {
+                "parent": parent,
+                "root": root,
+                "snapshots": [s.to_json() for s in snapshots],
+                "warnings": _bounded_warnings(warnings),
+                "stats": stats,
+                "days_retained": self.config.content.days_retained,
+            }
+            try:
+                result = self.api.commit_manifest(request)
+                return str(result["manifest_id"])
+            except ApiError as error:
+                if error.status == 422:
+                    raise MissingBlobs(f"commit refused: {error.message}") from error
+                if error.status != 409:
+                    raise
+                head = self._head()
+                if head is not None and _run_id_of(head) == run_id:
+                    return str(head["manifest_id"])  # our own commit landed; the reply was lost
+                if head is not None and (_run_id_of(head) == crashed_run or self.options.adopt_head):
+                    logger.warning("taking %s as parent (a crashed run's commit)", head["manifest_id"])
+                    parent = str(head["manifest_id"])
+                    cache.adopt_parent(parent)
+                    cache.mark_inflight(run_id)
+                    continue
+                raise CommitConflict(_conflict_message(parent, head)) from error
+        raise CommitConflict(_conflict_message(parent, self._head()))
+
+    def _head(self) -> dict | None:
+        manifests = self.api.list_manifests()
+        return max(manifests, key=lambda m: str(m.get("manifest_id", "")), default=None)
+
+    def _manifest_stats(self, stats: RunStats, shipper: PackShipper, run_id: str, warnings: int) -> dict:
+        # Integers only: the manifest is canonical JSON and some readers refuse floats.
+        return {
+            "run_id": run_id,
+            "files": stats.files,
+            "dirs": stats.dirs,
+            "files_read": stats.files_read,
+            "files_reused": stats.files_reused,
+            "bytes_read": stats.bytes_read,
+            "bytes_uploaded": shipper.counts.bytes_uploaded,
+            "packs": shipper.counts.packs,
+            "blobs_new": shipper.counts.blobs_new,
+            "snapshots": stats.snapshots,
+            "warnings": warnings,
+            "elapsed_ms": int((time.monotonic() - stats.started) * 1000),
+            "requests": self.counter.as_dict(),
+        }
+
+
+def _iter_files(root: Node) -> Iterator[Node]:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.type == "file":
+            yield node
+        elif node.children:
+            stack.extend(node.children.values())
+
+
+def _lock_shared(fd: int, timeout_s: float) -> bool:
+    """A shared POSIX advisory lock (writers that lock exclusively are waited for), with a timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(LOCK_POLL_S)
+
+
+def _unchanged(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+        after.st_size,
+        after.st_mtime_ns,
+        after.st_ctime_ns,
+    )
+
+
+def _fallback(previous: FileOutcome | None, warnings: list[str], problem: str) -> FileOutcome | None:
+    if previous is not None:
+        warnings.append(f"{problem}; kept its previous version")
+        return previous
+    warnings.append(f"{problem}; skipped (no previous version)")
+    return None
+
+
+def _tree_entry(node: Node, outcome: FileOutcome | None, subtree: str | None) -> TreeEntry | None:
+    if node.type == "file" and outcome is None:
+        return None  # skipped with a warning
+    st = outcome.st if outcome is not None else node.stat
+    return TreeEntry(
+        name=node.name,
+        type=node.type,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        user=user_name(st.st_uid),
+        group=group_name(st.st_gid),
+        mtime_ns=st.st_mtime_ns,
+        size=outcome.state.size if outcome is not None else None,
+        content=outcome.content if outcome is not None else (),
+        subtree=subtree,
+        target=node.target,
+        rdev=st.st_rdev if node.type in ("chardev", "blockdev") else None,
+        xattrs=encode_xattrs(node.xattrs),
+        acl=acl_text(node.xattrs),
+        hardlink=hardlink_id(st),
+    )
+
+
+def _run_id_of(manifest: dict) -> str | None:
+    stats = manifest.get("stats")
+    return stats.get("run_id") if isinstance(stats, dict) else None
+
+
+def _bounded_warnings(warnings: list[str]) -> list[str]:
+    kept = [w[:MAX_WARNING_CHARS] for w in warnings[: MAX_WARNINGS - 1]]
+    if len(warnings) > len(kept):
+        kept.append(f"... and {len(warnings) - len(kept)} more warnings")
+    return kept
+
+
+def _conflict_message(parent: str | None, head: dict | None) -> str:
+    head_id = head.get("manifest_id") if head else None
+    return (
+        f"the backend's latest manifest for this host is {head_id}, but this host's cache says its last "
+        f"commit was {parent}. Either this machine was cloned from another host that uses the same "
+        "credentials (give each host its own IAM user), or another archive run committed concurrently. "
+        "If the cache directory was lost or reset on this very host, re-run with --adopt-head."
+    )
+
+
+def write_stats_json(path: Path, stats: dict[str, Any]) -> None:
+    path.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,77 @@
+"""AWS credentials for signing API calls, as the seed's `[aws]` section describes.
+
+`credentials_file` + `profile` select static keys; with `role_arn` as well, those keys assume the role
+with the session name pinned to the IAM user's name (the role's trust policy requires it: the backend
+derives the host name from the session name). Without a credentials file, botocore's normal chain
+(env, ~/.aws, instance profile, a profile that itself assumes a role) applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import botocore.session
+from botocore.credentials import AssumeRoleCredentialFetcher, Credentials, DeferredRefreshableCredentials
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .config import AwsSettings
+
+
+class CredentialsError(RuntimeError):
+    """No usable AWS credentials."""
+
+
+def load_credentials(settings: AwsSettings, region: str) -> Credentials:
+    session = botocore.session.Session()
+    if settings.credentials_file is not None:
+        if not settings.credentials_file.is_file():
+            raise CredentialsError(f"[aws] credentials_file {settings.credentials_file} does not exist")
+        session.set_config_variable("credentials_file", str(settings.credentials_file))
+    if settings.profile is not None:
+        session.set_config_variable("profile", settings.profile)
+    try:
+        credentials = session.get_credentials()
+    except BotoCoreError as error:
+        raise CredentialsError(f"cannot load AWS credentials: {error}") from error
+    if credentials is None:
+        raise CredentialsError("no AWS credentials found (set [aws] credentials_file/profile in conf)")
+    if settings.role_arn is None:
+        return credentials
+    return _assume_role(session, credentials, settings.role_arn, region)
+
+
+def session_name_for(caller_arn: str) -> str:
+    """`arn:aws:iam::123:user/path/web-1` -> `web-1`: the name the role's trust policy pins."""
+    resource = caller_arn.split(":", 5)[-1]
+    if not resource.startswith("user/"):
+        raise CredentialsError(
+            f"role_arn needs IAM user keys in credentials_file; they belong to {caller_arn}"
+        )
+    return resource.rsplit("/", 1)[-1]
+
+
+def _assume_role(
+    session: botocore.session.Session, source: Credentials, role_arn: str, region: str
+) -> Credentials:
+    def create_client(service: str, **kwargs: Any) -> Any:
+        return session.create_client(service, region_name=region, **kwargs)
+
+    frozen = source.get_frozen_credentials()
+    sts = create_client(
+        "sts",
+        aws_access_key_id=frozen.access_key,
+        aws_secret_access_key=frozen.secret_key,
+        aws_session_token=frozen.token,
+    )
+    try:
+        caller_arn = sts.get_caller_identity()["Arn"]
+    except (BotoCoreError, ClientError) as error:
+        raise CredentialsError(f"cannot identify the IAM user of credentials_file: {error}") from error
+    fetcher = AssumeRoleCredentialFetcher(
+        client_creator=create_client,
+        source_credentials=source,
+        role_arn=role_arn,
+        extra_args={"RoleSessionName": session_name_for(caller_arn)},
+    )
+    # Refreshed before expiry, so an archive longer than the session's lifetime keeps signing.
+    return DeferredRefreshableCredentials(method="assume-role", refresh_using=fetcher.fetch_credentials)
