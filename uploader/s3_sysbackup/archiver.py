@@ -69,6 +69,7 @@ class RunStats:
     files: int = 0
     dirs: int = 0
     bytes_read: int = 0
+    bytes_total: int = 0  # size of every file in the tree, read or reused
     files_read: int = 0
     files_reused: int = 0
     snapshots: int = 0
@@ -304,6 +305,7 @@ class Archiver:
                 if entry is not None:
                     entries.append(entry)
                     stats.files += child.type == "file"
+                    stats.bytes_total += entry.size or 0
                     stats.dirs += child.type == "dir"
             subtree_of[id(directory)] = sink.add_plaintext("tree", encode_tree(Tree(tuple(entries))))
         return subtree_of[id(root)]
@@ -363,6 +365,7 @@ class Archiver:
             "dirs": stats.dirs,
             "files_read": stats.files_read,
             "files_reused": stats.files_reused,
+            "bytes": stats.bytes_total,
             "bytes_read": stats.bytes_read,
             "bytes_uploaded": shipper.counts.bytes_uploaded,
             "packs": shipper.counts.packs,
