@@ -140,3 +140,26 @@ def test_chunk_file_memory_stays_bounded_on_a_large_stream() -> None:
     assert largest <= FILE_CHUNKING.max_size
     # The window is 2 x max_size (8 MiB) plus the chunk in hand: nowhere near the stream's size.
     assert peak < 3 * FILE_CHUNKING.max_size + 4 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+def synthetic_dump(rows: int, row_bytes: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    words = [b"alpha", b"bravo", b"charlie", b"delta", b"echo", b"foxtrot", b"golf", b"hotel", b"india"]
+    dump = []
+    for row_id in range(rows):
+        text = b" ".join(rng.choice(words) for _ in range(row_bytes // 7))
+        dump.append(b"%d\tuser%d@example.org\t%s\n" % (row_id, rng.randrange(10**6), text))
+    return dump
+
+
+def test_dump_with_one_row_in_5000_changed_resends_under_ten_percent() -> None:
+    rows = synthetic_dump(60_000, 300, seed=5)
+    before = b"".join(rows)
+    for index in range(1234, len(rows), 5000):
+        rows[index] = b"%d\tchanged@example.org\tedited row\n" % index
+    after = b"".join(rows)
+
+    known = set(chunk_bytes(before, STREAM_CHUNKING))
+    resent = sum(len(chunk) for chunk in chunk_bytes(after, STREAM_CHUNKING) if chunk not in known)
+    assert resent > 0  # the edits are seen
+    assert resent / len(after) < 0.10
