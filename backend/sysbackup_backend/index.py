@@ -157,6 +157,12 @@ class BlobIndex:
             if status.stored and status.location is not None
         }
 
+    def get_packs(self, pack_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        keys = [{"pk": pack_pk(pack_id), "sk": PACK_SK} for pack_id in sorted(set(pack_ids))]
+        return {
+            item["pk"].removeprefix("pack#"): item for item in batch_get(self.client, self.table_name, keys)
+        }
+
     def get_pack(self, pack_id: str) -> dict[str, Any] | None:
         response = self.client.get_item(
             TableName=self.table_name, Key={"pk": pack_pk(pack_id), "sk": PACK_SK}, ConsistentRead=True

@@ -73,6 +73,8 @@ class PackStore:
                     "Bucket": self.bucket,
                     "Key": pack_key(pack_id),
                     "ContentLength": size,
+                    # S3 wants Content-MD5 or x-amz-sdk-checksum-algorithm on any PUT with an Object Lock.
+                    "ChecksumAlgorithm": "SHA256",
                     "ChecksumSHA256": pack_checksum(pack_id),
                     "ObjectLockMode": mode,
                     "ObjectLockRetainUntilDate": retain_until,
@@ -86,6 +88,7 @@ class PackStore:
         headers = {name: value for name, value in captured.items() if name.lower() in signed}
         expected = {
             "content-length",
+            "x-amz-sdk-checksum-algorithm",
             "x-amz-checksum-sha256",
             "x-amz-object-lock-mode",
             "x-amz-object-lock-retain-until-date",
@@ -135,6 +138,7 @@ class PackStore:
             Key=key,
             Body=body,
             ContentType="application/json",
+            ChecksumAlgorithm="SHA256",
             ChecksumSHA256=checksum,
             ObjectLockMode=mode,
             ObjectLockRetainUntilDate=retain_until,

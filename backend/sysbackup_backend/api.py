@@ -1,0 +1,106 @@
+"""What every API handler shares: the caller, error responses, the JSON body, the backend services."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+
+from .catalogue import Catalogue
+from .clients import dynamodb_client, s3_client
+from .commit import Committer
+from .errors import ApiError, BadRequest
+from .identity import Caller, caller
+from .index import BlobIndex
+from .jobs import JobStore
+from .settings import Settings, get_settings
+from .store import PackStore
+from .walk import Budget
+
+# API Gateway gives up on an integration after 29 s; leave room for the commit's writes and the response.
+WALK_BUDGET_SECONDS = 20.0
+WALK_RESERVE_SECONDS = 6.0
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    index: BlobIndex
+    store: PackStore
+    catalogue: Catalogue
+    jobs: JobStore
+    committer: Committer
+
+
+@lru_cache(maxsize=1)
+def services() -> Services:
+    """The backend objects of this process, built on first use (settings and clients are read once)."""
+    settings = get_settings()
+    index = BlobIndex(settings.blob_index_table, dynamodb_client())
+    store = PackStore(settings.bucket_name, s3_client())
+    catalogue = Catalogue(settings.manifest_table, dynamodb_client())
+    jobs = JobStore(settings.jobs_table, dynamodb_client())
+    return Services(
+        settings=settings,
+        index=index,
+        store=store,
+        catalogue=catalogue,
+        jobs=jobs,
+        committer=Committer(index, store, catalogue, jobs, settings.retention),
+    )
+
+
+def json_response(status_code: int, body: dict[str, Any]) -> Response:
+    return Response(status_code=status_code, content_type=content_types.APPLICATION_JSON, body=body)
+
+
+def request_caller(app: APIGatewayHttpResolver) -> Caller:
+    """The authenticated caller of the current request (identity.caller raises Forbidden)."""
+    return caller(app.current_event.raw_event, services().settings.restore_principal_arns)
+
+
+def json_body(app: APIGatewayHttpResolver) -> Any:
+    raw = app.current_event.decoded_body
+    if not raw:
+        raise BadRequest("the request needs a JSON body")
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise BadRequest(f"the body is not valid JSON: {error}") from None
+
+
+def walk_budget(app: APIGatewayHttpResolver) -> Budget:
+    """Time for this call's share of a commit walk, within the Lambda's own remaining time."""
+    context = app.lambda_context
+    seconds = WALK_BUDGET_SECONDS
+    if context is not None and hasattr(context, "get_remaining_time_in_millis"):
+        seconds = min(seconds, context.get_remaining_time_in_millis() / 1000 - WALK_RESERVE_SECONDS)
+    return Budget(max(seconds, 0.0))
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    problems = []
+    for detail in error.errors()[:5]:
+        location = ".".join(str(part) for part in detail.get("loc", ()) if part != "body")
+        problems.append(f"{location or 'body'}: {detail.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(problems)
+
+
+def register_error_handlers(app: APIGatewayHttpResolver, logger: Logger) -> None:
+    """Refusals become `{"message": ...}` with their 4xx; never a 500 for a bad request."""
+
+    @app.exception_handler(ApiError)
+    def handle_api_error(error: ApiError) -> Response:
+        logger.info("request refused", extra={"status": error.status_code, "reason": error.message})
+        return json_response(error.status_code, error.body())
+
+    @app.exception_handler(RequestValidationError)
+    def handle_validation_error(error: RequestValidationError) -> Response:
+        message = _validation_message(error)
+        logger.info("request invalid", extra={"reason": message})
+        return json_response(422, {"message": message})

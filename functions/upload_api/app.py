@@ -1,0 +1,145 @@
+"""Upload API: which blobs are stored, presigned pack uploads, pack registration."""
+
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, Field, StringConstraints
+from sysbackup_backend.api import register_error_handlers, request_caller, services
+from sysbackup_backend.errors import Conflict, Unprocessable
+from sysbackup_backend.index import PACK_CORRUPT, PACK_REGISTERED, PACK_VERIFIED
+from sysbackup_backend.store import pack_checksum
+from sysbackup_domain.errors import InvalidDocument
+from sysbackup_domain.packs import MAX_PACK_BYTES, TRAILER_TAIL_BYTES, PackEntry
+from sysbackup_domain.retention import iso_utc, retain_until
+
+MAX_CHECK_HASHES = 1000
+MAX_PACKS_PER_CALL = 100
+MAX_ENTRIES_PER_PACK = 20_000
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics(namespace="s3-sysbackup")
+app = APIGatewayHttpResolver(enable_validation=True)
+register_error_handlers(app, logger)
+
+BlobHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class CheckRequest(BaseModel):
+    hashes: list[BlobHash] = Field(max_length=MAX_CHECK_HASHES)
+
+
+class PackToPresign(BaseModel):
+    sha256: BlobHash
+    size: int = Field(gt=TRAILER_TAIL_BYTES, le=MAX_PACK_BYTES)
+
+
+class PresignRequest(BaseModel):
+    packs: list[PackToPresign] = Field(min_length=1, max_length=MAX_PACKS_PER_CALL)
+
+
+class PackToRegister(BaseModel):
+    pack_id: BlobHash
+    # Entries are validated by the domain's PackEntry.from_json, the one definition of a trailer entry.
+    blobs: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_ENTRIES_PER_PACK)
+
+
+class RegisterRequest(BaseModel):
+    packs: list[PackToRegister] = Field(min_length=1, max_length=MAX_PACKS_PER_CALL)
+
+
+@app.post("/blobs/check")
+@tracer.capture_method
+def check_blobs(request: CheckRequest) -> dict[str, Any]:
+    host = request_caller(app).host
+    stored = services().index.stored_for(host, request.hashes)
+    metrics.add_metric(name="BlobsChecked", unit=MetricUnit.Count, value=len(request.hashes))
+    metrics.add_metric(name="BlobsAlreadyStored", unit=MetricUnit.Count, value=len(stored))
+    return {"stored": sorted(stored)}
+
+
+@app.post("/packs/presign")
+@tracer.capture_method
+def presign_packs(request: PresignRequest) -> dict[str, Any]:
+    host = request_caller(app).host
+    backend = services()
+    settings = backend.settings
+    packs = {pack.sha256: pack.size for pack in request.packs}
+    known = backend.index.get_packs(packs)
+    corrupt = sorted(pack_id for pack_id, item in known.items() if item.get("state") == PACK_CORRUPT)
+    if corrupt:
+        raise Unprocessable("these packs were found corrupt; build new packs", corrupt=corrupt)
+    # Packs are locked for the stack's default period; the lock extender stretches it for longer manifests.
+    lock_until = retain_until(datetime.now(timezone.utc), settings.retention, None)
+    registered, uploads = [], []
+    for pack_id, size in packs.items():
+        if known.get(pack_id, {}).get("state") in (PACK_REGISTERED, PACK_VERIFIED):
+            registered.append(pack_id)
+            continue
+        backend.index.record_presigned(pack_id, host, size, iso_utc(lock_until))
+        upload = backend.store.presign_pack_put(
+            pack_id, size, lock_until, settings.retention.lock_mode, settings.upload_url_expiry_seconds
+        )
+        uploads.append(
+            {
+                "pack_id": pack_id,
+                "url": upload.url,
+                "method": "PUT",
+                "headers": upload.headers,
+                "expires_at": iso_utc(upload.expires_at),
+            }
+        )
+    metrics.add_metric(name="PacksPresigned", unit=MetricUnit.Count, value=len(uploads))
+    return {"uploads": uploads, "registered": registered}
+
+
+def _validated_entries(pack: PackToRegister, pack_size: int) -> list[PackEntry]:
+    try:
+        entries = [PackEntry.from_json(blob) for blob in pack.blobs]
+    except InvalidDocument as error:
+        raise Unprocessable(f"pack {pack.pack_id}: {error}") from None
+    blob_area_end = pack_size - TRAILER_TAIL_BYTES
+    for entry in entries:
+        if entry.offset + entry.length > blob_area_end:
+            raise Unprocessable(f"pack {pack.pack_id}: blob {entry.hash} lies past the pack's blob area")
+    if len({entry.hash for entry in entries}) != len(entries):
+        raise Unprocessable(f"pack {pack.pack_id}: a blob is listed twice")
+    return entries
+
+
+@app.post("/packs/register")
+@tracer.capture_method
+def register_packs(request: RegisterRequest) -> dict[str, Any]:
+    host = request_caller(app).host
+    backend = services()
+    known = backend.index.get_packs(pack.pack_id for pack in request.packs)
+    to_register: list[tuple[str, list[PackEntry]]] = []
+    # Everything is checked before anything is indexed, so a refused call indexes nothing.
+    for pack in request.packs:
+        item = known.get(pack.pack_id)
+        if item is None:
+            raise Conflict(f"pack {pack.pack_id} was never presigned")
+        if item.get("state") == PACK_CORRUPT:
+            raise Unprocessable(f"pack {pack.pack_id} was found corrupt")
+        head = backend.store.head_pack(pack.pack_id)
+        if head is None:
+            raise Conflict(f"pack {pack.pack_id} has not been uploaded")
+        if head.size != int(item["size"]) or head.checksum_sha256 != pack_checksum(pack.pack_id):
+            raise Unprocessable(f"pack {pack.pack_id} in the bucket does not match its size and SHA-256")
+        to_register.append((pack.pack_id, _validated_entries(pack, head.size)))
+    for pack_id, entries in to_register:
+        backend.index.register_pack(host, pack_id, entries)
+    metrics.add_metric(name="PacksRegistered", unit=MetricUnit.Count, value=len(to_register))
+    return {"registered": [pack_id for pack_id, _ in to_register]}
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)
