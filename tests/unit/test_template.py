@@ -673,3 +673,18 @@ def test_translation_runs_without_aws_credentials(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     assert "BackupBucket" in translate(load_sam_template())["Resources"]
+
+
+def test_alarms_exist_only_with_an_address_and_watch_the_dead_letters(resources: dict[str, Any]) -> None:
+    alarms = {logical_id: r for logical_id, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
+    assert alarms
+    for alarm in alarms.values():
+        assert alarm["Condition"] == "HasAlarmEmail"
+        assert alarm["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    watched = {
+        render(dimension["Value"])
+        for alarm in alarms.values()
+        for dimension in alarm["Properties"]["Dimensions"]
+    }
+    assert "${PackLandedDeadLetterQueue.QueueName}" in watched
+    assert resources["AlarmTopic"]["Condition"] == "HasAlarmEmail"
