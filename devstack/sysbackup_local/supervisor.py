@@ -1,0 +1,342 @@
+"""The stack's daemon: function workers, the API gateway, S3 notifications, SQS pollers and a control port.
+
+Started detached by `LocalStack.start`; reads `S/stack.json`; everything it starts shares its process
+group, so `local down` ends them all with one signal. The control port (loopback, JSON) serves the CLI
+and tests: invoke a function, wait until idle, register a test route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from .gateway import ApiGateway, InvocationOutcome, RouteTable, make_http_server
+from .identities import KIND_FUNCTION, IdentityRegistry
+from .notifications import (
+    SqsPoller,
+    iter_json_objects,
+    matches_notification,
+    object_created_from_meta_event,
+    s3_event_record,
+)
+from .ports import free_port, wait_for_http
+from .template import REGION, FunctionSpec, HttpRoute, parse_template
+
+log = logging.getLogger("sysbackup_local.supervisor")
+MARKER_DIR = "/sysbackup-local/markers"
+
+
+def function_environment(
+    spec_env: dict[str, str], function_name: str, access_key: str, secret_key: str, stack: dict[str, Any]
+) -> dict[str, str]:
+    """What a function's process sees: template env, local endpoints, its own credentials."""
+    endpoints = stack["endpoints"]
+    repo = Path(stack["repo"])
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "POWERTOOLS_"))
+    }
+    environment.update(spec_env)
+    environment.update(
+        {
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_REGION": REGION,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_CONFIG_FILE": str(Path(stack["state_dir"]) / "aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ENDPOINT_URL_S3": endpoints["s3"],
+            "AWS_ENDPOINT_URL_DYNAMODB": endpoints["moto"],
+            "AWS_ENDPOINT_URL_SQS": endpoints["moto"],
+            "AWS_ENDPOINT_URL_SNS": endpoints["moto"],
+            "AWS_ENDPOINT_URL_EVENTS": endpoints["moto"],
+            "AWS_ENDPOINT_URL_EVENTBRIDGE": endpoints["moto"],
+            "AWS_ENDPOINT_URL_GLACIER": endpoints["moto"],
+            "AWS_LAMBDA_FUNCTION_NAME": function_name,
+            # No X-Ray daemon here.
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "PYTHONUNBUFFERED": "1",
+            # What the SharedLayer provides in Lambda.
+            "PYTHONPATH": os.pathsep.join([str(repo / "domain"), str(repo / "backend")]),
+        }
+    )
+    return environment
+
+
+class Supervisor:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.stack: dict[str, Any] = json.loads((state_dir / "stack.json").read_text())
+        self.template = parse_template(Path(self.stack["template"]))
+        self.registry = IdentityRegistry(state_dir / "identities.json")
+        self.logs = state_dir / "logs"
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.workers: dict[str, int] = {}  # function -> worker port
+        self.routes = RouteTable()
+        self.pollers: list[SqsPoller] = []
+        self.markers_seen: set[str] = set()
+        self.markers_lock = threading.Condition()
+        self.pending_notifications = 0
+        self._moto = dict(
+            endpoint_url=self.stack["endpoints"]["moto"],
+            region_name=REGION,
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+            config=Config(retries={"max_attempts": 3}),
+        )
+        self.sqs = boto3.client("sqs", **self._moto)
+        self._invoke_locks: dict[str, threading.Lock] = {}
+
+    # ------------------------------------------------------------------ workers
+    def start_worker(
+        self, name: str, app: Path, handler: str, memory: int, timeout: int, env: dict[str, str]
+    ) -> None:
+        port = free_port()
+        log_file = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "sysbackup_local.worker",
+                "--function-name", name, "--app", str(app), "--handler", handler,
+                "--memory", str(memory), "--timeout", str(timeout), "--port", str(port),
+            ],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(app.parent),
+        )  # fmt: skip
+        self.children.append(process)
+        wait_for_http(f"http://127.0.0.1:{port}/", timeout=30, process=process)
+        self.workers[name] = port
+        self._invoke_locks[name] = threading.Lock()
+
+    def start_function(self, spec: FunctionSpec) -> None:
+        identity = self.registry.get(KIND_FUNCTION, spec.logical_id)
+        env = function_environment(
+            spec.environment, spec.logical_id, identity.access_key, identity.secret_key, self.stack
+        )
+        app = Path(self.stack["repo"]) / "functions" / spec.folder / "app.py"
+        self.start_worker(spec.logical_id, app, spec.handler, spec.memory_mb, spec.timeout_seconds, env)
+        for route in spec.routes:
+            self.routes.add(route, spec.logical_id)
+
+    def invoke(self, function: str, event: dict[str, Any]) -> InvocationOutcome:
+        port = self.workers.get(function)
+        if port is None:
+            return InvocationOutcome(
+                error={"errorType": "ResourceNotFound", "errorMessage": f"no function {function}"}
+            )
+        request = json.dumps({"event": event, "request_id": str(uuid.uuid4())}).encode()
+        # One invocation at a time per worker, as in one Lambda execution environment.
+        with self._invoke_locks[function]:
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(f"http://127.0.0.1:{port}/invoke", data=request, method="POST"),
+                    timeout=930,
+                ) as response:
+                    answer = json.loads(response.read())
+            except (urllib.error.URLError, OSError) as error:
+                return InvocationOutcome(error={"errorType": "WorkerUnavailable", "errorMessage": str(error)})
+        return InvocationOutcome(result=answer.get("result"), error=answer.get("error"))
+
+    # ------------------------------------------------------------------ notifications
+    def start_notifications(self) -> None:
+        filer = self.stack["endpoints"]["filer_address"]
+        tail = subprocess.Popen(
+            [self.stack["weed"], "filer.meta.tail", f"-filer={filer}", "-pathPrefix=/"],
+            stdout=subprocess.PIPE, stderr=(self.logs / "meta-tail.log").open("ab"), text=True,
+        )  # fmt: skip
+        self.children.append(tail)
+        threading.Thread(target=self._bridge, args=(tail,), daemon=True, name="s3-notifications").start()
+        for spec in self.template.functions.values():
+            for trigger in spec.sqs_triggers:
+                queue = self.stack["queues"][trigger.queue_logical_id]
+                poller = SqsPoller(
+                    self.sqs, queue["url"], queue["arn"], spec.logical_id,
+                    trigger.batch_size, trigger.report_batch_item_failures, self.invoke,
+                )  # fmt: skip
+                self.pollers.append(poller)
+                threading.Thread(target=poller.run, daemon=True, name=f"sqs-{spec.logical_id}").start()
+
+    def _bridge(self, tail: subprocess.Popen[str]) -> None:
+        assert tail.stdout is not None
+        bucket = self.template.bucket
+        for event in iter_json_objects(tail.stdout):
+            directory = str(event.get("directory", ""))
+            new_entry = (event.get("eventNotification") or {}).get("newEntry") or {}
+            if directory == MARKER_DIR and new_entry.get("name"):
+                with self.markers_lock:
+                    self.markers_seen.add(str(new_entry["name"]))
+                    self.markers_lock.notify_all()
+                continue
+            created = object_created_from_meta_event(event)
+            if created is None:
+                continue
+            for event_name, prefix, queue_logical_id in bucket.queue_notifications:
+                if matches_notification(event_name, prefix, created, bucket.name):
+                    record = s3_event_record(created, _utc_now())
+                    queue_url = self.stack["queues"][queue_logical_id]["url"]
+                    try:
+                        self.sqs.send_message(
+                            QueueUrl=queue_url, MessageBody=json.dumps({"Records": [record]})
+                        )
+                    except Exception:
+                        log.exception("could not send the notification for %s", created.key)
+
+    def _put_marker(self) -> str:
+        name = uuid.uuid4().hex
+        url = f"{self.stack['endpoints']['filer']}{MARKER_DIR}/{name}"
+        request = urllib.request.Request(url, data=b"marker", method="PUT")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+        return name
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once every S3 change so far reached its queue and every poller has nothing to do."""
+        deadline = time.monotonic() + timeout
+        marker = self._put_marker()
+        with self.markers_lock:
+            if not self.markers_lock.wait_for(lambda: marker in self.markers_seen, timeout):
+                return False
+        quiet_rounds = 0
+        while time.monotonic() < deadline:
+            if self._queues_drained() and not any(poller.busy for poller in self.pollers):
+                quiet_rounds += 1
+                if quiet_rounds >= 2:
+                    return True
+            else:
+                quiet_rounds = 0
+            time.sleep(0.2)
+        return False
+
+    def _queues_drained(self) -> bool:
+        for poller in self.pollers:
+            attributes = self.sqs.get_queue_attributes(
+                QueueUrl=poller.queue_url, AttributeNames=["ApproximateNumberOfMessages"]
+            )["Attributes"]
+            if int(attributes.get("ApproximateNumberOfMessages", "0")):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ control
+    def register_function(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Adds a function and its routes at run time (tests use it for an echo route)."""
+        name = str(request["name"])
+        env = function_environment(request.get("environment", {}), name, "none", "none", self.stack)
+        self.start_worker(
+            name, Path(request["app"]), "app.lambda_handler", 128, int(request.get("timeout", 10)), env
+        )
+        for route in request.get("routes", []):
+            self.routes.add(HttpRoute(str(route["method"]).upper(), str(route["path"])), name)
+        return {"function": name}
+
+    def control_server(self, port: int) -> ThreadingHTTPServer:
+        supervisor = self
+
+        class ControlHandler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _reply(self, status: int, payload: Any) -> None:
+                body = json.dumps(payload, default=str).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                routes = [
+                    {"route": route.route_key, "function": function}
+                    for route, function in supervisor.template.routes()
+                ]
+                self._reply(200, {"workers": supervisor.workers, "routes": routes})
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = json.loads(self.rfile.read(length) or b"{}")
+                try:
+                    if self.path.startswith("/invoke/"):
+                        outcome = supervisor.invoke(self.path.removeprefix("/invoke/"), request)
+                        self._reply(200, {"result": outcome.result, "error": outcome.error})
+                    elif self.path == "/idle":
+                        self._reply(200, {"idle": supervisor.wait_idle(float(request.get("timeout", 60)))})
+                    elif self.path == "/functions":
+                        self._reply(200, supervisor.register_function(request))
+                    else:
+                        self._reply(404, {"message": "unknown control path"})
+                except Exception as error:
+                    log.exception("control request %s failed", self.path)
+                    self._reply(500, {"message": f"{type(error).__name__}: {error}"})
+
+        server = ThreadingHTTPServer(("127.0.0.1", port), ControlHandler)
+        server.daemon_threads = True
+        return server
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> None:
+        for spec in self.template.functions.values():
+            self.start_function(spec)
+        self.start_notifications()
+        ports = self.stack["ports"]
+        gateway = ApiGateway(self.routes, self.registry.by_access_key, self.invoke)
+        api_server = make_http_server(gateway, ports["api"])
+        control = self.control_server(ports["control"])
+        threading.Thread(target=api_server.serve_forever, daemon=True, name="api-gateway").start()
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+        threading.Thread(target=control.serve_forever, daemon=True, name="control").start()
+        (self.state_dir / "supervisor.ready").write_text(json.dumps({"workers": self.workers}))
+        stop.wait()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        for poller in self.pollers:
+            poller.stop()
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        for child in self.children:
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def _utc_now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the local stack's daemon (started by `local up`)")
+    parser.add_argument("--state-dir", required=True, type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    supervisor = Supervisor(args.state_dir)
+    try:
+        supervisor.run()
+    except Exception:
+        log.exception("the supervisor failed")
+        supervisor.shutdown()
+        (args.state_dir / "supervisor.failed").write_text("see logs/supervisor.log")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
