@@ -307,7 +307,10 @@ def _check_plain_json(value: object, where: str, depth: int) -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_plain_json(item, f"{where}[{index}]", depth + 1)
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
+    elif isinstance(value, int) and not isinstance(value, bool):
+        # Stats land in DynamoDB summaries too, whose numbers hold 38 digits: keep to 64-bit figures.
+        canonical.require_int(value, where)
+    elif value is not None and not isinstance(value, (str, float, bool)):
         raise InvalidDocument(f"{where} has a {type(value).__name__}, not plain JSON")
 
 

@@ -240,6 +240,8 @@ def parse_trailer_bytes(trailer: bytes | bytearray | memoryview, pack_size: int)
     )
     canonical.require_version(document, "pack trailer")
     items = canonical.require_list(document["blobs"], "pack trailer blobs", max_items=MAX_PACK_BLOBS)
+    if not items:
+        raise InvalidDocument("pack trailer lists no blobs")
     entries = [PackEntry.from_json(item) for item in items]
     _check_layout(entries, blob_area_end)
     return entries

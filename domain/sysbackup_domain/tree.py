@@ -4,9 +4,10 @@ Canonical encoding (sorted keys, no spaces, ASCII with \\u escapes, entries sort
 optional fields omitted when unset) makes the same directory always the same bytes, hence the same
 hash: an unchanged subtree costs nothing to send, check or commit again.
 
-Names are file-system bytes decoded with surrogateescape (`os.fsdecode` on Linux), so any byte name,
-including newlines and non-UTF-8, round-trips. Decoding validates untrusted input strictly: a restore
-must never be steered outside its target directory by a name like "../x".
+Names are file-system bytes decoded as UTF-8 with surrogateescape (`name_from_bytes`; what `os.fsdecode`
+does under a UTF-8 locale), so any byte name, including newlines and non-UTF-8, round-trips. Decoding
+validates untrusted input strictly: a restore must never be steered outside its target directory by a
+name like "../x".
 """
 
 import base64
@@ -87,6 +88,15 @@ class Tree:
 def name_bytes(name: str) -> bytes:
     """The file-system bytes of a decoded name (UTF-8 with surrogateescape, as `os.fsencode` on Linux)."""
     return name.encode("utf-8", "surrogateescape")
+
+
+def name_from_bytes(raw: bytes) -> str:
+    """The tree spelling of file-system bytes (names, symlink targets, xattr names).
+
+    Always UTF-8 with surrogateescape, unlike `os.fsdecode`, which follows the locale: a host running
+    under a Latin-1 locale must still write trees that any restorer reads back to the same bytes.
+    """
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def encode_tree(tree: Tree) -> bytes:

@@ -116,6 +116,7 @@ def test_failed_snapshot_without_content_is_allowed() -> None:
         ({"stats": {"x": float("nan")}}, "stats"),
         ({"stats": {"blob": "x" * 70_000}}, "larger"),
         ({"stats": {"when": datetime(2026, 1, 1)}}, "plain JSON"),
+        ({"stats": {"files": 2**64}}, "stats.files"),
         ({"days_retained": -1}, "days_retained"),
         ({"days_retained": "30"}, "days_retained"),
         ({"days_retained": 10**9}, "days_retained"),

@@ -280,3 +280,8 @@ def test_limits_are_consistent() -> None:
     assert MAX_PACK_BYTES == 128 * 1024 * 1024
     writer = PackWriter()
     assert writer.has_room(16 * 1024 * 1024)
+
+
+def test_trailer_listing_no_blobs_is_rejected() -> None:
+    with pytest.raises(InvalidDocument, match="no blobs"):
+        parse_trailer(pack_from_documents(b"", []))

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.hashing import blob_hash
-from sysbackup_domain.tree import Tree, TreeEntry, decode_tree, encode_tree, name_bytes
+from sysbackup_domain.tree import Tree, TreeEntry, decode_tree, encode_tree, name_bytes, name_from_bytes
 
 HASH_A = blob_hash(b"a")
 HASH_B = blob_hash(b"b")
@@ -326,3 +326,9 @@ def test_malformed_documents_are_rejected(data: bytes, message: str) -> None:
 
 def test_empty_directory_is_a_valid_tree() -> None:
     assert decode_tree(encode_tree(Tree(()))) == Tree(())
+
+
+def test_name_from_bytes_ignores_the_locale_and_inverts_name_bytes() -> None:
+    for raw in (b"caf\xc3\xa9", b"caf\xe9", b"\xff\n", b"plain"):
+        assert name_bytes(name_from_bytes(raw)) == raw
+    assert name_from_bytes(b"caf\xc3\xa9") == "café"
