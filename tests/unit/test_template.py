@@ -257,21 +257,22 @@ def bucket_policy(resources: dict[str, Any]) -> dict[str, Any]:
     return policy["PolicyDocument"]
 
 
-def pack_put_denies(bucket_policy: dict[str, Any]) -> list[dict[str, Any]]:
+def locked_put_denies(bucket_policy: dict[str, Any]) -> list[dict[str, Any]]:
+    """Denies of PutObject that cover both packs and manifests, for everyone."""
     return [
         statement
         for statement in statements(bucket_policy)
         if statement["Effect"] == "Deny"
         and actions(statement) == ["s3:putobject"]
-        and rendered_resources(statement) == [PACKS]
+        and set(rendered_resources(statement)) == {PACKS, MANIFESTS}
         and statement["Principal"] == "*"
     ]
 
 
 def deny_conditions(bucket_policy: dict[str, Any]) -> dict[tuple[str, str], str]:
-    """(operator, key) -> value over every pack-PUT deny."""
+    """(operator, key) -> value over every deny of pack and manifest PUTs."""
     found = {}
-    for statement in pack_put_denies(bucket_policy):
+    for statement in locked_put_denies(bucket_policy):
         for operator, condition in statement["Condition"].items():
             for key, value in condition.items():
                 found[(operator, key)] = render(value)
@@ -287,22 +288,22 @@ def test_bucket_refuses_plain_http(bucket_policy: dict[str, Any]) -> None:
     assert statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
 
 
-def test_pack_put_must_use_the_stacks_lock_mode(bucket_policy: dict[str, Any]) -> None:
+def test_put_must_use_the_stacks_lock_mode(bucket_policy: dict[str, Any]) -> None:
     assert deny_conditions(bucket_policy)[("StringNotEquals", "s3:object-lock-mode")] == "${LockMode}"
 
 
-def test_pack_put_must_carry_a_retain_until_date(bucket_policy: dict[str, Any]) -> None:
+def test_put_must_carry_a_retain_until_date(bucket_policy: dict[str, Any]) -> None:
     assert deny_conditions(bucket_policy)[("Null", "s3:object-lock-retain-until-date")] == "true"
 
 
-def test_pack_put_may_not_lock_beyond_the_maximum(bucket_policy: dict[str, Any]) -> None:
+def test_put_may_not_lock_beyond_the_maximum(bucket_policy: dict[str, Any]) -> None:
     conditions = deny_conditions(bucket_policy)
     assert (
         conditions[("NumericGreaterThan", "s3:object-lock-remaining-retention-days")] == "${MaxDaysRetained}"
     )
 
 
-def test_pack_put_must_be_conditional_so_retries_never_add_versions(bucket_policy: dict[str, Any]) -> None:
+def test_put_must_be_conditional_so_retries_never_add_versions(bucket_policy: dict[str, Any]) -> None:
     assert deny_conditions(bucket_policy)[("Null", "s3:if-none-match")] == "true"
 
 
