@@ -452,7 +452,6 @@ EXPECTED_GRANTS: dict[str, dict[str, dict[str, set[str]]]] = {
             "s3:putobject": {PACKS},
             "s3:putobjectretention": {PACKS},
             "s3:getobject": {PACKS},
-            "s3:getobjectattributes": {PACKS},
         },
         "kms:": {"kms:generatedatakey": {"${BackupKey.Arn}"}, "kms:decrypt": {"${BackupKey.Arn}"}},
     },
