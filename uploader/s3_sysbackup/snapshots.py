@@ -7,17 +7,20 @@ a stdout line `::restore-through::CMD` names the command that restores the strea
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
+import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sysbackup_domain.chunking import STREAM_CHUNKING, chunk_file
 from sysbackup_domain.manifest import SnapshotRecord, encode_stream_index
 
-from .pickers import kill_group, runnable_scripts
+from .pickers import runnable_scripts
 
+SNAPSHOT_FD = 3  # the descriptor number the snapshotter gets as its argument
 RESTORE_THROUGH_PREFIX = "::restore-through::"
 MAX_DESCRIPTION_CHARS = 60_000  # the manifest caps descriptions at 64 Ki chars
 
@@ -41,34 +44,24 @@ def take_snapshots(
 def take_snapshot(
     script: Path, timeout_s: float, add_blob: AddBlob, on_bytes: Callable[[int], None] | None = None
 ) -> SnapshotRecord:
-    read_fd, write_fd = os.pipe()
     try:
-        process = subprocess.Popen(
-            [str(script), str(write_fd)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
+        child = _spawn(script)
     except OSError as error:
-        os.close(read_fd)
-        os.close(write_fd)
         return SnapshotRecord(script.name, "", None, 0, None, None, f"cannot run: {error}")
-    os.close(write_fd)  # only the child writes; EOF comes when it (and its children) close it
     timed_out = threading.Event()
 
     def kill_on_timeout() -> None:
         timed_out.set()
-        kill_group(process)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
     timer = threading.Timer(timeout_s, kill_on_timeout)
     timer.daemon = True
     output: dict[str, bytes] = {}
     # stdout/stderr are drained by threads so a chatty snapshotter never blocks on a full pipe.
     readers = [
-        threading.Thread(target=lambda n=name, s=stream: output.__setitem__(n, s.read()), daemon=True)
-        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))
+        threading.Thread(target=_drain, args=(fd, name, output), daemon=True)
+        for name, fd in (("stdout", child.stdout), ("stderr", child.stderr))
     ]
     for reader in readers:
         reader.start()
@@ -76,13 +69,14 @@ def take_snapshot(
     chunks: list[str] = []
     size = 0
     try:
-        with open(read_fd, "rb", buffering=0) as stream:
-            for chunk in chunk_file(stream, STREAM_CHUNKING):
+        with open(child.stream, "rb", buffering=0) as stream:
+            for chunk in chunk_file(stream, STREAM_CHUNKING):  # type: ignore[arg-type]
                 chunks.append(add_blob("data", chunk))
                 size += len(chunk)
                 if on_bytes:
                     on_bytes(len(chunk))
-        status = process.wait()
+        _, wait_status = os.waitpid(child.pid, 0)
+        status = os.waitstatus_to_exitcode(wait_status)
     finally:
         timer.cancel()
         for reader in readers:
@@ -96,6 +90,53 @@ def take_snapshot(
         error = f"exited with status {status} {last[0]}".rstrip()
     index = add_blob("data", encode_stream_index(chunks))
     return SnapshotRecord(script.name, description, restore_through, size, index, status, error)
+
+
+@dataclass(frozen=True)
+class _Child:
+    pid: int
+    stream: int  # read end of the snapshot pipe
+    stdout: int
+    stderr: int
+
+
+def _spawn(script: Path) -> _Child:
+    """Start `script SNAPSHOT_FD` in its own session, its stream pipe on fd SNAPSHOT_FD.
+
+    A fixed low fd, because `>&$1` in dash and other shells only takes single-digit fds, and ours
+    could be any number. posix_spawn's dup2 actions do this without preexec_fn (unsafe with threads).
+    """
+    stream_r, stream_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pid = os.posix_spawn(
+            str(script),
+            [str(script), str(SNAPSHOT_FD)],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, devnull, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+                (os.POSIX_SPAWN_DUP2, stream_w, SNAPSHOT_FD),
+            ],
+            setsid=True,
+        )
+    except OSError:
+        for fd in (stream_r, out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        # The child holds its own copies; ours must go, or EOF never comes.
+        for fd in (stream_w, out_w, err_w, devnull):
+            os.close(fd)
+    return _Child(pid, stream_r, out_r, err_r)
+
+
+def _drain(fd: int, name: str, output: dict[str, bytes]) -> None:
+    with open(fd, "rb") as pipe:
+        output[name] = pipe.read()
 
 
 def parse_description(stdout: bytes) -> tuple[str, str | None]:

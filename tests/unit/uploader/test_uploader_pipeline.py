@@ -1,0 +1,276 @@
+"""archive -> restore through the in-memory backend: packs, dedup, the parent cache, crashes, conflicts."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import pick, write_script
+from s3_sysbackup import cache as cache_module
+from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict
+from s3_sysbackup.fetch import BlobFetcher, stream_chunks
+from s3_sysbackup.restorer import Restorer
+from s3_sysbackup.sink import FAULT_ENV, InjectedFault
+from sysbackup_domain.chunking import SMALL_FILE_BYTES
+from sysbackup_domain.packs import verify_pack
+from uploader_fakes import FakeBackend
+
+BIG_BYTES = 3 * SMALL_FILE_BYTES + 12345
+
+
+def build_sample_tree(root: Path) -> Path:
+    """Every kind of thing the walker must record, under root/data."""
+    data = root / "data"
+    (data / "sub" / "deeper").mkdir(parents=True)
+    (data / "emptydir").mkdir()
+    (data / "plain.txt").write_bytes(b"hello\n")
+    (data / "empty").write_bytes(b"")
+    (data / "secret").write_bytes(b"0600 content")
+    (data / "secret").chmod(0o600)
+    (data / "with space and ünïcode").write_bytes(b"unicode name")
+    (data / "new\nline").write_bytes(b"newline name")
+    (data / os.fsdecode(b"latin1-\xe9")).write_bytes(b"non-utf8 name")
+    (data / "big.bin").write_bytes(os.urandom(BIG_BYTES))
+    (data / "zeros.bin").write_bytes(bytes(2 * SMALL_FILE_BYTES))
+    (data / "sub" / "deeper" / "file").write_bytes(b"deep")
+    (data / "link").symlink_to("plain.txt")
+    (data / "dangling").symlink_to("/nonexistent/target")
+    (data / "hard1").write_bytes(b"linked twice")
+    os.link(data / "hard1", data / "hard2")
+    os.mkfifo(data / "fifo", 0o640)
+    os.setxattr(data / "plain.txt", "user.note", b"xattr value")
+    (data / "sub").chmod(0o750)
+    return data
+
+
+def snapshot_of(top: Path) -> dict[str, tuple]:
+    """What a restore must reproduce, per relative path (lstat-based, nothing followed)."""
+    seen: dict[str, tuple] = {}
+    inode_names: dict[int, str] = {}
+    for path in sorted([top, *top.rglob("*")]):
+        st = path.lstat()
+        rel = str(path.relative_to(top))
+        content: object = None
+        if stat.S_ISREG(st.st_mode):
+            content = path.read_bytes()
+        elif stat.S_ISLNK(st.st_mode):
+            content = os.readlink(path)
+        link_peer = None
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            link_peer = inode_names.setdefault(st.st_ino, rel)
+        xattrs = {
+            name: os.getxattr(path, name, follow_symlinks=False)
+            for name in os.listxattr(path, follow_symlinks=False)
+        }
+        mtime = st.st_mtime_ns
+        seen[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), mtime, content, link_peer, xattrs)
+    return seen
+
+
+@pytest.fixture(autouse=True)
+def trust_fresh_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files made a moment ago are inside the 1 s racy window; tests that want reuse cannot wait.
+    monkeypatch.setattr(cache_module, "RACY_WINDOW_NS", 0)
+
+
+def restore(backend: FakeBackend, transfer, manifest_id: str, target: Path, paths=(), overwrite=False):
+    fetcher = BlobFetcher(backend, transfer)  # type: ignore[arg-type]
+    return Restorer(fetcher, str(target), overwrite=overwrite).restore(
+        backend.get_manifest(manifest_id), paths
+    )
+
+
+def test_round_trip_is_exact(run_archive, config_dir, host_root, backend, transfer, tmp_path):
+    data = build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    result = run_archive()
+    assert result.exit_code == EXIT_OK, result.warnings
+    target = tmp_path / "restored"
+    restored = restore(backend, transfer, result.manifest_id, target)
+    assert snapshot_of(target / "data") == snapshot_of(data)
+    assert restored.warnings == []
+    assert result.stats["files"] == restored.files == 11  # regular files, hard links included
+
+
+def test_packs_are_valid_and_data_and_trees_are_separate(run_archive, config_dir, host_root, backend):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    run_archive()
+    assert backend.packs
+    kinds_per_pack = [{entry.kind for entry in verify_pack(pack)} for pack in backend.packs.values()]
+    assert all(len(kinds) == 1 for kinds in kinds_per_pack)
+    assert {"data"} in kinds_per_pack and {"tree"} in kinds_per_pack
+
+
+def test_unchanged_second_run_reads_and_uploads_nothing(run_archive, config_dir, host_root, backend):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    first = run_archive()
+    api_calls_before = backend.counter.as_dict()["api"]
+    second = run_archive()
+    api_calls_after = backend.counter.as_dict()["api"]
+    new_calls = {route: n - api_calls_before.get(route, 0) for route, n in api_calls_after.items()}
+    assert second.stats["files_read"] == 0
+    assert second.stats["files_reused"] == first.stats["files_read"]
+    assert second.stats["packs"] == 0 and second.stats["bytes_uploaded"] == 0
+    assert {route: n for route, n in new_calls.items() if n} == {"POST /manifests": 1}
+    assert second.root == first.root
+    assert backend.manifests[second.manifest_id]["parent"] == first.manifest_id
+
+
+def test_changed_file_alone_is_read_again(run_archive, config_dir, host_root, backend, transfer, tmp_path):
+    data = build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    first = run_archive()
+    (data / "sub" / "deeper" / "file").write_bytes(b"changed content")
+    second = run_archive()
+    assert second.stats["files_read"] == 1
+    assert second.root != first.root
+    assert second.stats["bytes_uploaded"] < 64 * 1024  # the new file and a few trees, no big.bin
+    target = tmp_path / "restored"
+    restore(backend, transfer, second.manifest_id, target)
+    assert (target / "data" / "sub" / "deeper" / "file").read_bytes() == b"changed content"
+
+
+def test_failing_picker_is_a_warning_and_others_still_count(run_archive, config_dir, host_root, backend):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data/plain.txt", name="10-good")
+    write_script(config_dir / "pickers.d" / "20-bad", "echo /data/secret\nexit 3\n")
+    result = run_archive()
+    assert result.exit_code == EXIT_WARNINGS
+    assert any("20-bad" in w and "status 3" in w for w in result.warnings)
+    assert result.stats["files"] == 2  # both pickers' paths
+
+
+def test_crash_after_register_then_rerun_sends_nothing_again(
+    run_archive, config_dir, host_root, backend, transfer, monkeypatch
+):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    monkeypatch.setenv(FAULT_ENV, "after-register")
+    with pytest.raises(InjectedFault):
+        run_archive()
+    registered_by_crash = set(backend.registered)
+    assert registered_by_crash and backend.head is None
+    monkeypatch.delenv(FAULT_ENV)
+    result = run_archive()
+    assert backend.head == result.manifest_id
+    # Only what the crashed run had not registered yet (trees come after data) went up.
+    assert not set(transfer.puts[len(registered_by_crash) :]) & registered_by_crash
+
+
+def test_crash_after_pack_put_then_rerun_uploads_no_byte_twice(
+    run_archive, make_config, config_dir, host_root, backend, transfer, monkeypatch
+):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    monkeypatch.setenv(FAULT_ENV, "after-pack-put")
+    with pytest.raises(InjectedFault):
+        run_archive(config=make_config(workers=1))
+    put_by_crash = set(backend.packs)
+    assert put_by_crash and not backend.registered
+    monkeypatch.delenv(FAULT_ENV)
+    result = run_archive(config=make_config(workers=1))
+    assert put_by_crash <= backend.registered
+    assert not set(transfer.puts).difference(backend.packs)
+    assert transfer.puts.count(next(iter(put_by_crash))) == 1  # the retry got 412, no second copy
+    assert result.exit_code == EXIT_OK
+
+
+def test_crash_after_commit_then_rerun_adopts_its_own_commit(
+    run_archive, config_dir, host_root, backend, monkeypatch
+):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    monkeypatch.setenv(FAULT_ENV, "mid-commit")
+    with pytest.raises(InjectedFault):
+        run_archive()
+    crashed_commit = backend.head
+    assert crashed_commit is not None
+    monkeypatch.delenv(FAULT_ENV)
+    result = run_archive()
+    assert backend.manifests[result.manifest_id]["parent"] == crashed_commit
+
+
+def test_someone_elses_head_is_a_clear_conflict(run_archive, config_dir, host_root, backend):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    run_archive()
+    backend.commit_manifest(
+        {"parent": backend.head, "root": None, "snapshots": [], "stats": {"run_id": "clone"}}
+    )
+    with pytest.raises(CommitConflict, match="cloned"):
+        run_archive()
+
+
+def test_blobs_gone_from_backend_are_sent_again(
+    run_archive, config_dir, host_root, backend, transfer, tmp_path
+):
+    data = build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    run_archive()
+    backend.blobs.clear()  # as if retention lapsed and gc collected everything
+    backend.packs.clear()
+    backend.registered.clear()
+    result = run_archive()
+    target = tmp_path / "restored"
+    restore(backend, transfer, result.manifest_id, target)
+    assert (target / "data" / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
+
+
+def test_locked_file_keeps_its_previous_version(
+    run_archive, make_config, config_dir, host_root, backend, transfer, tmp_path
+):
+    data = build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    first = run_archive()
+    secret = data / "secret"
+    secret.write_bytes(b"being rewritten")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); time.sleep(30)",
+            str(secret),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        started = time.monotonic()
+        second = run_archive(config=make_config(lock_timeout_s=0.3))
+        assert time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.exit_code == EXIT_WARNINGS
+    assert any("secret" in w and "previous version" in w for w in second.warnings)
+    target = tmp_path / "restored"
+    restore(backend, transfer, second.manifest_id, target, paths=["/data/secret"])
+    assert (target / "data" / "secret").read_bytes() == b"0600 content"
+    assert first.exit_code == EXIT_OK
+
+
+def test_snapshot_stream_round_trips(run_archive, config_dir, backend, transfer):
+    payload = b"".join(b"row %d: some database content\n" % i for i in range(60000))
+    stream_file = config_dir / "payload.sql"
+    stream_file.write_bytes(payload)
+    write_script(
+        config_dir / "snapshots.d" / "db",
+        f'echo "nightly dump"\necho "::restore-through::psql db"\ncat {stream_file} >&$1\n',
+    )
+    result = run_archive()
+    snapshot = backend.get_manifest(result.manifest_id)["snapshots"][0]
+    assert snapshot["name"] == "db" and snapshot["description"] == "nightly dump"
+    assert snapshot["restore_through"] == "psql db" and snapshot["size"] == len(payload)
+    fetcher = BlobFetcher(backend, transfer)  # type: ignore[arg-type]
+    chunks = stream_chunks(fetcher, snapshot["content"])
+    assert len(chunks) > 1
+    blobs = fetcher.fetch_all(chunks)
+    assert b"".join(blobs[h] for h in chunks) == payload
