@@ -29,8 +29,10 @@ class ChunkParams:
         # pyfastcdc's own bounds, checked here so a bad constant fails at import with a clear message.
         if not 64 <= self.min_size <= self.avg_size <= self.max_size:
             raise ValueError(f"need 64 <= min_size <= avg_size <= max_size, got {self}")
-        if not 256 <= self.avg_size <= 4 * 1024 * 1024 or not self.max_size <= 16 * 1024 * 1024:
-            raise ValueError(f"avg_size must be in 256 B..4 MiB and max_size <= 16 MiB, got {self}")
+        if self.min_size > 1024 * 1024 or not 256 <= self.avg_size <= 4 * 1024 * 1024:
+            raise ValueError(f"min_size must be <= 1 MiB and avg_size in 256 B..4 MiB, got {self}")
+        if not 1024 <= self.max_size <= 16 * 1024 * 1024:
+            raise ValueError(f"max_size must be in 1 KiB..16 MiB, got {self}")
         if not 0 <= self.one_blob_up_to <= self.max_size:
             raise ValueError(f"one_blob_up_to must be in 0..max_size, got {self}")
         if self.normalization not in (0, 1, 2, 3):

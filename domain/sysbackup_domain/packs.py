@@ -13,6 +13,7 @@ no overlaps, no duplicate hashes) and every blob is re-hashed before it is belie
 """
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,11 +244,15 @@ def parse_trailer_bytes(trailer: bytes | bytearray | memoryview, pack_size: int)
     if not items:
         raise InvalidDocument("pack trailer lists no blobs")
     entries = [PackEntry.from_json(item) for item in items]
-    _check_layout(entries, blob_area_end)
+    check_layout(entries, blob_area_end)
     return entries
 
 
-def _check_layout(entries: list[PackEntry], blob_area_end: int) -> None:
+def check_layout(entries: Sequence[PackEntry], blob_area_end: int) -> None:
+    """Every blob inside [0, blob_area_end), none overlapping, no hash twice; InvalidDocument otherwise.
+
+    Also usable on a host's claimed entries (POST /packs/register) against the pack's size.
+    """
     seen: set[str] = set()
     for entry in entries:
         if entry.hash in seen:

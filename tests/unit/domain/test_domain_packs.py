@@ -18,6 +18,7 @@ from sysbackup_domain.packs import (
     PackEntry,
     PackFull,
     PackWriter,
+    check_layout,
     open_blob,
     parse_trailer,
     parse_trailer_bytes,
@@ -285,3 +286,15 @@ def test_limits_are_consistent() -> None:
 def test_trailer_listing_no_blobs_is_rejected() -> None:
     with pytest.raises(InvalidDocument, match="no blobs"):
         parse_trailer(pack_from_documents(b"", []))
+
+
+def test_check_layout_validates_claimed_entries_against_a_pack_size() -> None:
+    entries = [
+        PackEntry(blob_hash(b"a"), "data", "none", 0, 1, 1),
+        PackEntry(blob_hash(b"b"), "data", "none", 1, 1, 1),
+    ]
+    check_layout(entries, 2)
+    with pytest.raises(InvalidDocument, match="past the blob area"):
+        check_layout(entries, 1)
+    with pytest.raises(InvalidDocument, match="overlaps"):
+        check_layout([*entries, PackEntry(blob_hash(b"c"), "data", "none", 0, 2, 2)], 10)
