@@ -157,6 +157,7 @@ def put_pack_object(services: api.Services, pack: BuiltPack) -> None:
         Bucket=BUCKET,
         Key=f"packs/{pack.pack_id}",
         Body=pack.data,
+        ChecksumAlgorithm="SHA256",
         ChecksumSHA256=base64.b64encode(bytes.fromhex(pack.pack_id)).decode(),
     )
 

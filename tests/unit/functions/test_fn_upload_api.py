@@ -1,0 +1,182 @@
+"""The upload API handler, driven with HTTP API (payload 2.0) events as API Gateway sends them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+from sysbackup_backend.api import Services
+from sysbackup_domain.hashing import blob_hash
+from sysbackup_domain.packs import MAX_PACK_BYTES
+from sysbackup_testkit import (
+    BUCKET,
+    FakeLambdaContext,
+    build_pack,
+    http_event,
+    load_function,
+    put_pack_object,
+    response_json,
+    store_claimed,
+    user_arn,
+)
+
+
+@pytest.fixture
+def upload_api(backend: Services) -> Any:
+    return load_function("upload_api")
+
+
+def call(module: Any, path: str, body: Any, host: str | None = "alpha", **kwargs: Any) -> tuple[int, Any]:
+    event = http_event("POST", path, body, caller_arn=user_arn(host) if host else None, **kwargs)
+    response = module.lambda_handler(event, FakeLambdaContext())
+    return response["statusCode"], response_json(response)
+
+
+def test_check_answers_from_the_callers_identity_not_the_body(upload_api: Any, backend: Services) -> None:
+    store_claimed(backend, "alpha", [("data", b"alpha only")])
+    blob = blob_hash(b"alpha only")
+    assert call(upload_api, "/blobs/check", {"hashes": [blob]}, host="alpha") == (200, {"stored": [blob]})
+    status, body = call(upload_api, "/blobs/check", {"hashes": [blob], "host": "alpha"}, host="beta")
+    assert (status, body) == (200, {"stored": []})
+
+
+def test_request_without_iam_caller_is_forbidden(upload_api: Any) -> None:
+    status, body = call(upload_api, "/blobs/check", {"hashes": []}, host=None)
+    assert status == 403
+    assert "caller" in body["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"hashes": ["a" * 64] * 1001},
+        {"hashes": ["NOT-A-HASH"]},
+        {"hashes": "a" * 64},
+        {},
+    ],
+)
+def test_bad_check_bodies_are_refused_with_a_message(upload_api: Any, body: Any) -> None:
+    status, answer = call(upload_api, "/blobs/check", body)
+    assert status == 422
+    assert answer["message"].startswith("invalid request")
+
+
+def test_body_that_is_not_json_is_a_client_error(upload_api: Any) -> None:
+    status, answer = call(upload_api, "/blobs/check", None, raw_body="{not json")
+    assert 400 <= status < 500
+    assert answer["message"]
+
+
+def test_presign_signs_exactly_the_headers_it_returns(upload_api: Any, backend: Services) -> None:
+    pack = build_pack([("data", b"to upload")])
+    status, body = call(
+        upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
+    )
+    assert status == 200
+    assert body["registered"] == []
+    (upload,) = body["uploads"]
+    assert upload["pack_id"] == pack.pack_id and upload["method"] == "PUT"
+    signed = parse_qs(urlparse(upload["url"]).query)["X-Amz-SignedHeaders"][0].split(";")
+    assert sorted(name.lower() for name in upload["headers"]) == sorted(set(signed) - {"host"})
+    headers = {name.lower(): value for name, value in upload["headers"].items()}
+    assert headers["if-none-match"] == "*"
+    assert headers["content-length"] == str(len(pack.data))
+    assert headers["x-amz-object-lock-mode"] == "GOVERNANCE"
+    assert urlparse(upload["url"]).path.endswith(f"/packs/{pack.pack_id}")
+    assert backend.index.get_pack(pack.pack_id)["state"] == "presigned"
+
+
+def test_presign_reports_registered_packs_instead_of_a_url(upload_api: Any, backend: Services) -> None:
+    pack = store_claimed(backend, "alpha", [("data", b"already here")])
+    status, body = call(
+        upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
+    )
+    assert (status, body["uploads"], body["registered"]) == (200, [], [pack.pack_id])
+
+
+@pytest.mark.parametrize(
+    "pack",
+    [
+        {"sha256": "a" * 64, "size": MAX_PACK_BYTES + 1},
+        {"sha256": "a" * 64, "size": 0},
+        {"sha256": "A" * 64, "size": 100},
+        {"sha256": "a" * 63, "size": 100},
+    ],
+)
+def test_presign_refuses_bad_packs(upload_api: Any, pack: dict[str, Any]) -> None:
+    status, _ = call(upload_api, "/packs/presign", {"packs": [pack]})
+    assert status == 422
+
+
+def _presign_and_upload(upload_api: Any, backend: Services, blobs: list[tuple[str, bytes]]) -> Any:
+    pack = build_pack(blobs)
+    status, _ = call(
+        upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
+    )
+    assert status == 200
+    put_pack_object(backend, pack)
+    return pack
+
+
+def test_register_indexes_the_pack_as_the_callers_claim(upload_api: Any, backend: Services) -> None:
+    pack = _presign_and_upload(upload_api, backend, [("data", b"one"), ("data", b"two")])
+    body = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
+    assert call(upload_api, "/packs/register", body) == (200, {"registered": [pack.pack_id]})
+    hashes = [blob_hash(b"one"), blob_hash(b"two")]
+    assert call(upload_api, "/blobs/check", {"hashes": hashes})[1]["stored"] == sorted(hashes)
+    assert call(upload_api, "/blobs/check", {"hashes": hashes}, host="beta")[1]["stored"] == []
+    assert backend.index.get_pack(pack.pack_id)["state"] == "registered"
+
+
+def test_register_of_a_pack_not_uploaded_is_a_conflict(upload_api: Any) -> None:
+    pack = build_pack([("data", b"never sent")])
+    call(upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]})
+    body = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
+    status, answer = call(upload_api, "/packs/register", body)
+    assert status == 409
+    assert "not been uploaded" in answer["message"]
+
+
+def test_register_of_an_object_that_does_not_match_the_pack_id_is_refused(
+    upload_api: Any, backend: Services
+) -> None:
+    pack = build_pack([("data", b"promised")])
+    call(upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]})
+    impostor = build_pack([("data", b"delivered instead")])
+    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{pack.pack_id}", Body=impostor.data)
+    body = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
+    status, _ = call(upload_api, "/packs/register", body)
+    assert status == 422
+    assert call(upload_api, "/blobs/check", {"hashes": [blob_hash(b"promised")]})[1]["stored"] == []
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda entry: {**entry, "offset": 10**9},
+        lambda entry: {**entry, "codec": "lzma"},
+        lambda entry: {**entry, "hash": "xyz"},
+        lambda entry: {key: value for key, value in entry.items() if key != "length"},
+    ],
+)
+def test_register_refuses_malformed_entries_and_indexes_nothing(
+    upload_api: Any, backend: Services, mangle: Any
+) -> None:
+    pack = _presign_and_upload(upload_api, backend, [("data", b"entry check")])
+    blobs = [mangle(entry.to_json()) for entry in pack.entries]
+    status, answer = call(
+        upload_api, "/packs/register", {"packs": [{"pack_id": pack.pack_id, "blobs": blobs}]}
+    )
+    assert status == 422, answer
+    assert call(upload_api, "/blobs/check", {"hashes": [blob_hash(b"entry check")]})[1]["stored"] == []
+
+
+def test_register_body_limits(upload_api: Any) -> None:
+    too_many_packs = {"packs": [{"pack_id": "a" * 64, "blobs": [{}]}] * 101}
+    too_many_blobs = {"packs": [{"pack_id": "a" * 64, "blobs": [{}] * 20_001}]}
+    for body in (too_many_packs, too_many_blobs, {"packs": "nope"}):
+        status, answer = call(upload_api, "/packs/register", body)
+        assert status == 422
+        assert json.dumps(answer).count("message") == 1
