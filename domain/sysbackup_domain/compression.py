@@ -27,6 +27,7 @@ _MIN_SAVING_DENOMINATOR = 16
 # zstandard's compressor objects are not thread-safe; the pipeline compresses in worker threads.
 _thread_state = threading.local()
 
+# Decompression reads in steps of this size, so memory follows the output, not a hostile header.
 _DECOMPRESS_READ_BYTES = 1024 * 1024
 
 

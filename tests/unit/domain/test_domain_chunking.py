@@ -163,3 +163,10 @@ def test_dump_with_one_row_in_5000_changed_resends_under_ten_percent() -> None:
     resent = sum(len(chunk) for chunk in chunk_bytes(after, STREAM_CHUNKING) if chunk not in known)
     assert resent > 0  # the edits are seen
     assert resent / len(after) < 0.10
+
+
+def test_pyfastcdc_runs_its_compiled_extension() -> None:
+    # The pure-Python fallback is ~1000x slower: a deployment that silently used it would crawl.
+    import pyfastcdc
+
+    assert pyfastcdc.FastCDC.__module__.startswith("pyfastcdc.cy")
