@@ -1,0 +1,83 @@
+"""The parent cache: when a file may be trusted unread, atomic updates, and the one-run-at-a-time lock."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from s3_sysbackup.cache import (
+    RACY_WINDOW_NS,
+    ArchiveLock,
+    CachedFile,
+    CacheLockedError,
+    FileState,
+    ParentCache,
+)
+
+SECOND = 1_000_000_000
+STATE = FileState(size=10, mtime_ns=100 * SECOND, ctime_ns=100 * SECOND, inode=42)
+SCANNED = 200 * SECOND
+
+
+@pytest.mark.parametrize(
+    ("current", "reusable"),
+    [
+        (STATE, True),
+        (FileState(11, STATE.mtime_ns, STATE.ctime_ns, 42), False),  # size
+        (FileState(10, STATE.mtime_ns + 1, STATE.ctime_ns, 42), False),  # mtime
+        (FileState(10, STATE.mtime_ns, STATE.ctime_ns + 1, 42), False),  # ctime (chmod, xattr, rename over)
+        (FileState(10, STATE.mtime_ns, STATE.ctime_ns, 43), False),  # inode (replaced file)
+    ],
+)
+def test_reuse_needs_identical_stat(current: FileState, reusable: bool):
+    assert CachedFile(STATE, ("a" * 64,), SCANNED).reusable_for(current) is reusable
+
+
+def test_a_file_modified_just_before_the_scan_is_read_again():
+    racy = FileState(10, SCANNED - RACY_WINDOW_NS // 2, SCANNED - RACY_WINDOW_NS // 2, 42)
+    assert not CachedFile(racy, (), SCANNED).reusable_for(racy)
+    settled = FileState(10, SCANNED - 2 * RACY_WINDOW_NS, SCANNED - 2 * RACY_WINDOW_NS, 42)
+    assert CachedFile(settled, (), SCANNED).reusable_for(settled)
+
+
+def test_record_commit_replaces_the_whole_view(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="https://api.one")
+    cache.record_commit("m1", [("/a", STATE, ("1" * 64,)), ("/gone", STATE, ())], SCANNED, {"1" * 64})
+    cache.record_commit("m2", [("/a", STATE, ("2" * 64,))], SCANNED, {"2" * 64})
+    assert cache.parent_manifest == "m2"
+    assert cache.lookup("/gone") is None
+    cached = cache.lookup("/a")
+    assert cached is not None and cached.content == ("2" * 64,) and cached.state == STATE
+    assert cache.all_stored() == {"1" * 64, "2" * 64}
+
+
+def test_non_utf8_paths_round_trip(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    odd = os.fsdecode(b"/data/latin1-\xe9\nnewline")
+    cache.record_commit("m1", [(odd, STATE, ())], SCANNED, ())
+    assert cache.lookup(odd) is not None
+
+
+def test_another_stack_starts_from_scratch(tmp_path: Path):
+    ParentCache(tmp_path, scope="https://api.one").record_commit(
+        "m1", [("/a", STATE, ())], SCANNED, {"1" * 64}
+    )
+    other = ParentCache(tmp_path, scope="https://api.two")
+    assert other.parent_manifest is None and other.lookup("/a") is None and other.all_stored() == set()
+
+
+def test_uncommitted_run_leaves_the_last_good_state(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    cache.record_commit("m1", [("/a", STATE, ())], SCANNED, ())
+    cache.mark_inflight("run-2")  # a run that crashes after this never calls record_commit
+    reopened = ParentCache(tmp_path, scope="s")
+    assert reopened.parent_manifest == "m1" and reopened.inflight_run == "run-2"
+    assert reopened.lookup("/a") is not None
+
+
+def test_two_archive_runs_cannot_overlap(tmp_path: Path):
+    with ArchiveLock(tmp_path), pytest.raises(CacheLockedError, match="in progress"), ArchiveLock(tmp_path):
+        pass
+    with ArchiveLock(tmp_path):  # released on exit
+        pass

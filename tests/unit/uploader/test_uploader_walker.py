@@ -1,0 +1,100 @@
+"""The walker records what was picked, lstat-only, with full metadata and the picked paths' parents."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from s3_sysbackup.metadata import acl_text, hardlink_id, user_name
+from s3_sysbackup.walker import walk
+
+
+def make_tree(root: Path) -> Path:
+    top = root / "srv" / "app"
+    (top / "empty-dir").mkdir(parents=True)
+    (top / "private").write_bytes(b"x")
+    (top / "private").chmod(0o600)
+    (top / "group-dir").mkdir(mode=0o750)
+    (top / "group-dir").chmod(0o750)
+    (top / "empty-file").write_bytes(b"")
+    (top / "name with space").write_bytes(b"s")
+    (top / "new\nline").write_bytes(b"n")
+    (top / "ünï").write_bytes(b"u")
+    (top / "to-outside").symlink_to(root / "outside")
+    (top / "hard-a").write_bytes(b"h")
+    os.link(top / "hard-a", top / "hard-b")
+    os.mkfifo(top / "pipe")
+    os.setxattr(top / "private", "user.origin", b"test")
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "not-picked").write_bytes(b"o")
+    return top
+
+
+def test_picked_directory_is_recorded_recursively_with_metadata(tmp_path: Path):
+    make_tree(tmp_path)
+    result = walk(["/srv/app"], root_path=str(tmp_path))
+    assert result.warnings == []
+    srv = result.root.children["srv"]
+    assert set(result.root.children) == {"srv"}  # "outside" was not picked
+    app = srv.children["app"]
+    kinds = {name: node.type for name, node in app.children.items()}
+    assert kinds == {
+        "empty-dir": "dir", "private": "file", "group-dir": "dir", "empty-file": "file",
+        "name with space": "file", "new\nline": "file", "ünï": "file", "to-outside": "symlink",
+        "hard-a": "file", "hard-b": "file", "pipe": "fifo",
+    }  # fmt: skip
+    assert stat.S_IMODE(app.children["private"].stat.st_mode) == 0o600
+    assert stat.S_IMODE(app.children["group-dir"].stat.st_mode) == 0o750
+    assert app.children["empty-dir"].children == {}
+    assert app.children["to-outside"].target == str(tmp_path / "outside")
+    assert app.children["to-outside"].children is None  # a symlink to a directory is not entered
+    assert app.children["private"].xattrs == {"user.origin": b"test"}
+    hard_a, hard_b = app.children["hard-a"].stat, app.children["hard-b"].stat
+    assert hardlink_id(hard_a) == hardlink_id(hard_b) is not None
+    assert hardlink_id(app.children["private"].stat) is None
+
+
+def test_parents_of_a_picked_file_are_recorded_without_siblings(tmp_path: Path):
+    make_tree(tmp_path)
+    result = walk(["/srv/app/private"], root_path=str(tmp_path))
+    app = result.root.children["srv"].children["app"]
+    assert list(app.children) == ["private"]
+    assert app.type == "dir" and not app.expanded
+
+
+def test_a_path_through_a_symlink_is_not_followed(tmp_path: Path):
+    make_tree(tmp_path)
+    result = walk(["/srv/app/to-outside/not-picked", "/srv/app/missing"], root_path=str(tmp_path))
+    assert len(result.warnings) == 2
+    assert "non-directory" in result.warnings[0] and "does not exist" in result.warnings[1]
+    assert "to-outside" not in result.root.children["srv"].children["app"].children
+
+
+def test_dotdot_in_a_picked_path_is_refused(tmp_path: Path):
+    make_tree(tmp_path)
+    result = walk(["/srv/../outside"], root_path=str(tmp_path))
+    assert result.root.children == {}
+    assert "'..'" in result.warnings[0]
+
+
+def test_acl_text_from_the_xattr_format():
+    # version 2; user::rw-, user:1234:r--, group::r--, mask::r--, other::---
+    entries = [
+        (0x01, 6, 0xFFFFFFFF),
+        (0x02, 4, 1234),
+        (0x04, 4, 0xFFFFFFFF),
+        (0x10, 4, 0xFFFFFFFF),
+        (0x20, 0, 0xFFFFFFFF),
+    ]
+    raw = (2).to_bytes(4, "little") + b"".join(
+        tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
+        for tag, perm, ident in entries
+    )
+    text = acl_text({"system.posix_acl_access": raw})
+    assert text is not None
+    assert text.split(",")[0] == "user::rw-"
+    assert text.split(",")[1] == f"user:{user_name(1234) or 1234}:r--"
+    assert text.split(",")[-1] == "other::---"
+    assert acl_text({"system.posix_acl_access": b"\x01\x02"}) is None  # malformed: no text, no crash
