@@ -231,13 +231,17 @@ def decode_manifest(data: bytes | bytearray | memoryview) -> Manifest:
     root = document["root"]
     if root is not None:
         canonical.require_hash(root, "manifest root")
+    created = _parse_time(document["created"], "manifest created")
+    retain_until = _parse_time(document["retain_until"], "manifest retain_until")
+    if retain_until < created:
+        raise InvalidDocument(f"manifest retain_until {document['retain_until']} is before its creation")
     return Manifest(
         version=MANIFEST_VERSION,
         id=document["id"],
         host=document["host"],
         parent=parent,
-        created=_parse_time(document["created"], "manifest created"),
-        retain_until=_parse_time(document["retain_until"], "manifest retain_until"),
+        created=created,
+        retain_until=retain_until,
         root=root,
         snapshots=_parse_snapshots(document["snapshots"]),
         warnings=_parse_warnings(document["warnings"]),

@@ -177,6 +177,7 @@ def test_manifest_round_trip_is_canonical() -> None:
         ("parent", "nope", "parent"),
         ("created", "2026-11-21 23:50:00", "created"),
         ("retain_until", 1764000000, "retain_until"),
+        ("retain_until", "2026-11-20T00:00:00Z", "before its creation"),
         ("root", ROOT.upper(), "root"),
         ("snapshots", None, "snapshots"),
     ],
