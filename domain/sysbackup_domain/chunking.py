@@ -55,9 +55,10 @@ FILE_CHUNKING = ChunkParams(
 # A changed row re-sends about one chunk (size-biased: long chunks are hit more often), so what matters
 # is a small mean with a narrow spread. Measured (bench/chunking.py) on a dump with 1 row in 5,000
 # changed: mean chunk ~64 KiB (pyfastcdc's mean is about avg + min), re-sends ~8-9% with 200-byte rows
-# and ~5% with 400-byte rows. Normalization 3 narrows the spread: ~2.5 points better than the default 1
-# at the same mean. Smaller chunks would re-send less but cost more blobs: 64 KiB is ~16,000 blobs
-# (index items, trailer entries, dedup checks) per GiB of dump.
+# and ~5% with 400-byte rows, but ~15% with 100-byte rows (a change every ~420 KiB is too dense for
+# 64 KiB chunks; 24 KiB would do, at 2.3x the blobs). Normalization 3 narrows the spread: ~2.5 points
+# better than the default 1 at the same mean. 64 KiB is ~17,000 blobs (index items, trailer entries,
+# dedup checks) per GiB of dump.
 STREAM_CHUNKING = ChunkParams(min_size=8 * KiB, avg_size=56 * KiB, max_size=256 * KiB, normalization=3)
 
 
