@@ -264,6 +264,13 @@ def make_http_server(gateway: ApiGateway, port: int) -> ThreadingHTTPServer:
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY_BYTES:
+                # Drain what the client sends so it reads our answer instead of a reset connection.
+                remaining = length
+                while remaining > 0:
+                    chunk = self.rfile.read(min(remaining, 1 << 20))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
                 response = json_response(413, {"message": "Request Entity Too Large"})
                 self.close_connection = True
             else:

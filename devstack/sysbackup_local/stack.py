@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,15 @@ PORT_NAMES = (
 )  # fmt: skip
 # Processes the stack starts directly; each leads its own process group.
 PROCESS_MARKERS = {"weed": "weed", "moto": "moto_server", "supervisor": "sysbackup_local.supervisor"}
+
+
+@dataclass(frozen=True)
+class LocalHost:
+    """A host of the local stack: its name, its config directory and its identity."""
+
+    name: str
+    config_dir: Path
+    identity: Identity
 
 
 class StackError(RuntimeError):
@@ -534,4 +543,4 @@ def write_host_config(config_dir: Path, identity: Identity, stack: LocalStack) -
         conf.write(stream)
 
 
-__all__ = ["DEFAULT_HOST", "LocalStack", "NotReady", "StackError", "write_host_config"]
+__all__ = ["DEFAULT_HOST", "LocalHost", "LocalStack", "NotReady", "StackError", "write_host_config"]
