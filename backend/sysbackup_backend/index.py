@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -94,10 +94,11 @@ class BlobStatus:
     condemned: bool
     closed: bool  # the host's closed mark (only asked for when walking trees)
     source_sk: str | None = None  # sort key of the item the location came from
+    in_corrupt_pack: bool = False  # an unverified claim on a pack the verifier found corrupt
 
     @property
     def stored(self) -> bool:
-        return self.location is not None and not self.condemned
+        return self.location is not None and not self.condemned and not self.in_corrupt_pack
 
 
 def _location_item(blob: str, sk: str, entry: PackEntry, pack_id: str, stamp_field: str) -> dict[str, Any]:
@@ -143,7 +144,33 @@ class BlobIndex:
                 closed=closed is not None and "condemned_at" not in closed,
                 source_sk=source["sk"] if source else None,
             )
-        return statuses
+        return self._flag_corrupt_packs(statuses)
+
+    def _flag_corrupt_packs(self, statuses: dict[str, BlobStatus]) -> dict[str, BlobStatus]:
+        """Unverified claims whose pack the verifier found corrupt do not count as stored.
+
+        (A claim is indexed before the verifier has looked; verified items only ever come from good packs.)
+        """
+        claimed_packs = {
+            status.location.pack_id
+            for status in statuses.values()
+            if status.location is not None and not status.location.verified
+        }
+        if not claimed_packs:
+            return statuses
+        corrupt = {
+            pack_id
+            for pack_id, item in self.get_packs(claimed_packs).items()
+            if item.get("state") == PACK_CORRUPT
+        }
+        return {
+            blob: replace(status, in_corrupt_pack=True)
+            if status.location is not None
+            and status.location.pack_id in corrupt
+            and not status.location.verified
+            else status
+            for blob, status in statuses.items()
+        }
 
     def stored_for(self, host: str, hashes: Iterable[str]) -> set[str]:
         """Hashes that are verified, or claimed by this same host; never condemned ones."""

@@ -36,8 +36,8 @@ def new_job_id() -> str:
     return secrets.token_hex(16)
 
 
-def _part_id(job_id: str, number: int) -> str:
-    return f"{job_id}#part{number}"
+def _part_id(job_id: str, token: str, number: int) -> str:
+    return f"{job_id}#{token}#{number}"
 
 
 class JobStore:
@@ -56,7 +56,7 @@ class JobStore:
             progress=progress,
             result=None,
         )
-        part_count = self._write_parts(job.job_id, job.version, progress)
+        token, part_count = self._write_parts(job.job_id, progress)
         self.client.put_item(
             TableName=self.table_name,
             Item={
@@ -66,6 +66,7 @@ class JobStore:
                 "state": JOB_RUNNING,
                 "version": 0,
                 "request_json": json.dumps(request, sort_keys=True),
+                "parts_token": token,
                 "part_count": part_count,
                 "expires_at": int(time.time()) + JOB_TTL_SECONDS,
             },
@@ -84,7 +85,7 @@ class JobStore:
         version = int(item["version"])
         progress = b""
         if item["state"] == JOB_RUNNING:
-            progress = self._read_parts(job_id, version, int(item["part_count"]))
+            progress = self._read_parts(job_id, item["parts_token"], int(item["part_count"]))
         return Job(
             job_id=job_id,
             kind=item["kind"],
@@ -98,18 +99,18 @@ class JobStore:
 
     def save_progress(self, job: Job, progress: bytes) -> bool:
         """Store a newer frontier; False if another poll advanced the job meanwhile (its work stands)."""
-        version = job.version + 1
-        part_count = self._write_parts(job.job_id, version, progress)
+        token, part_count = self._write_parts(job.job_id, progress)
         try:
             self.client.update_item(
                 TableName=self.table_name,
                 Key={"job_id": job.job_id},
-                UpdateExpression="SET version = :next, part_count = :parts",
+                UpdateExpression="SET version = :next, parts_token = :token, part_count = :parts",
                 ConditionExpression="version = :current AND #state = :running",
                 ExpressionAttributeNames={"#state": "state"},
                 ExpressionAttributeValues={
-                    ":next": version,
+                    ":next": job.version + 1,
                     ":current": job.version,
+                    ":token": token,
                     ":parts": part_count,
                     ":running": JOB_RUNNING,
                 },
@@ -149,30 +150,35 @@ class JobStore:
             raise
         return True
 
-    def _write_parts(self, job_id: str, version: int, progress: bytes) -> int:
-        # Parts are keyed by version too, so a racing poll never overwrites the parts the winner points at.
+    def _write_parts(self, job_id: str, progress: bytes) -> tuple[str, int]:
+        """Write progress under a fresh token; returns (token, part count).
+
+        A fresh token per write means a racing poll never overwrites the parts the winner points at; the
+        loser's parts expire with the TTL.
+        """
+        token = secrets.token_hex(4)
         pieces = [progress[i : i + _PART_BYTES] for i in range(0, len(progress), _PART_BYTES)] or [b""]
         expires_at = int(time.time()) + JOB_TTL_SECONDS
         for number, piece in enumerate(pieces):
             self.client.put_item(
                 TableName=self.table_name,
                 Item={
-                    "job_id": _part_id(job_id, version * 10_000 + number),
+                    "job_id": _part_id(job_id, token, number),
                     "data": piece,
                     "expires_at": expires_at,
                 },
             )
-        return len(pieces)
+        return token, len(pieces)
 
-    def _read_parts(self, job_id: str, version: int, part_count: int) -> bytes:
+    def _read_parts(self, job_id: str, token: str, part_count: int) -> bytes:
         pieces = []
         for number in range(part_count):
             item = self.client.get_item(
                 TableName=self.table_name,
-                Key={"job_id": _part_id(job_id, version * 10_000 + number)},
+                Key={"job_id": _part_id(job_id, token, number)},
                 ConsistentRead=True,
             ).get("Item")
             if item is None:
-                raise RuntimeError(f"job {job_id} lost part {number} of version {version}")
+                raise RuntimeError(f"job {job_id} lost part {number} of {token}")
             pieces.append(bytes(item["data"].value if hasattr(item["data"], "value") else item["data"]))
         return b"".join(pieces)

@@ -150,6 +150,8 @@ class TreeWalker:
                 state.condemned.append(blob)
             elif status.location is None:
                 state.missing.append(blob)
+            elif status.in_corrupt_pack:
+                state.corrupt[blob] = f"pack {status.location.pack_id} failed verification"
             elif status.closed:
                 self._resolve(state, parents, newly_closed)
             elif status.location.kind != ("tree" if kind == TREE else "data"):
@@ -163,6 +165,8 @@ class TreeWalker:
         for blob in sorted(data_blobs):
             if data_status[blob].condemned:
                 state.condemned.append(blob)
+            elif data_status[blob].in_corrupt_pack:
+                state.corrupt[blob] = "its pack failed verification"
             elif not data_status[blob].stored:
                 state.missing.append(blob)
         for blob, (data, subtrees) in children.items():

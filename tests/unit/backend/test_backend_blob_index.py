@@ -87,3 +87,11 @@ def test_register_does_not_demote_a_verified_pack(backend: Services) -> None:
         TableName=backend.index.table_name, Key={"pk": blob_pk(pack.entries[0].hash), "sk": host_sk("alpha")}
     )
     assert claim["Item"]["pack_id"] == pack.pack_id
+
+
+def test_claim_on_a_pack_found_corrupt_is_not_stored(backend: Services) -> None:
+    pack = store_claimed(backend, "alpha", [("data", b"in a bad pack")])
+    backend.index.record_corrupt(pack.pack_id, "blob 0 does not hash to its name")
+    blob = blob_hash(b"in a bad pack")
+    assert backend.index.stored_for("alpha", [blob]) == set()
+    assert backend.index.lookup("alpha", [blob])[blob].in_corrupt_pack

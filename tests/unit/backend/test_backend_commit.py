@@ -297,3 +297,43 @@ def test_job_that_finds_a_missing_blob_fails_with_details(backend: Services) -> 
     assert outcome.body["state"] == "failed"
     assert backend.committer.resume("alpha", started.body["job_id"], Budget(PLENTY)).status_code == 422
     assert manifest_keys(backend) == []
+
+
+def test_claim_on_a_corrupt_pack_is_refused(backend: Services) -> None:
+    tree = HostTree(backend)
+    backend.index.record_corrupt(tree.data_pack.pack_id, "verifier found a bad blob")
+    with pytest.raises(Unprocessable) as refused:
+        backend.committer.start("alpha", commit_body(tree.root_hash), Budget(PLENTY))
+    assert set(refused.value.details["corrupt"]) == {blob_hash(content) for content in tree.files.values()}
+
+
+def test_shared_subtree_closes_every_parent(backend: Services) -> None:
+    content = b"same file in two places"
+    shared = tree_bytes([file_entry("f", [blob_hash(content)])])
+    left = tree_bytes([dir_entry("x", blob_hash(shared))])
+    right = tree_bytes([dir_entry("x", blob_hash(shared)), dir_entry("y", blob_hash(shared))])
+    root = tree_bytes([dir_entry("left", blob_hash(left)), dir_entry("right", blob_hash(right))])
+    store_claimed(backend, "alpha", [("data", content)])
+    store_claimed(backend, "alpha", [("tree", t) for t in (shared, left, right, root)])
+    assert backend.committer.start("alpha", commit_body(blob_hash(root)), Budget(PLENTY)).status_code == 201
+    hashes = [blob_hash(t) for t in (shared, left, right, root)]
+    statuses = backend.index.lookup("alpha", hashes, with_closed=True)
+    assert all(statuses[h].closed for h in hashes)
+    assert not backend.index.lookup("beta", hashes, with_closed=True)[hashes[-1]].closed
+
+
+def test_subtree_with_a_missing_blob_is_not_closed(backend: Services) -> None:
+    good = tree_bytes([file_entry("ok", [blob_hash(b"present")])])
+    bad = tree_bytes([file_entry("lost", [blob_hash(b"absent")])])
+    root = tree_bytes([dir_entry("bad", blob_hash(bad)), dir_entry("good", blob_hash(good))])
+    store_claimed(backend, "alpha", [("data", b"present")])
+    store_claimed(backend, "alpha", [("tree", t) for t in (good, bad, root)])
+    with pytest.raises(Unprocessable):
+        backend.committer.start("alpha", commit_body(blob_hash(root)), Budget(PLENTY))
+    statuses = backend.index.lookup("alpha", [blob_hash(t) for t in (good, bad, root)], with_closed=True)
+    assert statuses[blob_hash(good)].closed
+    assert not statuses[blob_hash(bad)].closed
+    assert not statuses[blob_hash(root)].closed
+    # Once the host uploads what was missing, the retry reads only the trees that were not closed.
+    store_claimed(backend, "alpha", [("data", b"absent")])
+    assert backend.committer.start("alpha", commit_body(blob_hash(root)), Budget(PLENTY)).status_code == 201
