@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ class Job:
 
 
 def new_job_id() -> str:
-    return secrets.token_hex(16)
+    return str(uuid.uuid4())
 
 
 def _part_id(job_id: str, token: str, number: int) -> str:

@@ -21,11 +21,11 @@ from sysbackup_backend.errors import NotFound
 from sysbackup_backend.identity import target_host
 from sysbackup_domain.manifest import is_manifest_id
 
-JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 logger = Logger()
 tracer = Tracer()
-metrics = Metrics(namespace="s3-sysbackup")
+metrics = Metrics()  # namespace from POWERTOOLS_METRICS_NAMESPACE (template Globals)
 app = APIGatewayHttpResolver()
 register_error_handlers(app, logger)
 

@@ -16,7 +16,7 @@ MAX_BLOBS_PER_CALL = 1000
 
 logger = Logger()
 tracer = Tracer()
-metrics = Metrics(namespace="s3-sysbackup")
+metrics = Metrics()  # namespace from POWERTOOLS_METRICS_NAMESPACE (template Globals)
 app = APIGatewayHttpResolver(enable_validation=True)
 register_error_handlers(app, logger)
 

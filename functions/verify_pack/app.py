@@ -25,7 +25,7 @@ from sysbackup_domain.packs import verify_pack
 
 logger = Logger()
 tracer = Tracer()
-metrics = Metrics(namespace="s3-sysbackup")
+metrics = Metrics()  # namespace from POWERTOOLS_METRICS_NAMESPACE (template Globals)
 processor = BatchProcessor(event_type=EventType.SQS)
 
 
