@@ -117,8 +117,12 @@ class ApiClient:
         deadline = time.monotonic() + timeout_s
         delay = 0.5
         while True:
+            # Each poll also moves the backend's commit walk on; a failed job answers with its
+            # error status (409, 422), which `call` raises as ApiError.
             job = self.call("GET", f"/jobs/{quote(job_id, safe='')}", route="GET /jobs/{job_id}").body
             state = str(job.get("state", "")).lower()
+            if "manifest_id" in job:
+                return job
             if state in ("succeeded", "success", "done", "completed", "complete"):
                 return job.get("result") or {}
             if state in ("failed", "error"):

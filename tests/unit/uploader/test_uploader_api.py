@@ -138,18 +138,18 @@ def test_a_signature_expired_message_is_reported_as_clock_skew(server: ScriptedS
 def test_an_accepted_commit_is_polled_until_done(server: ScriptedServer):
     server.script = [
         (202, {"job_id": "job-1"}, {}),
-        (200, {"state": "running"}, {}),
-        (200, {"state": "succeeded", "result": {"manifest_id": "20260101T000000Z-00000001"}}, {}),
+        (202, {"job_id": "job-1", "state": "running"}, {}),
+        (201, {"manifest_id": "20260101T000000Z-00000001", "job_id": "job-1", "state": "succeeded"}, {}),
     ]
     result = client(server).commit_manifest({"parent": None, "root": None, "snapshots": []})
-    assert result == {"manifest_id": "20260101T000000Z-00000001"}
+    assert result["manifest_id"] == "20260101T000000Z-00000001"
     assert [path for _, path, _ in server.seen] == ["/manifests", "/jobs/job-1", "/jobs/job-1"]
 
 
 def test_a_failed_commit_job_is_an_api_error(server: ScriptedServer):
     server.script = [
         (202, {"job_id": "job-2"}, {}),
-        (200, {"state": "failed", "result": {"status": 422, "message": "missing blobs"}}, {}),
+        (422, {"message": "missing blobs", "job_id": "job-2", "state": "failed"}, {}),
     ]
     with pytest.raises(ApiError, match="missing blobs") as raised:
         client(server).commit_manifest({"parent": None, "root": None, "snapshots": []})
