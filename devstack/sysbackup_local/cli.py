@@ -25,6 +25,13 @@ def register(subparsers: Any) -> None:
     )
     up.add_argument("--host", default=DEFAULT_HOST, help=f"the first host's name (default {DEFAULT_HOST})")
     up.add_argument("--template", type=Path, default=None, help="template.yaml to read (default: the repo's)")
+    up.add_argument(
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a template parameter default (repeatable), e.g. DaysRetained=1",
+    )
     up.set_defaults(handler=_up)
 
     down = commands.add_parser("down", help="stop every process of a stack (idempotent)")
@@ -88,22 +95,11 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def default_event_file(repo: Path, folder: str, logical_id: str) -> Path:
-    """The first file in events/ named after the function (folder name or logical id), sorted by name."""
+    """The first event (by name) in events/ named `<folder>*.json` or `<LogicalId>*.json`."""
     events = repo / "events"
-    candidates = (
-        sorted(
-            path
-            for path in events.glob("*.json")
-            if path.stem.startswith(folder) or path.stem.startswith(logical_id)
-        )
-        + sorted((events / folder).glob("*.json"))
-        if events.exists()
-        else []
-    )
+    candidates = sorted(path for path in events.glob("*.json") if path.stem.startswith((folder, logical_id)))
     if not candidates:
-        raise StackError(
-            f"no event for {logical_id} in {events} (looked for {folder}*.json and {folder}/*.json)"
-        )
+        raise StackError(f"no event for {logical_id} in {events} (looked for {folder}*.json)")
     return candidates[0]
 
 

@@ -230,7 +230,9 @@ class ApiGateway:
         try:
             verified = self._verifier.verify(IncomingRequest(method, raw_path, raw_query, headers, body))
         except SignatureError as error:
-            return json_response(error.status, {"message": error.message})
+            refusal = json_response(error.status, {"message": error.message})
+            refusal.headers["x-amzn-ErrorType"] = error.error_type
+            return refusal
         caller = self._identity_for_key(verified.access_key)
         assert caller is not None
         event = build_event(

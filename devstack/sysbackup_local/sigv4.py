@@ -38,6 +38,13 @@ _AUTHORIZATION = re.compile(
 )
 
 
+# API Gateway's x-amzn-ErrorType for each refusal.
+_ERROR_TYPES = {
+    MISSING_TOKEN: "MissingAuthenticationTokenException",
+    INVALID_TOKEN: "UnrecognizedClientException",
+}
+
+
 class SignatureError(Exception):
     """A request API Gateway would refuse with 403 and this message."""
 
@@ -46,6 +53,7 @@ class SignatureError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.error_type = _ERROR_TYPES.get(message, "InvalidSignatureException")
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,9 @@ class LocalStack:
             raise StackError(f"no stack in {self.state_dir} (run `s3-sysbackup local up` first)")
         self.info: dict[str, Any] = json.loads(path.read_text())
         self.registry = IdentityRegistry(self.state_dir / "identities.json")
-        self.template: StackTemplate = parse_template(Path(self.info["template"]))
+        self.template: StackTemplate = parse_template(
+            Path(self.info["template"]), self.info.get("parameters")
+        )
 
     # ------------------------------------------------------------------ start
     @classmethod
@@ -134,7 +136,9 @@ class LocalStack:
         host: str = DEFAULT_HOST,
         template_path: Path | None = None,
         repo: Path = REPO_ROOT,
+        parameters: dict[str, str] | None = None,
     ) -> LocalStack:
+        """Starts a stack; `parameters` override template parameter defaults (e.g. {"DaysRetained": "1"})."""
         state_dir = Path(state_dir).resolve()
         validate_host_name(host)
         if (state_dir / "stack.json").exists() and LocalStack(state_dir).is_running():
@@ -143,7 +147,7 @@ class LocalStack:
             (state_dir / stale).unlink(missing_ok=True)
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         template_path = (template_path or repo / "template.yaml").resolve()
-        template = parse_template(template_path)
+        template = parse_template(template_path, parameters)
         registry = IdentityRegistry(state_dir / "identities.json")
         identities = _create_service_identities(registry, template)
         ports = {name: free_port() for name in PORT_NAMES}
@@ -152,6 +156,7 @@ class LocalStack:
             "state_dir": str(state_dir),
             "repo": str(repo),
             "template": str(template_path),
+            "parameters": dict(parameters or {}),
             "weed": _venv_tool("weed"),
             "ports": ports,
             "pids": {},

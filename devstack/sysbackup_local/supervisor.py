@@ -8,6 +8,7 @@ and tests: invoke a function, wait until idle, register a test route.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -83,7 +84,7 @@ class Supervisor:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.stack: dict[str, Any] = json.loads((state_dir / "stack.json").read_text())
-        self.template = parse_template(Path(self.stack["template"]))
+        self.template = parse_template(Path(self.stack["template"]), self.stack.get("parameters"))
         self.registry = IdentityRegistry(state_dir / "identities.json")
         self.logs = state_dir / "logs"
         self.children: list[subprocess.Popen[bytes]] = []
@@ -102,6 +103,7 @@ class Supervisor:
         )
         self.sqs = boto3.client("sqs", **self._moto)
         self._invoke_locks: dict[str, threading.Lock] = {}
+        self.stopping = threading.Event()
 
     # ------------------------------------------------------------------ workers
     def start_worker(
@@ -152,14 +154,35 @@ class Supervisor:
         return InvocationOutcome(result=answer.get("result"), error=answer.get("error"))
 
     # ------------------------------------------------------------------ notifications
-    def start_notifications(self) -> None:
+    def _start_tail(self, since_seconds: float | None) -> subprocess.Popen[str]:
         filer = self.stack["endpoints"]["filer_address"]
+        command = [self.stack["weed"], "filer.meta.tail", f"-filer={filer}", "-pathPrefix=/"]
+        if since_seconds is not None:
+            command.append(f"-timeAgo={since_seconds:.3f}s")
         tail = subprocess.Popen(
-            [self.stack["weed"], "filer.meta.tail", f"-filer={filer}", "-pathPrefix=/"],
-            stdout=subprocess.PIPE, stderr=(self.logs / "meta-tail.log").open("ab"), text=True,
-        )  # fmt: skip
+            command, stdout=subprocess.PIPE, stderr=(self.logs / "meta-tail.log").open("ab"), text=True
+        )
         self.children.append(tail)
-        threading.Thread(target=self._bridge, args=(tail,), daemon=True, name="s3-notifications").start()
+        return tail
+
+    def _follow_metadata(self) -> None:
+        """Feeds the bridge from `weed filer.meta.tail`, restarting it (from the last event) if it ends."""
+        last_event_time: float | None = None
+        while not self.stopping.is_set():
+            since = None if last_event_time is None else time.time() - last_event_time + 1.0
+            tail = self._start_tail(since)
+            assert tail.stdout is not None
+            for event in iter_json_objects(tail.stdout):
+                # Replaying a second of history after a restart may repeat a record: S3 is at-least-once too.
+                last_event_time = int(event.get("tsNs", 0)) / 1e9 or time.time()
+                self._bridge_event(event)
+            tail.wait()
+            if not self.stopping.is_set():
+                log.warning("filer.meta.tail ended with %s; restarting it", tail.returncode)
+                self.stopping.wait(0.5)
+
+    def start_notifications(self) -> None:
+        threading.Thread(target=self._follow_metadata, daemon=True, name="s3-notifications").start()
         for spec in self.template.functions.values():
             for trigger in spec.sqs_triggers:
                 queue = self.stack["queues"][trigger.queue_logical_id]
@@ -170,30 +193,27 @@ class Supervisor:
                 self.pollers.append(poller)
                 threading.Thread(target=poller.run, daemon=True, name=f"sqs-{spec.logical_id}").start()
 
-    def _bridge(self, tail: subprocess.Popen[str]) -> None:
-        assert tail.stdout is not None
+    def _bridge_event(self, event: dict[str, Any]) -> None:
+        """One metadata event: a wait_idle marker, or maybe an S3 notification to send."""
+        directory = str(event.get("directory", ""))
+        new_entry = (event.get("eventNotification") or {}).get("newEntry") or {}
+        if directory == MARKER_DIR and new_entry.get("name"):
+            with self.markers_lock:
+                self.markers_seen.add(str(new_entry["name"]))
+                self.markers_lock.notify_all()
+            return
+        created = object_created_from_meta_event(event)
+        if created is None:
+            return
         bucket = self.template.bucket
-        for event in iter_json_objects(tail.stdout):
-            directory = str(event.get("directory", ""))
-            new_entry = (event.get("eventNotification") or {}).get("newEntry") or {}
-            if directory == MARKER_DIR and new_entry.get("name"):
-                with self.markers_lock:
-                    self.markers_seen.add(str(new_entry["name"]))
-                    self.markers_lock.notify_all()
-                continue
-            created = object_created_from_meta_event(event)
-            if created is None:
-                continue
-            for event_name, prefix, queue_logical_id in bucket.queue_notifications:
-                if matches_notification(event_name, prefix, created, bucket.name):
-                    record = s3_event_record(created, _utc_now())
-                    queue_url = self.stack["queues"][queue_logical_id]["url"]
-                    try:
-                        self.sqs.send_message(
-                            QueueUrl=queue_url, MessageBody=json.dumps({"Records": [record]})
-                        )
-                    except Exception:
-                        log.exception("could not send the notification for %s", created.key)
+        for event_name, prefix, queue_logical_id in bucket.queue_notifications:
+            if matches_notification(event_name, prefix, created, bucket.name):
+                record = s3_event_record(created, dt.datetime.now(dt.timezone.utc))
+                queue_url = self.stack["queues"][queue_logical_id]["url"]
+                try:
+                    self.sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"Records": [record]}))
+                except Exception:
+                    log.exception("could not send the notification for %s", created.key)
 
     def _put_marker(self) -> str:
         name = uuid.uuid4().hex
@@ -304,6 +324,7 @@ class Supervisor:
         self.shutdown()
 
     def shutdown(self) -> None:
+        self.stopping.set()
         for poller in self.pollers:
             poller.stop()
         for child in self.children:
@@ -314,12 +335,6 @@ class Supervisor:
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 child.kill()
-
-
-def _utc_now() -> Any:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,7 @@ def test_an_unknown_key_is_an_invalid_token(echo_route: str) -> None:
 
     assert response.status_code == 403
     assert response.json() == {"message": INVALID_TOKEN}
+    assert response.headers["x-amzn-ErrorType"] == "UnrecognizedClientException"
 
 
 def test_function_and_gc_keys_are_not_api_callers(stack: LocalStack, echo_route: str) -> None:
