@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import zstandard
 from botocore.exceptions import ClientError
 
 from .dynamo import is_condition_failure
@@ -28,7 +29,7 @@ class Job:
     host: str
     state: str
     version: int
-    request: dict[str, Any]
+    request: dict[str, Any]  # read back only while running
     progress: bytes
     result: dict[str, Any] | None  # {"status": int, "body": {...}} once finished
 
@@ -58,6 +59,10 @@ class JobStore:
             result=None,
         )
         token, part_count = self._write_parts(job.job_id, progress)
+        # A commit body may be megabytes (warnings, snapshot descriptions): it gets parts of its own.
+        request_token, request_part_count = self._write_parts(
+            job.job_id, zstandard.ZstdCompressor(level=3).compress(json.dumps(request).encode())
+        )
         self.client.put_item(
             TableName=self.table_name,
             Item={
@@ -66,7 +71,8 @@ class JobStore:
                 "host": host,
                 "state": JOB_RUNNING,
                 "version": 0,
-                "request_json": json.dumps(request, sort_keys=True),
+                "request_token": request_token,
+                "request_part_count": request_part_count,
                 "parts_token": token,
                 "part_count": part_count,
                 "expires_at": int(time.time()) + JOB_TTL_SECONDS,
@@ -85,15 +91,18 @@ class JobStore:
             return None
         version = int(item["version"])
         progress = b""
+        request: dict[str, Any] = {}
         if item["state"] == JOB_RUNNING:
             progress = self._read_parts(job_id, item["parts_token"], int(item["part_count"]))
+            packed = self._read_parts(job_id, item["request_token"], int(item["request_part_count"]))
+            request = json.loads(zstandard.ZstdDecompressor().decompress(packed))
         return Job(
             job_id=job_id,
             kind=item["kind"],
             host=item["host"],
             state=item["state"],
             version=version,
-            request=json.loads(item["request_json"]),
+            request=request,
             progress=progress,
             result=json.loads(item["result_json"]) if "result_json" in item else None,
         )

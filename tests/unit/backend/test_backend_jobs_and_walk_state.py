@@ -18,6 +18,13 @@ def test_large_progress_is_split_and_read_back(backend: Services) -> None:
     assert (loaded.progress, loaded.host, loaded.request) == (progress, "alpha", {"parent": None})
 
 
+def test_a_large_request_is_stored_in_parts(backend: Services) -> None:
+    request = {"warnings": [os.urandom(2000).hex() for _ in range(300)]}  # about 1.2 MB of JSON
+    job = backend.jobs.create("commit", "alpha", request, b"p")
+    loaded = backend.jobs.load(job.job_id)
+    assert loaded is not None and loaded.request == request
+
+
 def test_a_stale_poll_cannot_overwrite_newer_progress(backend: Services) -> None:
     job = backend.jobs.create("commit", "alpha", {}, b"v0")
     assert backend.jobs.save_progress(job, b"v1")
