@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sysbackup_local.stack import LocalHost
 
+QUIET_BASE = os.environ.get("S3SB_TEST_QUIET_DIR", "/var/tmp")
 SIGNIFICANT = 2 * 1024 * 1024 + 4321  # more than one chunk and more than one small-file blob
 
 
@@ -70,9 +74,18 @@ def work(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def backed_up(host_config: LocalHost, tmp_path: Path, work: Path) -> Path:
+def quiet_dir() -> Iterator[Path]:
+    """A directory whose ancestors nobody touches during the test (unlike /tmp, where other tests
+    create files): an ancestor's new mtime is a real change, and would make a run send new trees."""
+    directory = Path(tempfile.mkdtemp(prefix="s3sb-test-", dir=QUIET_BASE))
+    yield directory
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def backed_up(host_config: LocalHost, quiet_dir: Path, work: Path) -> Path:
     """A crafted tree picked by the host's only picker; the cache kept in `work`."""
-    source = tmp_path / "source"
+    source = quiet_dir / "source"
     source.mkdir()
     build_tree(source)
     conf = host_config.config_dir / "conf"
@@ -126,3 +139,32 @@ def test_restore_refuses_a_non_empty_target(host_config: LocalHost, backed_up: P
     refused = cli(host_config.config_dir, "restore", "latest", "--target", str(target))
     assert refused.returncode == 1 and "not empty" in refused.stderr
     assert (target / "keep").read_text() == "mine"
+
+
+def test_crashed_runs_are_finished_by_the_next_run_without_resending(
+    host_config: LocalHost, backed_up: Path, work: Path
+):
+    def archive(fault: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "S3SB_FAULT": fault} if fault else None
+        return subprocess.run(
+            [sys.executable, "-m", "s3_sysbackup.cli", "--config-dir", str(host_config.config_dir), "archive",
+             "-q", "--stats-json", str(work / "stats.json")],
+            capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+
+    crashed = archive("after-register")
+    assert crashed.returncode == 1 and "injected fault at after-register" in crashed.stderr
+    finished = archive()
+    assert finished.returncode == 0, finished.stderr
+    figures = json.loads((work / "stats.json").read_text())
+    assert figures["data_packs"] == 0 and figures["files_read"] == figures["files"]  # data was registered
+
+    (backed_up / "etc" / "app" / "app.conf").write_bytes(b"listen = 9090\n")
+    crashed = archive("mid-commit")
+    assert crashed.returncode == 1
+    listing = json.loads(cli(host_config.config_dir, "list", "--json").stdout)
+    landed = listing[-1]["manifest_id"]  # the crashed run's commit did land
+    finished = archive()
+    assert finished.returncode == 0, finished.stderr
+    listing = json.loads(cli(host_config.config_dir, "list", "--json").stdout)
+    assert listing[-1]["parent"] == landed

@@ -369,6 +369,7 @@ class Archiver:
             "bytes_read": stats.bytes_read,
             "bytes_uploaded": shipper.counts.bytes_uploaded,
             "packs": shipper.counts.packs,
+            "data_packs": shipper.counts.data_packs,
             "blobs_new": shipper.counts.blobs_new,
             "snapshots": stats.snapshots,
             "warnings": warnings,

@@ -57,6 +57,7 @@ class SealedPack:
 @dataclass
 class ShipCounts:
     packs: int = 0
+    data_packs: int = 0
     bytes_uploaded: int = 0
     blobs_new: int = 0
     packs_already_there: int = 0
@@ -97,6 +98,7 @@ class PackShipper:
         fault_point("after-register")
         for pack, uploaded in zip(to_send, results, strict=True):
             self.counts.packs += 1
+            self.counts.data_packs += pack.entries[0].kind == "data"  # packs hold one kind only
             self.counts.blobs_new += len(pack.entries)
             if uploaded:
                 self.counts.bytes_uploaded += pack.size
