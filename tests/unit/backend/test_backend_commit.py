@@ -337,3 +337,26 @@ def test_subtree_with_a_missing_blob_is_not_closed(backend: Services) -> None:
     # Once the host uploads what was missing, the retry reads only the trees that were not closed.
     store_claimed(backend, "alpha", [("data", b"absent")])
     assert backend.committer.start("alpha", commit_body(blob_hash(root)), Budget(PLENTY)).status_code == 201
+
+
+def test_root_condemned_during_the_commit_stops_the_transaction(
+    backend: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = HostTree(backend)
+    write_manifest = backend.store.put_manifest
+
+    def condemn_root_then_write(*args: Any, **kwargs: Any) -> None:
+        # gc condemns the root between the walk and the catalogue transaction.
+        backend.index.client.update_item(
+            TableName=backend.index.table_name,
+            Key={"pk": blob_pk(tree.root_hash), "sk": host_sk("alpha")},
+            UpdateExpression="SET condemned_at = :now",
+            ExpressionAttributeValues={":now": "2026-11-21T00:00:00Z"},
+        )
+        write_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(backend.store, "put_manifest", condemn_root_then_write)
+    with pytest.raises(Unprocessable, match="condemned while committing"):
+        backend.committer.start("alpha", commit_body(tree.root_hash), Budget(PLENTY))
+    assert backend.catalogue.head("alpha") is None
+    assert backend.catalogue.list("alpha") == []
