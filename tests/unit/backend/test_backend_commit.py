@@ -360,3 +360,38 @@ def test_root_condemned_during_the_commit_stops_the_transaction(
         backend.committer.start("alpha", commit_body(tree.root_hash), Budget(PLENTY))
     assert backend.catalogue.head("alpha") is None
     assert backend.catalogue.list("alpha") == []
+
+
+class CallCounter:
+    """Counts every AWS call a client makes, by operation name."""
+
+    def __init__(self, *clients: Any) -> None:
+        self.calls: list[str] = []
+        for client in clients:
+            client.meta.events.register("before-call.*.*", self._record)
+
+    def _record(self, model: Any, **_: Any) -> None:
+        self.calls.append(model.name)
+
+
+def test_no_change_commit_of_a_wide_tree_costs_a_handful_of_requests(backend: Services) -> None:
+    # 400 directories of 3 files: more nodes than one walk step takes.
+    contents = [f"file {number}".encode() for number in range(1200)]
+    store_claimed(backend, "alpha", [("data", content) for content in contents])
+    subtrees = [
+        tree_bytes([file_entry(f"f{i}", [blob_hash(contents[3 * d + i])]) for i in range(3)])
+        for d in range(400)
+    ]
+    root = tree_bytes([dir_entry(f"d{d:03}", blob_hash(subtree)) for d, subtree in enumerate(subtrees)])
+    store_claimed(backend, "alpha", [("tree", t) for t in [*subtrees, root]])
+    first = backend.committer.start("alpha", commit_body(blob_hash(root)), Budget(PLENTY))
+    assert first.status_code == 201
+    counter = CallCounter(backend.store.client, backend.index.client)
+    second = backend.committer.start(
+        "alpha", commit_body(blob_hash(root), parent=first.body["manifest_id"]), Budget(PLENTY)
+    )
+    assert second.status_code == 201
+    # HEAD, the root's index items, its pack's state, the manifest PUT, the transaction.
+    assert sorted(counter.calls) == sorted(
+        ["GetItem", "BatchGetItem", "BatchGetItem", "PutObject", "TransactWriteItems"]
+    )
