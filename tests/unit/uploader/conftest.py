@@ -28,7 +28,7 @@ def config_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_config(tmp_path: Path, config_dir: Path):
-    def make(lock_timeout_s: float = 0.5, workers: int = 2) -> Config:
+    def make(lock_timeout_s: float = 0.5, workers: int = 2, snapshot_timeout_s: float = 10.0) -> Config:
         return Config(
             config_dir=config_dir,
             aws=AwsSettings(profile=None, credentials_file=None, role_arn=None, region=None),
@@ -38,7 +38,7 @@ def make_config(tmp_path: Path, config_dir: Path):
                 days_retained=None,
                 cache_dir=tmp_path / "cache",
                 picker_timeout_s=10.0,
-                snapshot_timeout_s=10.0,
+                snapshot_timeout_s=snapshot_timeout_s,
                 workers=workers,
             ),
         )

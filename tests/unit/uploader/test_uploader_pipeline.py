@@ -274,3 +274,18 @@ def test_snapshot_stream_round_trips(run_archive, config_dir, backend, transfer)
     assert len(chunks) > 1
     blobs = fetcher.fetch_all(chunks)
     assert b"".join(blobs[h] for h in chunks) == payload
+
+
+def test_failing_and_hanging_snapshotters_are_warnings(run_archive, make_config, config_dir, backend):
+    write_script(config_dir / "snapshots.d" / "10-fails", "echo partial >&$1\necho 'db down' >&2\nexit 5\n")
+    write_script(config_dir / "snapshots.d" / "20-hangs", "echo started >&$1\nsleep 60\n")
+    write_script(config_dir / "snapshots.d" / "30-works", "echo fine >&$1\n")
+    started = time.monotonic()
+    result = run_archive(config=make_config(snapshot_timeout_s=0.5))
+    assert time.monotonic() - started < 10
+    assert result.exit_code == EXIT_WARNINGS
+    records = {s["name"]: s for s in backend.get_manifest(result.manifest_id)["snapshots"]}
+    assert records["10-fails"]["exit_status"] == 5 and "db down" in records["10-fails"]["error"]
+    assert "timeout" in records["20-hangs"]["error"] and records["20-hangs"]["size"] == len(b"started\n")
+    assert records["30-works"]["error"] is None and records["30-works"]["size"] == len(b"fine\n")
+    assert sum("snapshot" in w for w in result.warnings) == 2

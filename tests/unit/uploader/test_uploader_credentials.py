@@ -1,0 +1,34 @@
+"""Host credentials: the credentials file of the conf, and the role session name the trust policy pins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from s3_sysbackup.config import AwsSettings
+from s3_sysbackup.credentials import CredentialsError, load_credentials, session_name_for
+
+
+def test_session_name_is_the_iam_user_name():
+    assert session_name_for("arn:aws:iam::123456789012:user/s3-sysbackup/hosts/web-1") == "web-1"
+    assert session_name_for("arn:aws:iam::123456789012:user/db-2") == "db-2"
+    with pytest.raises(CredentialsError, match="IAM user"):
+        session_name_for("arn:aws:sts::123456789012:assumed-role/r/session")
+
+
+def test_credentials_file_and_profile_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    credentials_file = tmp_path / "credentials"
+    credentials_file.write_text(
+        "[default]\naws_access_key_id = AKIDDEFAULT\naws_secret_access_key = d\n"
+        "[backup]\naws_access_key_id = AKIDBACKUP\naws_secret_access_key = b\n"
+    )
+    settings = AwsSettings(profile="backup", credentials_file=credentials_file, role_arn=None, region=None)
+    assert load_credentials(settings, "us-east-1").get_frozen_credentials().access_key == "AKIDBACKUP"
+
+
+def test_missing_credentials_file_is_named(tmp_path: Path):
+    settings = AwsSettings(profile=None, credentials_file=tmp_path / "absent", role_arn=None, region=None)
+    with pytest.raises(CredentialsError, match="absent"):
+        load_credentials(settings, "us-east-1")
