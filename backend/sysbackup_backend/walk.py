@@ -23,7 +23,7 @@ from sysbackup_domain.manifest import decode_stream_index
 from sysbackup_domain.packs import open_blob
 from sysbackup_domain.tree import decode_tree
 
-from .index import BlobIndex, BlobLocation
+from .index import BlobIndex, BlobLocation, BlobStatus
 from .store import PackStore, pack_key
 
 TREE = "tree"
@@ -129,19 +129,42 @@ class TreeWalker:
                 return
 
     def step(self, state: WalkState) -> None:
+        """Visit up to NODES_PER_STEP nodes: look them up, read the unclosed ones, check their children."""
+        batch = self._pop_batch(state)
+        if not batch:
+            return
+        newly_closed: list[str] = []
+        to_read = self._classify(state, batch, newly_closed)
+        children = self._decode(state, batch, self._read_blobs(state, to_read))
+        data_status = self._check_data(state, {blob for data, _ in children.values() for blob in data})
+        for blob, (data, subtrees) in children.items():
+            blocked = sum(1 for child in data if not data_status[child].stored)
+            state.open[blob] = [len(subtrees) + blocked, list(batch[blob][1])]
+            for subtree in subtrees:
+                state.stack.append([subtree, TREE, blob])
+            if state.open[blob][0] == 0:
+                self._close(state, blob, newly_closed)
+        if newly_closed:
+            self.index.record_closed(self.host, newly_closed)
+
+    def _pop_batch(self, state: WalkState) -> dict[str, tuple[str, list[str | None]]]:
+        """The next distinct nodes to visit, each with the parents that reference it."""
         batch: dict[str, tuple[str, list[str | None]]] = {}
         while state.stack and len(batch) < NODES_PER_STEP:
             blob, kind, parent = state.stack.pop()
             if blob in state.open:
-                # Shared subtree already opened by another parent: it will resolve both.
+                # A shared subtree another parent already opened: its closing resolves this parent too.
                 state.open[blob][1].append(parent)
                 continue
             batch.setdefault(blob, (kind, []))[1].append(parent)
-        if not batch:
-            return
+        return batch
+
+    def _classify(
+        self, state: WalkState, batch: dict[str, tuple[str, list[str | None]]], newly_closed: list[str]
+    ) -> dict[str, BlobLocation]:
+        """Record problems, resolve closed nodes; returns where the nodes that must be read are."""
         statuses = self.index.lookup(self.host, batch, with_closed=True)
         to_read: dict[str, BlobLocation] = {}
-        newly_closed: list[str] = []
         for blob, (kind, parents) in batch.items():
             status = statuses[blob]
             if None in parents and status.source_sk is not None:
@@ -158,30 +181,21 @@ class TreeWalker:
                 state.corrupt[blob] = f"indexed as a {status.location.kind} blob, referenced as a {kind}"
             else:
                 to_read[blob] = status.location
-        plaintexts = self._read_blobs(state, to_read)
-        children = self._decode(state, batch, plaintexts)
-        data_blobs = {blob for data, _ in children.values() for blob in data}
-        data_status = self.index.lookup(self.host, data_blobs) if data_blobs else {}
+        return to_read
+
+    def _check_data(self, state: WalkState, data_blobs: set[str]) -> dict[str, BlobStatus]:
+        """Look up the data children of this step's nodes (batched) and record those not stored."""
+        if not data_blobs:
+            return {}
+        statuses = self.index.lookup(self.host, data_blobs)
         for blob in sorted(data_blobs):
-            if data_status[blob].condemned:
+            if statuses[blob].condemned:
                 state.condemned.append(blob)
-            elif data_status[blob].in_corrupt_pack:
+            elif statuses[blob].in_corrupt_pack:
                 state.corrupt[blob] = "its pack failed verification"
-            elif not data_status[blob].stored:
+            elif not statuses[blob].stored:
                 state.missing.append(blob)
-        for blob, (data, subtrees) in children.items():
-            blocked = sum(1 for child in data if not data_status[child].stored)
-            state.open[blob] = [len(subtrees) + blocked, []]
-            for subtree in subtrees:
-                state.stack.append([subtree, TREE, blob])
-        for blob in children:
-            parents = batch[blob][1]
-            node = state.open[blob]
-            node[1].extend(parents)
-            if node[0] == 0:
-                self._close(state, blob, newly_closed)
-        if newly_closed:
-            self.index.record_closed(self.host, newly_closed)
+        return statuses
 
     def _resolve(self, state: WalkState, parents: Iterable[str | None], newly_closed: list[str]) -> None:
         for parent in parents:
