@@ -14,13 +14,26 @@ from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict
 from s3_sysbackup.fetch import BlobFetcher, stream_chunks
+from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import Restorer
 from s3_sysbackup.sink import FAULT_ENV, InjectedFault
 from sysbackup_domain.chunking import SMALL_FILE_BYTES
-from sysbackup_domain.packs import verify_pack
+from sysbackup_domain.packs import open_blob, verify_pack
+from sysbackup_domain.tree import decode_tree
 from uploader_fakes import FakeBackend
 
 BIG_BYTES = 3 * SMALL_FILE_BYTES + 12345
+# user::rw-, user:4242:r--, group::r--, mask::r--, other::--- in the kernel's xattr format (version 2)
+ACL_WITH_NAMED_USER = (2).to_bytes(4, "little") + b"".join(
+    tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
+    for tag, perm, ident in (
+        (1, 6, 2**32 - 1),
+        (2, 4, 4242),
+        (4, 4, 2**32 - 1),
+        (0x10, 4, 2**32 - 1),
+        (0x20, 0, 2**32 - 1),
+    )
+)
 
 
 def build_sample_tree(root: Path) -> Path:
@@ -40,11 +53,15 @@ def build_sample_tree(root: Path) -> Path:
     (data / "sub" / "deeper" / "file").write_bytes(b"deep")
     (data / "link").symlink_to("plain.txt")
     (data / "dangling").symlink_to("/nonexistent/target")
+    (data / "acl-file").write_bytes(b"has a POSIX ACL")
     (data / "hard1").write_bytes(b"linked twice")
     os.link(data / "hard1", data / "hard2")
     os.mkfifo(data / "fifo", 0o640)
     os.setxattr(data / "plain.txt", "user.note", b"xattr value")
     (data / "sub").chmod(0o750)
+    if os.geteuid() == 0:
+        os.chown(data / "secret", 12345, 23456)  # ids no name maps to: restored by number
+        os.setxattr(data / "acl-file", "system.posix_acl_access", ACL_WITH_NAMED_USER)
     return data
 
 
@@ -68,7 +85,16 @@ def snapshot_of(top: Path) -> dict[str, tuple]:
             for name in os.listxattr(path, follow_symlinks=False)
         }
         mtime = st.st_mtime_ns
-        seen[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), mtime, content, link_peer, xattrs)
+        owner = (st.st_uid, st.st_gid)
+        seen[rel] = (
+            stat.S_IFMT(st.st_mode),
+            stat.S_IMODE(st.st_mode),
+            mtime,
+            owner,
+            content,
+            link_peer,
+            xattrs,
+        )
     return seen
 
 
@@ -76,6 +102,11 @@ def snapshot_of(top: Path) -> dict[str, tuple]:
 def trust_fresh_files(monkeypatch: pytest.MonkeyPatch) -> None:
     # Files made a moment ago are inside the 1 s racy window; tests that want reuse cannot wait.
     monkeypatch.setattr(cache_module, "RACY_WINDOW_NS", 0)
+
+
+def backend_blob(backend: FakeBackend, digest: str) -> bytes:
+    pack_id, entry = backend.blobs[digest]
+    return open_blob(entry, backend.packs[pack_id][entry.offset : entry.offset + entry.length])
 
 
 def restore(backend: FakeBackend, transfer, manifest_id: str, target: Path, paths=(), overwrite=False):
@@ -94,7 +125,14 @@ def test_round_trip_is_exact(run_archive, config_dir, host_root, backend, transf
     restored = restore(backend, transfer, result.manifest_id, target)
     assert snapshot_of(target / "data") == snapshot_of(data)
     assert restored.warnings == []
-    assert result.stats["files"] == restored.files == 11  # regular files, hard links included
+    assert result.stats["files"] == restored.files == 12  # regular files, hard links included
+    zeros = (target / "data" / "zeros.bin").stat()
+    assert zeros.st_blocks * 512 < zeros.st_size // 2  # all-zero chunks were left as holes
+    if os.geteuid() == 0:
+        tree = decode_tree(backend_blob(backend, backend.get_manifest(result.manifest_id)["root"]))
+        data_tree = decode_tree(backend_blob(backend, tree.entries[0].subtree))
+        acl = next(entry.acl for entry in data_tree.entries if entry.name == "acl-file")
+        assert acl == f"user::rw-,user:{user_name(4242) or 4242}:r--,group::r--,mask::r--,other::---"
 
 
 def test_packs_are_valid_and_data_and_trees_are_separate(run_archive, config_dir, host_root, backend):
@@ -289,3 +327,29 @@ def test_failing_and_hanging_snapshotters_are_warnings(run_archive, make_config,
     assert "timeout" in records["20-hangs"]["error"] and records["20-hangs"]["size"] == len(b"started\n")
     assert records["30-works"]["error"] is None and records["30-works"]["size"] == len(b"fine\n")
     assert sum("snapshot" in w for w in result.warnings) == 2
+
+
+def test_a_file_growing_while_read_is_read_again_then_warned(run_archive, config_dir, host_root):
+    growing = host_root / "data" / "growing.log"
+    growing.parent.mkdir()
+    growing.write_bytes(os.urandom(8 * SMALL_FILE_BYTES))
+    pick(config_dir, "/data")
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time\nwith open(sys.argv[1],'ab',buffering=0) as f:\n"
+            " print('writing',flush=True)\n while True: f.write(b'x'); time.sleep(0.0005)",
+            str(growing),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
+        result = run_archive()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert result.exit_code == EXIT_WARNINGS
+    assert any("growing.log" in w and "changed while being read" in w for w in result.warnings)
+    assert result.stats["bytes_read"] > 2 * 8 * SMALL_FILE_BYTES  # read twice
