@@ -73,6 +73,7 @@ class RunStats:
     files_read: int = 0
     files_reused: int = 0
     snapshots: int = 0
+    snapshot_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -163,10 +164,12 @@ class Archiver:
                 self.config.snapshots_dir,
                 self.config.content.snapshot_timeout_s,
                 sink.add_plaintext,
-                on_bytes=lambda n: progress.show(f"snapshots: {n} bytes"),
+                on_bytes=lambda n: self._count_snapshot_bytes(stats, progress, n),
             )
             warnings.extend(snapshot_warnings)
             stats.snapshots = len(snapshots)
+            if not picked.paths and not snapshots:
+                warnings.append(f"nothing to back up: no paths from {self.config.pickers_dir}, no snapshots")
             progress.show("finishing uploads", force=True)
             sink.finish()
         except BaseException:
@@ -191,6 +194,11 @@ class Archiver:
             requests=self.counter.as_dict(),
         )
         return ArchiveResult(manifest_id, root or "", warnings, report)
+
+    @staticmethod
+    def _count_snapshot_bytes(stats: RunStats, progress: Progress, count: int) -> None:
+        stats.snapshot_bytes += count
+        progress.show(f"snapshots: {stats.snapshot_bytes / 2**20:.1f} MiB")
 
     # -- files ------------------------------------------------------------------------------
 
@@ -372,6 +380,7 @@ class Archiver:
             "data_packs": shipper.counts.data_packs,
             "blobs_new": shipper.counts.blobs_new,
             "snapshots": stats.snapshots,
+            "snapshot_bytes": stats.snapshot_bytes,
             "warnings": warnings,
             "elapsed_ms": int((time.monotonic() - stats.started) * 1000),
             "requests": self.counter.as_dict(),

@@ -353,3 +353,9 @@ def test_a_file_growing_while_read_is_read_again_then_warned(run_archive, config
     assert result.exit_code == EXIT_WARNINGS
     assert any("growing.log" in w and "changed while being read" in w for w in result.warnings)
     assert result.stats["bytes_read"] > 2 * 8 * SMALL_FILE_BYTES  # read twice
+
+
+def test_an_empty_run_commits_but_warns(run_archive, backend):
+    result = run_archive()
+    assert result.exit_code == EXIT_WARNINGS and "nothing to back up" in result.warnings[0]
+    assert backend.get_manifest(result.manifest_id)["root"] is None
