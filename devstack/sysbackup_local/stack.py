@@ -370,6 +370,11 @@ class LocalStack:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
 
+    def daemon_status(self) -> dict[str, Any]:
+        """What the daemon runs: worker ports, served routes, the metadata tail's pid."""
+        with urllib.request.urlopen(self.endpoints["control"] + "/", timeout=30) as response:
+            return dict(json.loads(response.read()))
+
     def invoke(self, function: str, event: dict[str, Any]) -> Any:
         """Runs a function's handler in its worker; returns its result or raises with its error."""
         name = (
@@ -390,7 +395,12 @@ class LocalStack:
             raise StackError(f"the stack was still busy after {timeout:.0f}s")
 
     def register_function(
-        self, name: str, app: Path, routes: list[tuple[str, str]], environment: dict[str, str] | None = None
+        self,
+        name: str,
+        app: Path,
+        routes: list[tuple[str, str]],
+        environment: dict[str, str] | None = None,
+        timeout_seconds: int = 10,
     ) -> None:
         """Runs an extra function (tests: an echo route); not part of template.yaml."""
         self._control(
@@ -400,6 +410,7 @@ class LocalStack:
                 "app": str(Path(app).resolve()),
                 "routes": [{"method": method, "path": path} for method, path in routes],
                 "environment": environment or {},
+                "timeout": timeout_seconds,
             },
         )
         self.info.setdefault("extra_functions", []).append(name)
@@ -414,6 +425,10 @@ class LocalStack:
             "tables": self.info.get("tables", {}),
             "queues": {name: queue["url"] for name, queue in self.info.get("queues", {}).items()},
             "hosts": [item.name for item in self.registry.all() if item.kind == KIND_HOST],
+            "state_files": {
+                "stack": str(self.state_dir / "stack.json"),
+                "logs": str(self.state_dir / "logs"),
+            },
         }
 
 

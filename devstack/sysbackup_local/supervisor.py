@@ -104,6 +104,7 @@ class Supervisor:
         self.sqs = boto3.client("sqs", **self._moto)
         self._invoke_locks: dict[str, threading.Lock] = {}
         self.stopping = threading.Event()
+        self.tail_pid: int | None = None
 
     # ------------------------------------------------------------------ workers
     def start_worker(
@@ -163,6 +164,7 @@ class Supervisor:
             command, stdout=subprocess.PIPE, stderr=(self.logs / "meta-tail.log").open("ab"), text=True
         )
         self.children.append(tail)
+        self.tail_pid = tail.pid
         return tail
 
     def _follow_metadata(self) -> None:
@@ -282,7 +284,10 @@ class Supervisor:
                     {"route": route.route_key, "function": function}
                     for route, function in supervisor.template.routes()
                 ]
-                self._reply(200, {"workers": supervisor.workers, "routes": routes})
+                self._reply(
+                    200,
+                    {"workers": supervisor.workers, "routes": routes, "meta_tail_pid": supervisor.tail_pid},
+                )
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)

@@ -244,3 +244,21 @@ def test_template_routes_are_served_and_unknown_routes_are_not(
     assert unknown.status_code == 404
     # Whatever the upload function answers, it is the function answering, not the gateway refusing.
     assert known.status_code not in (403, 404), known.text
+
+
+def test_only_the_restore_principal_reads_another_hosts_manifests(
+    stack: LocalStack, host_config: LocalHost, tmp_path: Path
+) -> None:
+    """Against the real ManifestApiFunction: the principal the gateway hands over is what it trusts."""
+    url = f"{stack.endpoints['api']}/manifests?host={host_config.name}"
+    restore = stack.identity("restore")
+    intruder = stack.add_host(f"{host_config.name}-x", tmp_path / "intruder")
+
+    as_restore = send(signed("GET", url, b"", restore.access_key, restore.secret_key))
+    as_other_host = send(signed("GET", url, b"", *as_host(intruder)))
+    as_itself = send(signed("GET", url, b"", *as_host(host_config.identity)))
+
+    assert as_restore.status_code == 200, as_restore.text
+    assert as_restore.json() == {"manifests": []}
+    assert as_other_host.status_code == 403, as_other_host.text
+    assert as_itself.status_code == 200, as_itself.text

@@ -8,9 +8,11 @@ import datetime as dt
 import hashlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 from botocore.exceptions import ClientError
-from sysbackup_local.stack import LocalHost, LocalStack
+from sysbackup_local.stack import LocalHost, LocalStack, StackError
 
 
 def refused(call: Callable[[], Any]) -> str:
@@ -360,3 +362,58 @@ def test_two_stacks_run_at_once_and_down_leaves_no_processes(tmp_path: Path) -> 
         assert _processes_of(root / "state") == []
         # Idempotent: a second down is fine.
         assert _cli("down", "--state-dir", str(root / "state")).returncode == 0
+
+
+def _verifier_starts(stack: LocalStack) -> int:
+    return (stack.state_dir / "logs" / "VerifyPackFunction.log").read_text().count("START RequestId")
+
+
+def test_notifications_survive_the_metadata_tail_dying(stack: LocalStack) -> None:
+    stack.wait_idle(timeout=60)
+    before = _verifier_starts(stack)
+    tail_pid = stack.daemon_status()["meta_tail_pid"]
+
+    os.kill(tail_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while stack.daemon_status()["meta_tail_pid"] == tail_pid and time.monotonic() < deadline:
+        time.sleep(0.2)
+    put_locked(stack, f"packs/{uuid.uuid4().hex}", b"after the restart")
+    stack.wait_idle(timeout=60)
+
+    assert stack.daemon_status()["meta_tail_pid"] != tail_pid
+    assert _verifier_starts(stack) > before
+
+
+def test_a_handler_running_past_its_timeout_is_stopped(stack: LocalStack, tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import time\n"
+        "def lambda_handler(event, context):\n"
+        "    time.sleep(event['sleep'])\n"
+        "    return 'done'\n"
+    )
+    stack.register_function("SleepyFunction", app, [], timeout_seconds=1)
+
+    with pytest.raises(StackError, match="Task timed out after 1"):
+        stack.invoke("SleepyFunction", {"sleep": 5})
+    # The worker survives and serves the next invocation.
+    assert stack.invoke("SleepyFunction", {"sleep": 0}) == "done"
+
+
+def test_cli_invoke_runs_a_template_function_with_its_first_event(stack: LocalStack) -> None:
+    result = _cli("invoke", "verify_pack", "--state-dir", str(stack.state_dir))
+
+    assert result.returncode == 0, result.stderr
+    assert "batchItemFailures" in json.loads(result.stdout)
+
+
+def test_cli_add_host_and_status(stack: LocalStack, tmp_path: Path) -> None:
+    name = f"cli-host-{uuid.uuid4().hex[:6]}"
+
+    added = _cli("add-host", name, "--state-dir", str(stack.state_dir), "--config-dir", str(tmp_path / "c"))
+    status = _cli("status", "--state-dir", str(stack.state_dir))
+
+    assert added.returncode == 0, added.stderr
+    assert (tmp_path / "c" / "conf").exists()
+    assert name in json.loads(status.stdout)["hosts"]
+    assert stack.identity(name).principal_arn.endswith(f"/hosts/{name}")
