@@ -14,7 +14,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValida
 from .catalogue import Catalogue
 from .clients import dynamodb_client, s3_client
 from .commit import Committer
-from .errors import ApiError, BadRequest
+from .errors import ApiError, BadRequest, Forbidden
 from .identity import Caller, caller
 from .index import BlobIndex
 from .jobs import JobStore
@@ -62,6 +62,14 @@ def json_response(status_code: int, body: dict[str, Any]) -> Response:
 def request_caller(app: APIGatewayHttpResolver) -> Caller:
     """The authenticated caller of the current request (identity.caller raises Forbidden)."""
     return caller(app.current_event.raw_event, services().settings.restore_principal_arns)
+
+
+def writing_host(app: APIGatewayHttpResolver) -> str:
+    """The host a write (upload, commit) is for: the caller's own; the restore role only reads."""
+    who = request_caller(app)
+    if who.is_restore:
+        raise Forbidden("the restore role may read backups, not write them")
+    return who.host
 
 
 def json_body(app: APIGatewayHttpResolver) -> Any:

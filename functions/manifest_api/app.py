@@ -15,6 +15,7 @@ from sysbackup_backend.api import (
     request_caller,
     services,
     walk_budget,
+    writing_host,
 )
 from sysbackup_backend.commit import CommitOutcome
 from sysbackup_backend.errors import NotFound
@@ -41,14 +42,14 @@ def _answer(outcome: CommitOutcome) -> Response:
 @app.post("/manifests")
 @tracer.capture_method
 def create_manifest() -> Response:
-    host = request_caller(app).host
+    host = writing_host(app)
     return _answer(services().committer.start(host, json_body(app), walk_budget(app)))
 
 
 @app.get("/jobs/<job_id>")
 @tracer.capture_method
 def poll_job(job_id: str) -> Response:
-    host = request_caller(app).host
+    host = writing_host(app)
     if not JOB_ID_RE.fullmatch(job_id):
         raise NotFound(f"no job {job_id!r}")
     return _answer(services().committer.resume(host, job_id, walk_budget(app)))

@@ -10,7 +10,7 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field, StringConstraints
-from sysbackup_backend.api import register_error_handlers, request_caller, services
+from sysbackup_backend.api import register_error_handlers, services, writing_host
 from sysbackup_backend.errors import Conflict, Unprocessable
 from sysbackup_backend.index import PACK_CORRUPT, PACK_REGISTERED, PACK_VERIFIED
 from sysbackup_backend.store import pack_checksum
@@ -58,7 +58,7 @@ class RegisterRequest(BaseModel):
 @app.post("/blobs/check")
 @tracer.capture_method
 def check_blobs(request: CheckRequest) -> dict[str, Any]:
-    host = request_caller(app).host
+    host = writing_host(app)
     stored = services().index.stored_for(host, request.hashes)
     metrics.add_metric(name="BlobsChecked", unit=MetricUnit.Count, value=len(request.hashes))
     metrics.add_metric(name="BlobsAlreadyStored", unit=MetricUnit.Count, value=len(stored))
@@ -68,7 +68,7 @@ def check_blobs(request: CheckRequest) -> dict[str, Any]:
 @app.post("/packs/presign")
 @tracer.capture_method
 def presign_packs(request: PresignRequest) -> dict[str, Any]:
-    host = request_caller(app).host
+    host = writing_host(app)
     backend = services()
     settings = backend.settings
     packs = {pack.sha256: pack.size for pack in request.packs}
@@ -117,7 +117,7 @@ def _validated_entries(pack: PackToRegister, pack_size: int) -> list[PackEntry]:
 @app.post("/packs/register")
 @tracer.capture_method
 def register_packs(request: RegisterRequest) -> dict[str, Any]:
-    host = request_caller(app).host
+    host = writing_host(app)
     backend = services()
     known = backend.index.get_packs(pack.pack_id for pack in request.packs)
     # Up to 100 HEADs: in parallel, so a full batch stays well inside API Gateway's 29 s.

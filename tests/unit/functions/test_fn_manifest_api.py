@@ -144,3 +144,9 @@ def test_unknown_manifest_is_404(manifest_api: Any) -> None:
             manifest_api, "GET", f"/manifests/{manifest_id}", path_parameters={"manifest_id": manifest_id}
         )
         assert status == 404
+
+
+def test_the_restore_role_cannot_commit(manifest_api: Any) -> None:
+    status, answer = call(manifest_api, "POST", "/manifests", commit_body(None), caller=restore_arn())
+    assert status == 403
+    assert "restore role" in answer["message"]

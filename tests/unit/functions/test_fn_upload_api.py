@@ -18,6 +18,7 @@ from sysbackup_testkit import (
     load_function,
     put_pack_object,
     response_json,
+    restore_arn,
     store_claimed,
     user_arn,
 )
@@ -180,3 +181,8 @@ def test_register_body_limits(upload_api: Any) -> None:
         status, answer = call(upload_api, "/packs/register", body)
         assert status == 422
         assert json.dumps(answer).count("message") == 1
+
+
+def test_the_restore_role_cannot_upload(upload_api: Any) -> None:
+    event = http_event("POST", "/blobs/check", {"hashes": []}, caller_arn=restore_arn())
+    assert upload_api.lambda_handler(event, FakeLambdaContext())["statusCode"] == 403
