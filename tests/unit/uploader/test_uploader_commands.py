@@ -1,0 +1,37 @@
+"""The sub-commands as the CLI wires them: options parse, failures are one clear line and exit 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from s3_sysbackup.cli import build_parser, main
+
+
+def test_every_command_parses_its_options():
+    parser = build_parser()
+    archive = parser.parse_args(["archive", "-q", "--stats-json", "/tmp/s.json", "--adopt-head"])
+    assert archive.quiet and archive.adopt_head and archive.stats_json == Path("/tmp/s.json")
+    restore = parser.parse_args(["restore", "latest", "/etc", "/var/lib", "--target", "/r", "--overwrite"])
+    assert restore.manifest == "latest" and restore.paths == ["/etc", "/var/lib"] and restore.overwrite
+    verify = parser.parse_args(["verify", "--read-data", "--host", "web-1"])
+    assert verify.manifest == "latest" and verify.read_data and verify.host == "web-1"
+    listing = parser.parse_args(["list", "--json"])
+    assert listing.json and listing.host is None
+    for args in (archive, restore, verify, listing):
+        assert callable(args.handler)
+
+
+def test_restore_needs_a_target():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["restore", "latest"])
+
+
+@pytest.mark.parametrize(
+    "command", [["archive", "-q"], ["list"], ["restore", "latest", "--target", "/x"], ["verify"]]
+)
+def test_a_broken_config_is_one_clear_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture, command):
+    (tmp_path / "conf").write_text("[api]\nregion = us-east-1\n")
+    assert main(["--config-dir", str(tmp_path), *command]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"s3-sysbackup {command[0]}: error: {tmp_path / 'conf'}: [api] endpoint is required"]
