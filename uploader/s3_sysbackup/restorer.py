@@ -92,9 +92,15 @@ class DirFds:
         if fd is not None:
             self._open.move_to_end(parts)
             return fd
-        parent = self.get(parts[:-1])
-        fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)  # ELOOP if someone planted a symlink
-        self._open[parts] = fd
+        # Walk down from the deepest directory still open (iteratively: paths can be deep).
+        depth = len(parts) - 1
+        while depth > 0 and parts[:depth] not in self._open:
+            depth -= 1
+        fd = self._open[parts[:depth]] if depth else self.target_fd
+        for end in range(depth + 1, len(parts) + 1):
+            fd = os.open(parts[end - 1], DIR_FLAGS, dir_fd=fd)  # ELOOP if someone planted a symlink
+            self._open[parts[:end]] = fd
+            self._open.move_to_end(parts[:end])
         while len(self._open) > MAX_OPEN_DIRS:
             _, old = self._open.popitem(last=False)
             os.close(old)

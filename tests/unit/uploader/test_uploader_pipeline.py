@@ -359,3 +359,41 @@ def test_an_empty_run_commits_but_warns(run_archive, backend):
     result = run_archive()
     assert result.exit_code == EXIT_WARNINGS and "nothing to back up" in result.warnings[0]
     assert backend.get_manifest(result.manifest_id)["root"] is None
+
+
+def make_chain(top: Path, depth: int) -> Path:
+    """top/d/d/.../d (`depth` levels) without recursion (pathlib's mkdir(parents=True) recurses)."""
+    path = top
+    path.mkdir()
+    for _ in range(depth):
+        path = path / "d"
+        path.mkdir()
+    return path
+
+
+def remove_chain(top: Path, depth: int) -> None:
+    """Undo make_chain bottom-up (shutil.rmtree recurses too, and would fail on pytest's cleanup)."""
+    for level in range(depth, -1, -1):
+        path = top / Path(*["d"] * level) if level else top
+        for child in path.iterdir():
+            if not child.is_dir() or child.is_symlink():
+                child.unlink()
+        path.rmdir()
+
+
+def test_trees_deeper_than_the_recursion_limit(
+    run_archive, config_dir, host_root, backend, transfer, tmp_path
+):
+    depth = sys.getrecursionlimit() + 100
+    deepest = make_chain(host_root / "deep", depth)
+    (deepest / "leaf").write_bytes(b"bottom")
+    pick(config_dir, "/deep")
+    target = tmp_path / "restored"
+    try:
+        result = run_archive()
+        restore(backend, transfer, result.manifest_id, target)
+        assert (target / "deep" / Path(*["d"] * depth) / "leaf").read_bytes() == b"bottom"
+    finally:
+        remove_chain(host_root / "deep", depth)
+        if (target / "deep").exists():
+            remove_chain(target / "deep", depth)
