@@ -100,8 +100,11 @@ class Budget:
         self._clock = clock
         self._deadline = clock() + seconds
 
+    def remaining_seconds(self) -> float:
+        return self._deadline - self._clock()
+
     def expired(self) -> bool:
-        return self._clock() >= self._deadline
+        return self.remaining_seconds() <= 0
 
 
 def coalesce_ranges(locations: Iterable[BlobLocation]) -> list[tuple[int, int]]:
