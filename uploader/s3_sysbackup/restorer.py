@@ -19,17 +19,19 @@ import stat
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from sysbackup_domain.tree import TreeEntry
 
 from .api import ApiClient
-from .fetch import LOCATE_BATCH, BlobFetcher, walk_trees
+from .fetch import LOCATE_BATCH, BlobFetcher, stream_chunks, walk_trees
 from .metadata import decode_xattrs
 
 logger = logging.getLogger(__name__)
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 128
+SNAPSHOT_WINDOW_CHUNKS = 256  # about 16 MiB of a stream at STREAM_CHUNKING's 64 KiB average
 Parts = tuple[str, ...]
 
 
@@ -54,6 +56,33 @@ def resolve_manifest_id(api: ApiClient, wanted: str, host: str | None) -> str:
     if not manifests:
         raise RestoreError("there are no manifests for this host yet")
     return str(max(manifests, key=lambda m: str(m.get("manifest_id", "")))["manifest_id"])
+
+
+def write_snapshot(fetcher: BlobFetcher, manifest: dict, name: str, out: BinaryIO) -> int:
+    """Write snapshot `name`'s stream to `out` in order (pipe it to its restore-through command).
+
+    Chunks are fetched a window at a time: memory stays bounded whatever the stream's size, and
+    consecutive chunks sit together in packs, so each window costs a few ranged GETs.
+    """
+    snapshots = {s.get("name"): s for s in manifest.get("snapshots") or []}
+    snapshot = snapshots.get(name)
+    if snapshot is None:
+        known = ", ".join(sorted(str(n) for n in snapshots)) or "none"
+        raise RestoreError(f"manifest {manifest.get('id')} has no snapshot {name!r} (it has: {known})")
+    if not snapshot.get("content"):
+        raise RestoreError(f"snapshot {name!r} produced no stream ({snapshot.get('error') or 'empty'})")
+    chunks = stream_chunks(fetcher, snapshot["content"])
+    written = 0
+    for start in range(0, len(chunks), SNAPSHOT_WINDOW_CHUNKS):
+        window = chunks[start : start + SNAPSHOT_WINDOW_CHUNKS]
+        blobs = fetcher.fetch_all(window)
+        for digest in window:
+            out.write(blobs[digest])
+            written += len(blobs[digest])
+    out.flush()
+    if written != snapshot.get("size", written):
+        raise RestoreError(f"snapshot {name!r}: wrote {written} bytes, the manifest says {snapshot['size']}")
+    return written
 
 
 def selection_parts(paths: Sequence[str]) -> list[Parts]:

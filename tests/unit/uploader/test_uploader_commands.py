@@ -22,9 +22,9 @@ def test_every_command_parses_its_options():
         assert callable(args.handler)
 
 
-def test_restore_needs_a_target():
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["restore", "latest"])
+def test_restore_needs_a_target_or_a_snapshot(tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert main(["--config-dir", str(tmp_path), "restore", "latest"]) == 1
+    assert "give either --target DIR or --snapshot NAME" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import subprocess
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
+from s3_sysbackup import restorer as restorer_module
 from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict
 from s3_sysbackup.fetch import BlobFetcher, stream_chunks
 from s3_sysbackup.metadata import user_name
-from s3_sysbackup.restorer import Restorer
+from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
 from s3_sysbackup.sink import FAULT_ENV, InjectedFault
 from sysbackup_domain.chunking import SMALL_FILE_BYTES
 from sysbackup_domain.packs import open_blob, verify_pack
@@ -295,7 +297,7 @@ def test_locked_file_keeps_its_previous_version(
     assert first.exit_code == EXIT_OK
 
 
-def test_snapshot_stream_round_trips(run_archive, config_dir, backend, transfer):
+def test_snapshot_stream_round_trips(run_archive, config_dir, backend, transfer, monkeypatch):
     payload = b"".join(b"row %d: some database content\n" % i for i in range(60000))
     stream_file = config_dir / "payload.sql"
     stream_file.write_bytes(payload)
@@ -309,9 +311,13 @@ def test_snapshot_stream_round_trips(run_archive, config_dir, backend, transfer)
     assert snapshot["restore_through"] == "psql db" and snapshot["size"] == len(payload)
     fetcher = BlobFetcher(backend, transfer)  # type: ignore[arg-type]
     chunks = stream_chunks(fetcher, snapshot["content"])
-    assert len(chunks) > 1
-    blobs = fetcher.fetch_all(chunks)
-    assert b"".join(blobs[h] for h in chunks) == payload
+    assert len(chunks) > 3
+    out = io.BytesIO()
+    monkeypatch.setattr(restorer_module, "SNAPSHOT_WINDOW_CHUNKS", 3)  # several windows
+    assert write_snapshot(fetcher, backend.get_manifest(result.manifest_id), "db", out) == len(payload)
+    assert out.getvalue() == payload
+    with pytest.raises(RestoreError, match=r"no snapshot 'web'.*db"):
+        write_snapshot(fetcher, backend.get_manifest(result.manifest_id), "web", out)
 
 
 def test_failing_and_hanging_snapshotters_are_warnings(run_archive, make_config, config_dir, backend):
