@@ -456,7 +456,11 @@ EXPECTED_GRANTS: dict[str, dict[str, dict[str, set[str]]]] = {
         "kms:": {"kms:generatedatakey": {"${BackupKey.Arn}"}, "kms:decrypt": {"${BackupKey.Arn}"}},
     },
     "ManifestApiFunction": {
-        "s3:": {"s3:putobject": {MANIFESTS}, "s3:getobject": {MANIFESTS, PACKS}},
+        "s3:": {
+            "s3:putobject": {MANIFESTS},
+            "s3:putobjectretention": {MANIFESTS},
+            "s3:getobject": {MANIFESTS, PACKS},
+        },
         "kms:": {"kms:generatedatakey": {"${BackupKey.Arn}"}, "kms:decrypt": {"${BackupKey.Arn}"}},
     },
     "RestoreApiFunction": {
