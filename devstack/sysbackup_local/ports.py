@@ -29,9 +29,7 @@ class NotReady(RuntimeError):
     pass
 
 
-def wait_for_http(
-    url: str, timeout: float, process: subprocess.Popen[Any] | None = None, ok_statuses: tuple[int, ...] = ()
-) -> None:
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen[Any] | None = None) -> None:
     """Until `url` answers at all (any HTTP status counts), the process dies, or `timeout` passes."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None

@@ -39,7 +39,7 @@ DEFAULT_HOST = "local-host"
 STARTUP_TIMEOUT = 90.0
 PORT_NAMES = (
     "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-    "moto", "api", "control",
+    "moto",
 )  # fmt: skip
 # Processes the stack starts directly; each leads its own process group.
 PROCESS_MARKERS = {"weed": "weed", "moto": "moto_server", "supervisor": "sysbackup_local.supervisor"}
@@ -82,7 +82,8 @@ def _process_alive(pid: int, marker: str) -> bool:
 
 
 def _stop_process_group(pid: int, marker: str, grace: float = 8.0) -> None:
-    if not _process_alive(pid, marker):
+    # The leader may be gone while its group lives on (a crashed daemon's workers): signal the group anyway.
+    if not _process_alive(pid, marker) and not _group_alive(pid):
         return
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -150,7 +151,6 @@ class LocalStack:
         template = parse_template(template_path, parameters)
         registry = IdentityRegistry(state_dir / "identities.json")
         identities = _create_service_identities(registry, template)
-        ports = {name: free_port() for name in PORT_NAMES}
         info: dict[str, Any] = {
             "version": 1,
             "state_dir": str(state_dir),
@@ -158,33 +158,19 @@ class LocalStack:
             "template": str(template_path),
             "parameters": dict(parameters or {}),
             "weed": _venv_tool("weed"),
-            "ports": ports,
+            "ports": {},
             "pids": {},
             "bucket": template.bucket.name,
-            "endpoints": {
-                "s3": f"http://127.0.0.1:{ports['s3']}",
-                "moto": f"http://127.0.0.1:{ports['moto']}",
-                "api": f"http://127.0.0.1:{ports['api']}",
-                "control": f"http://127.0.0.1:{ports['control']}",
-                "filer": f"http://127.0.0.1:{ports['filer']}",
-                "filer_address": f"127.0.0.1:{ports['filer']}.{ports['filer_grpc']}",
-                "master": f"http://127.0.0.1:{ports['master']}",
-            },
+            "endpoints": {},
         }
-        _write_json(state_dir / "stack.json", info)
         (state_dir / "aws-config").write_text("[default]\ns3 =\n    addressing_style = path\n")
         try:
             _write_seaweed_identities(state_dir / "seaweed-identities.json", identities, template.bucket.name)
-            info["pids"]["weed"] = _start_weed(state_dir, info)
-            _write_json(state_dir / "stack.json", info)
-            info["pids"]["moto"] = _start_moto(state_dir, ports["moto"])
-            _write_json(state_dir / "stack.json", info)
-            wait_for_http(info["endpoints"]["moto"] + "/moto-api/", timeout=STARTUP_TIMEOUT)
-            wait_for_http(info["endpoints"]["filer"] + "/", timeout=STARTUP_TIMEOUT)
+            _start_storage(state_dir, info)
             stack = cls(state_dir)
             stack._provision()
             info = stack.info
-            info["pids"]["supervisor"] = _start_supervisor(state_dir)
+            info["pids"]["supervisor"] = _start_supervisor(state_dir).pid
             _write_json(state_dir / "stack.json", info)
             stack.info = info
             stack._wait_for_supervisor()
@@ -258,7 +244,13 @@ class LocalStack:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         pid = self.info["pids"]["supervisor"]
         while time.monotonic() < deadline:
-            if (self.state_dir / "supervisor.ready").exists():
+            ready_file = self.state_dir / "supervisor.ready"
+            if ready_file.exists():
+                ready = json.loads(ready_file.read_text())
+                for name in ("api", "control"):
+                    self.info["ports"][name] = ready[name]
+                    self.info["endpoints"][name] = f"http://127.0.0.1:{ready[name]}"
+                _write_json(self.state_dir / "stack.json", self.info)
                 wait_for_http(self.endpoints["control"] + "/", timeout=10)
                 return
             if (self.state_dir / "supervisor.failed").exists() or not _process_alive(
@@ -483,7 +475,7 @@ def _write_seaweed_identities(path: Path, identities: list[Identity], bucket: st
 
 def _start_detached(
     command: list[str], log_name: str, state_dir: Path, env: dict[str, str] | None = None
-) -> int:
+) -> subprocess.Popen[bytes]:
     log_file = (state_dir / "logs" / log_name).open("ab")
     process = subprocess.Popen(
         command,
@@ -495,10 +487,38 @@ def _start_detached(
         env=env,
     )
     log_file.close()
-    return process.pid
+    return process
 
 
-def _start_weed(state_dir: Path, info: dict[str, Any]) -> int:
+def _start_storage(state_dir: Path, info: dict[str, Any], attempts: int = 3) -> None:
+    """SeaweedFS and moto on fresh ports; another program may grab a picked port first, so retry."""
+    for attempt in range(1, attempts + 1):
+        ports = {name: free_port() for name in PORT_NAMES}
+        info["ports"] = ports
+        info["endpoints"] = {
+            "s3": f"http://127.0.0.1:{ports['s3']}",
+            "moto": f"http://127.0.0.1:{ports['moto']}",
+            "filer": f"http://127.0.0.1:{ports['filer']}",
+            "filer_address": f"127.0.0.1:{ports['filer']}.{ports['filer_grpc']}",
+            "master": f"http://127.0.0.1:{ports['master']}",
+        }
+        weed = _start_weed(state_dir, info)
+        info["pids"]["weed"] = weed.pid
+        moto = _start_moto(state_dir, ports["moto"])
+        info["pids"]["moto"] = moto.pid
+        _write_json(state_dir / "stack.json", info)
+        try:
+            wait_for_http(info["endpoints"]["moto"] + "/moto-api/", timeout=STARTUP_TIMEOUT, process=moto)
+            wait_for_http(info["endpoints"]["filer"] + "/", timeout=STARTUP_TIMEOUT, process=weed)
+            wait_for_http(info["endpoints"]["s3"] + "/", timeout=STARTUP_TIMEOUT, process=weed)
+            return
+        except NotReady:
+            LocalStack._stop_pids(info["pids"])
+            if attempt == attempts:
+                raise
+
+
+def _start_weed(state_dir: Path, info: dict[str, Any]) -> subprocess.Popen[bytes]:
     ports = info["ports"]
     data = state_dir / "weed-data"
     data.mkdir(exist_ok=True)
@@ -521,14 +541,14 @@ def _start_weed(state_dir: Path, info: dict[str, Any]) -> int:
     return _start_detached(command, "weed.log", state_dir)
 
 
-def _start_moto(state_dir: Path, port: int) -> int:
+def _start_moto(state_dir: Path, port: int) -> subprocess.Popen[bytes]:
     # moto names resources with this account id, like the ARNs the gateway hands out.
     env = os.environ | {"MOTO_ACCOUNT_ID": ACCOUNT_ID}
     command = [_venv_tool("moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     return _start_detached(command, "moto.log", state_dir, env=env)
 
 
-def _start_supervisor(state_dir: Path) -> int:
+def _start_supervisor(state_dir: Path) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "sysbackup_local.supervisor", "--state-dir", str(state_dir)]
     return _start_detached(command, "supervisor.log", state_dir)
 

@@ -36,7 +36,7 @@ from .notifications import (
     object_created_from_meta_event,
     s3_event_record,
 )
-from .ports import free_port, wait_for_http
+from .ports import wait_for_http
 from .template import REGION, FunctionSpec, HttpRoute, parse_template
 
 log = logging.getLogger("sysbackup_local.supervisor")
@@ -110,17 +110,21 @@ class Supervisor:
     def start_worker(
         self, name: str, app: Path, handler: str, memory: int, timeout: int, env: dict[str, str]
     ) -> None:
-        port = free_port()
+        port_file = self.state_dir / "run" / f"{name}.port"
+        port_file.parent.mkdir(exist_ok=True)
+        port_file.unlink(missing_ok=True)
         log_file = (self.logs / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "sysbackup_local.worker",
                 "--function-name", name, "--app", str(app), "--handler", handler,
-                "--memory", str(memory), "--timeout", str(timeout), "--port", str(port),
+                "--memory", str(memory), "--timeout", str(timeout), "--port-file", str(port_file),
+                "--state-dir", str(self.state_dir),
             ],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(app.parent),
         )  # fmt: skip
         self.children.append(process)
+        port = _wait_for_port_file(port_file, process, timeout=30)
         wait_for_http(f"http://127.0.0.1:{port}/", timeout=30, process=process)
         self.workers[name] = port
         self._invoke_locks[name] = threading.Lock()
@@ -312,19 +316,26 @@ class Supervisor:
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> None:
-        for spec in self.template.functions.values():
-            self.start_function(spec)
-        self.start_notifications()
-        ports = self.stack["ports"]
+        # Bind first (port 0: the kernel picks), so nothing can take these ports while workers start.
         gateway = ApiGateway(self.routes, self.registry.by_access_key, self.invoke)
-        api_server = make_http_server(gateway, ports["api"])
-        control = self.control_server(ports["control"])
-        threading.Thread(target=api_server.serve_forever, daemon=True, name="api-gateway").start()
+        api_server = make_http_server(gateway, 0)
+        control = self.control_server(0)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
         signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+        for spec in self.template.functions.values():
+            self.start_function(spec)
+        self.start_notifications()
+        threading.Thread(target=api_server.serve_forever, daemon=True, name="api-gateway").start()
         threading.Thread(target=control.serve_forever, daemon=True, name="control").start()
-        (self.state_dir / "supervisor.ready").write_text(json.dumps({"workers": self.workers}))
+        ready = {
+            "api": api_server.server_address[1],
+            "control": control.server_address[1],
+            "workers": self.workers,
+        }
+        temporary = self.state_dir / "supervisor.ready.tmp"
+        temporary.write_text(json.dumps(ready))
+        temporary.replace(self.state_dir / "supervisor.ready")
         stop.wait()
         self.shutdown()
 
@@ -340,6 +351,17 @@ class Supervisor:
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _wait_for_port_file(path: Path, process: subprocess.Popen[bytes], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return int(path.read_text())
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode} before listening (see its log)")
+        time.sleep(0.05)
+    raise RuntimeError(f"worker did not report its port within {timeout:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:

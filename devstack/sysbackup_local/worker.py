@@ -137,10 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--handler", default="app.lambda_handler")
     parser.add_argument("--memory", type=int, default=128)
     parser.add_argument("--timeout", type=int, default=3)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0, help="0: any free port (see --port-file)")
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here")
+    # Unused by the worker; names the stack on its command line so `ps` and `local down` checks can find it.
+    parser.add_argument("--state-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     runtime = FunctionRuntime(args.function_name, args.app.resolve(), args.handler, args.memory, args.timeout)
     server = HTTPServer(("127.0.0.1", args.port), _make_handler(runtime))
+    if args.port_file is not None:
+        # Port 0 lets the kernel choose; the supervisor learns the port from this file (no race for a port).
+        temporary = args.port_file.with_suffix(".tmp")
+        temporary.write_text(str(server.server_address[1]))
+        temporary.replace(args.port_file)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         server.serve_forever()

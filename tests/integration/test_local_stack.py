@@ -417,3 +417,17 @@ def test_cli_add_host_and_status(stack: LocalStack, tmp_path: Path) -> None:
     assert (tmp_path / "c" / "conf").exists()
     assert name in json.loads(status.stdout)["hosts"]
     assert stack.identity(name).principal_arn.endswith(f"/hosts/{name}")
+
+
+def test_down_ends_the_workers_even_when_the_daemon_died(tmp_path: Path) -> None:
+    stack = LocalStack.start(tmp_path / "state", tmp_path / "config")
+    try:
+        workers = stack.daemon_status()["workers"]
+        os.kill(stack.info["pids"]["supervisor"], signal.SIGKILL)
+        # Workers (and the metadata tail) outlive their daemon until `down`.
+        orphans = _processes_of(stack.state_dir)
+        assert len(orphans) >= len(workers) + 2  # + weed + moto
+    finally:
+        stack.stop()
+
+    assert _processes_of(stack.state_dir) == []
