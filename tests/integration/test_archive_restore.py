@@ -181,3 +181,24 @@ def test_a_wrong_host_clock_is_named_as_such(host_config: LocalHost, monkeypatch
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: real_now() - timedelta(minutes=20))
     with pytest.raises(ClockSkewError, match="host clock is off by"):
         session.api.list_manifests()
+
+
+def test_a_snapshot_stream_comes_back_byte_for_byte(host_config: LocalHost, work: Path):
+    dump = work / "dump.sql"
+    dump.write_bytes(b"".join(b"INSERT INTO t VALUES (%d, 'row');\n" % i for i in range(100_000)))
+    snapshotter = host_config.config_dir / "snapshots.d" / "db"
+    snapshotter.write_text(
+        f"#!/bin/sh\necho 'test dump'\necho '::restore-through::cat > /dev/null'\ncat {dump} >&$1\n"
+    )
+    snapshotter.chmod(0o755)
+    conf = host_config.config_dir / "conf"
+    conf.write_text(conf.read_text().replace("[content]\n", f"[content]\ncache_dir = {work / 'cache'}\n"))
+    archived = cli(host_config.config_dir, "archive", "-q")
+    assert archived.returncode == 0, archived.stderr  # a snapshot alone is a complete backup
+    streamed = subprocess.run(
+        [sys.executable, "-m", "s3_sysbackup.cli", "--config-dir", str(host_config.config_dir),
+         "restore", "latest", "--snapshot", "db"],
+        capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == dump.read_bytes()
