@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import quote_plus
 
 from .gateway import InvocationOutcome
 from .template import ACCOUNT_ID, REGION
@@ -98,7 +99,8 @@ def object_created_from_meta_event(
 def s3_event_record(created: ObjectCreated, now: dt.datetime) -> dict[str, Any]:
     """One record of an S3 event notification (ObjectCreated:Put), as S3 sends it to SQS."""
     obj: dict[str, Any] = {
-        "key": created.key,
+        # S3 sends keys URL-encoded (spaces as "+"), so handlers must unquote_plus them.
+        "key": quote_plus(created.key, safe="/"),
         "size": created.size,
         "eTag": created.etag,
         "sequencer": created.sequencer,

@@ -162,6 +162,8 @@ class LocalStack:
             "pids": {},
             "bucket": template.bucket.name,
             "endpoints": {},
+            # Keys and secrets of every identity (0600); hosts are appended by add-host.
+            "identities_file": str(registry.path),
         }
         (state_dir / "aws-config").write_text("[default]\ns3 =\n    addressing_style = path\n")
         try:
@@ -409,7 +411,22 @@ class LocalStack:
         _write_json(self.state_dir / "stack.json", self.info)
 
     def status(self) -> dict[str, Any]:
+        """What runs where: processes, endpoints, resources, identities (secrets stay in identities.json)."""
+        try:
+            workers = self.daemon_status()["workers"] if self.is_running() else {}
+        except OSError:
+            workers = {}
         return {
+            "workers": {name: f"http://127.0.0.1:{port}" for name, port in workers.items()},
+            "identities": [
+                {
+                    "name": item.name,
+                    "kind": item.kind,
+                    "access_key": item.access_key,
+                    "principal": item.principal_arn,
+                }
+                for item in self.registry.all()
+            ],
             "state_dir": str(self.state_dir),
             "processes": self.processes(),
             "endpoints": self.endpoints,

@@ -88,6 +88,15 @@ def test_the_record_has_what_the_verifier_reads() -> None:
     assert record["s3"]["object"]["versionId"] == "9"
 
 
+def test_keys_are_url_encoded_as_s3_sends_them() -> None:
+    created = object_created_from_meta_event(meta_event("/buckets/bkt/packs/a b+c.versions", "v_1"))
+    assert created is not None
+
+    record = s3_event_record(created, dt.datetime.now(dt.timezone.utc))
+
+    assert record["s3"]["object"]["key"] == "packs/a+b%2Bc"
+
+
 def test_failed_ids_follow_lambda_partial_batch_rules() -> None:
     ids = ["m1", "m2", "m3"]
 
