@@ -93,7 +93,6 @@ class Supervisor:
         self.pollers: list[SqsPoller] = []
         self.markers_seen: set[str] = set()
         self.markers_lock = threading.Condition()
-        self.pending_notifications = 0
         self._moto = dict(
             endpoint_url=self.stack["endpoints"]["moto"],
             region_name=REGION,
