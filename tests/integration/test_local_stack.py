@@ -431,3 +431,17 @@ def test_down_ends_the_workers_even_when_the_daemon_died(tmp_path: Path) -> None
         stack.stop()
 
     assert _processes_of(stack.state_dir) == []
+
+
+def test_an_expired_presigned_url_is_refused(stack: LocalStack) -> None:
+    body = b"late pack"
+    key = f"packs/{uuid.uuid4().hex}"
+    url = stack.s3_client("UploadApiFunction").generate_presigned_url(
+        "put_object", Params={"Bucket": stack.bucket, "Key": key}, ExpiresIn=1
+    )
+    time.sleep(2.5)
+
+    response = requests.put(url, data=body, timeout=30)
+
+    assert response.status_code == 403
+    assert "expired" in response.text
