@@ -98,3 +98,15 @@ def test_acl_text_from_the_xattr_format():
     assert text.split(",")[1] == f"user:{user_name(1234) or 1234}:r--"
     assert text.split(",")[-1] == "other::---"
     assert acl_text({"system.posix_acl_access": b"\x01\x02"}) is None  # malformed: no text, no crash
+
+
+def test_overlapping_picks_in_any_order_give_the_same_tree(tmp_path: Path):
+    make_tree(tmp_path)
+
+    def shape(picks: list[str]) -> set[str]:
+        return {node.path for node in walk(picks, root_path=str(tmp_path)).iter_nodes()}
+
+    whole = shape(["/srv/app"])
+    assert shape(["/srv/app/private", "/srv/app/"]) == whole
+    assert shape(["/srv/app", "/srv/app/group-dir", "/srv/app/private"]) == whole
+    assert shape(["/srv"]) == whole  # /srv holds only app
