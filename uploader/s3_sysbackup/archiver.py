@@ -62,6 +62,7 @@ class FileOutcome:
     st: os.stat_result  # metadata for the tree entry
     bytes_read: int = 0
     reused: bool = False
+    cacheable: bool = True  # False for an inconsistent read: the next run must read it again
 
 
 @dataclass
@@ -182,7 +183,7 @@ class Archiver:
         fault_point("mid-commit")
         cache.record_commit(
             manifest_id,
-            ((node_path, o.state, o.content) for node_path, o in outcomes.items()),
+            ((node_path, o.state, o.content) for node_path, o in outcomes.items() if o.cacheable),
             scan_started_ns,
             sink.stored_now | sink.known_stored,
         )
@@ -291,6 +292,7 @@ class Archiver:
                 warnings.append(
                     f"{node.path!r} changed while being read (twice); this copy may be inconsistent"
                 )
+                return FileOutcome(tuple(content), FileState.of(after), after, bytes_read, cacheable=False)
         return FileOutcome(tuple(content), FileState.of(after), after, bytes_read=bytes_read)
 
     # -- trees ------------------------------------------------------------------------------
