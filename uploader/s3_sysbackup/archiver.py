@@ -27,7 +27,7 @@ from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, SnapshotR
 from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 
 from .api import ApiClient, ApiError
-from .cache import ArchiveLock, CachedFile, FileState, ParentCache
+from .cache import ArchiveLock, CachedFile, FileState, ParentCache, host_state_dir
 from .config import Config
 from .metadata import acl_text, encode_xattrs, group_name, hardlink_id, user_name
 from .net import RequestCounter
@@ -130,9 +130,9 @@ class Archiver:
         self.counter: RequestCounter = api.counter
 
     def run(self) -> ArchiveResult:
-        cache_dir = self.config.content.cache_dir
-        with ArchiveLock(cache_dir):
-            cache = ParentCache(cache_dir, scope=self.api.endpoint)
+        state_dir = host_state_dir(self.config.content.cache_dir, self.api.endpoint, self.config.config_dir)
+        with ArchiveLock(state_dir):
+            cache = ParentCache(state_dir, scope=self.api.endpoint)
             try:
                 try:
                     return self._run_once(cache)

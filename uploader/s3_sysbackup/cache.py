@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -22,6 +23,16 @@ LOCK_NAME = "archive.lock"
 # same mtime tick, after we read it: re-read it instead of trusting the stat match ("racy git").
 RACY_WINDOW_NS = 1_000_000_000
 SCHEMA_VERSION = "1"
+
+
+def host_state_dir(cache_dir: Path, endpoint: str, config_dir: Path) -> Path:
+    """This host's own corner of `cache_dir`: one per (stack endpoint, config directory).
+
+    Several configs (hosts, stacks) may share a cache_dir without clobbering each other's parent,
+    and two archives of *different* hosts may run at once; two of the same host may not.
+    """
+    scope = f"{endpoint}\n{config_dir.resolve()}"
+    return cache_dir / hashlib.sha256(scope.encode()).hexdigest()[:16]
 
 
 class CacheLockedError(RuntimeError):

@@ -13,6 +13,7 @@ from s3_sysbackup.cache import (
     CacheLockedError,
     FileState,
     ParentCache,
+    host_state_dir,
 )
 
 SECOND = 1_000_000_000
@@ -81,3 +82,12 @@ def test_two_archive_runs_cannot_overlap(tmp_path: Path):
         pass
     with ArchiveLock(tmp_path):  # released on exit
         pass
+
+
+def test_each_host_config_has_its_own_state(tmp_path: Path):
+    web = host_state_dir(tmp_path, "https://api", tmp_path / "web")
+    assert web == host_state_dir(tmp_path, "https://api", tmp_path / "web")
+    assert web != host_state_dir(tmp_path, "https://api", tmp_path / "db")
+    assert web != host_state_dir(tmp_path, "https://other-api", tmp_path / "web")
+    with ArchiveLock(web), ArchiveLock(host_state_dir(tmp_path, "https://api", tmp_path / "db")):
+        pass  # different hosts may archive at the same time
