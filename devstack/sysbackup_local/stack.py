@@ -144,8 +144,11 @@ class LocalStack:
         validate_host_name(host)
         if (state_dir / "stack.json").exists() and LocalStack(state_dir).is_running():
             raise StackError(f"a stack already runs from {state_dir}; `local down` it first")
+        # Every `up` starts empty: moto keeps nothing, so SeaweedFS must not either.
         for stale in ("stack.json", "identities.json", "supervisor.ready", "supervisor.failed"):
             (state_dir / stale).unlink(missing_ok=True)
+        for stale_dir in ("weed-data", "run"):
+            shutil.rmtree(state_dir / stale_dir, ignore_errors=True)
         (state_dir / "logs").mkdir(parents=True, exist_ok=True)
         template_path = (template_path or repo / "template.yaml").resolve()
         template = parse_template(template_path, parameters)

@@ -445,3 +445,20 @@ def test_an_expired_presigned_url_is_refused(stack: LocalStack) -> None:
 
     assert response.status_code == 403
     assert "expired" in response.text
+
+
+def test_up_after_down_in_the_same_state_dir_starts_fresh(tmp_path: Path) -> None:
+    first = LocalStack.start(tmp_path / "state", tmp_path / "config")
+    first_host_key = first.identity("local-host").access_key
+    try:
+        first.s3_client("UploadApiFunction").put_object(Bucket=first.bucket, Key="packs/old", Body=b"old")
+    finally:
+        first.stop()
+
+    second = LocalStack.start(tmp_path / "state", tmp_path / "config")
+    try:
+        listing = second.s3_client("UploadApiFunction").list_objects_v2(Bucket=second.bucket)
+        assert listing.get("KeyCount", 0) == 0
+        assert second.identity("local-host").access_key != first_host_key
+    finally:
+        second.stop()
