@@ -295,6 +295,10 @@ class LocalStack:
     def add_host(self, name: str, config_dir: Path) -> Identity:
         """A new host: a SeaweedFS user with no rights, an API principal, and its config directory."""
         validate_host_name(name)
+        if name in (KIND_RESTORE, KIND_GC, KIND_ADMIN):
+            raise StackError(f"{name!r} names a service identity; choose another host name")
+        if any(item.kind == KIND_HOST and item.name == name for item in self.registry.all()):
+            raise StackError(f"host {name!r} already exists in this stack")
         iam = boto3.client("iam", **self._client_kwargs(self.endpoints["s3"], self.registry.get(KIND_ADMIN)))
         user_name = f"host-{name}"
         iam.create_user(UserName=user_name)

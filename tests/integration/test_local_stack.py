@@ -263,6 +263,14 @@ def test_objects_outside_packs_do_not_notify(stack: LocalStack) -> None:
     assert log_path.read_text().count("START RequestId") == before
 
 
+def test_add_host_refuses_bad_duplicate_and_reserved_names(
+    stack: LocalStack, host_config: LocalHost, tmp_path: Path
+) -> None:
+    for name in ("bad name", "-dash-first", host_config.name, "gc", "restore"):
+        with pytest.raises((ValueError, StackError)):
+            stack.add_host(name, tmp_path / "c")
+
+
 def test_the_host_config_dir_is_complete(stack: LocalStack, host_config: LocalHost) -> None:
     conf = configparser.ConfigParser()
     conf.read(host_config.config_dir / "conf")
