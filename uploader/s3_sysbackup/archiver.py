@@ -29,6 +29,7 @@ from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 from .api import ApiClient, ApiError
 from .cache import ArchiveLock, CachedFile, FileState, ParentCache, host_state_dir
 from .config import Config
+from .listing import newest
 from .metadata import acl_text, encode_xattrs, group_name, hardlink_id, user_name
 from .net import RequestCounter
 from .pickers import run_pickers
@@ -364,8 +365,7 @@ class Archiver:
         raise CommitConflict(_conflict_message(parent, self._head()))
 
     def _head(self) -> dict | None:
-        manifests = self.api.list_manifests()
-        return max(manifests, key=lambda m: str(m.get("manifest_id", "")), default=None)
+        return newest(self.api.list_manifests())
 
     def _manifest_stats(self, stats: RunStats, shipper: PackShipper, run_id: str, warnings: int) -> dict:
         # Integers only: the manifest is canonical JSON and some readers refuse floats.

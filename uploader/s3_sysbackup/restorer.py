@@ -25,6 +25,7 @@ from sysbackup_domain.tree import TreeEntry
 
 from .api import ApiClient
 from .fetch import LOCATE_BATCH, BlobFetcher, stream_chunks, walk_trees
+from .listing import newest
 from .metadata import decode_xattrs
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,10 @@ def resolve_manifest_id(api: ApiClient, wanted: str, host: str | None) -> str:
     """`latest` -> the newest manifest's id; anything else is returned as given."""
     if wanted != "latest":
         return wanted
-    manifests = api.list_manifests(host=host)
-    if not manifests:
+    head = newest(api.list_manifests(host=host))
+    if head is None:
         raise RestoreError("there are no manifests for this host yet")
-    return str(max(manifests, key=lambda m: str(m.get("manifest_id", "")))["manifest_id"])
+    return str(head["manifest_id"])
 
 
 def write_snapshot(fetcher: BlobFetcher, manifest: dict, name: str, out: BinaryIO) -> int:

@@ -85,7 +85,9 @@ class FakeBackend:
         missing = sorted(h for h in referenced_blobs(request) if h not in self.blobs)
         if missing:
             raise ApiError("POST /manifests", 422, f"missing blobs: {', '.join(missing)}")
-        manifest_id = new_manifest_id(datetime.now(timezone.utc), f"{next(self._ids):08x}")  # type: ignore[call-overload]
+        # Suffixes count *down*: within one second a newer id sorts first, as a random suffix may.
+        suffix = f"{0xFFFFFFFF - next(self._ids):08x}"  # type: ignore[call-overload]
+        manifest_id = new_manifest_id(datetime.now(timezone.utc), suffix)
         self.manifests[manifest_id] = {
             "version": 1,
             "id": manifest_id,
