@@ -8,10 +8,16 @@ derives the host name from the session name). Without a credentials file, botoco
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import botocore.session
-from botocore.credentials import AssumeRoleCredentialFetcher, Credentials, DeferredRefreshableCredentials
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    Credentials,
+    DeferredRefreshableCredentials,
+    SharedCredentialProvider,
+)
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .config import AwsSettings
@@ -24,20 +30,38 @@ class CredentialsError(RuntimeError):
 def load_credentials(settings: AwsSettings, region: str) -> Credentials:
     session = botocore.session.Session()
     if settings.credentials_file is not None:
-        if not settings.credentials_file.is_file():
-            raise CredentialsError(f"[aws] credentials_file {settings.credentials_file} does not exist")
-        session.set_config_variable("credentials_file", str(settings.credentials_file))
-    if settings.profile is not None:
-        session.set_config_variable("profile", settings.profile)
-    try:
-        credentials = session.get_credentials()
-    except BotoCoreError as error:
-        raise CredentialsError(f"cannot load AWS credentials: {error}") from error
-    if credentials is None:
-        raise CredentialsError("no AWS credentials found (set [aws] credentials_file/profile in conf)")
+        credentials = _from_credentials_file(settings.credentials_file, settings.profile)
+    else:
+        if settings.profile is not None:
+            session.set_config_variable("profile", settings.profile)
+        try:
+            credentials = session.get_credentials()
+        except BotoCoreError as error:
+            raise CredentialsError(f"cannot load AWS credentials: {error}") from error
+        if credentials is None:
+            raise CredentialsError("no AWS credentials found (set [aws] credentials_file/profile in conf)")
     if settings.role_arn is None:
         return credentials
     return _assume_role(session, credentials, settings.role_arn, region)
+
+
+def _from_credentials_file(path: Path, profile: str | None) -> Credentials:
+    """Keys from exactly this file and profile: never silently from the environment instead.
+
+    (botocore's default chain prefers AWS_ACCESS_KEY_ID in the environment, so an admin's own keys
+    in a shell would sign as the admin, not as the host.)
+    """
+    if not path.is_file():
+        raise CredentialsError(f"[aws] credentials_file {path} does not exist")
+    try:
+        credentials = SharedCredentialProvider(str(path), profile_name=profile or "default").load()
+    except BotoCoreError as error:
+        raise CredentialsError(f"[aws] credentials_file {path}: {error}") from error
+    if credentials is None:
+        raise CredentialsError(
+            f"[aws] credentials_file {path} has no keys for profile {profile or 'default'!r}"
+        )
+    return credentials
 
 
 def session_name_for(caller_arn: str) -> str:
