@@ -6,9 +6,11 @@ every blob is decompressed and re-hashed (`open_blob`) before anyone sees a byte
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sysbackup_domain.errors import InvalidDocument
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 MERGE_GAP_BYTES = 256 * 1024
 MAX_RANGE_BYTES = 32 * 1024 * 1024
 PARALLEL_GETS = 4
+SPANS_AHEAD = 2 * PARALLEL_GETS  # fetched but not yet consumed: at most 8 x MAX_RANGE_BYTES in memory
 LOCATE_BATCH = 5000  # hashes located per round: bounds memory and keeps presigned URLs fresh
 ENTRY_FIELDS = ("kind", "codec", "offset", "length", "raw_length")
 
@@ -106,9 +109,20 @@ class BlobFetcher:
         by_pack: dict[str, list[PackEntry]] = {}
         for pack_id, entry in located.values():
             by_pack.setdefault(pack_id, []).append(entry)
-        spans = [span for pack_id, group in by_pack.items() for span in plan_spans(pack_id, group)]
+        spans = iter([span for pack_id, group in by_pack.items() for span in plan_spans(pack_id, group)])
         with ThreadPoolExecutor(max_workers=PARALLEL_GETS, thread_name_prefix="get") as pool:
-            for span, data in pool.map(lambda s: (s, self._get_span(s, urls)), spans):
+            # A sliding window, not pool.map: map would fetch everything at once and hold it all
+            # in memory while the consumer writes; this keeps SPANS_AHEAD spans at most.
+            window: deque[tuple[Span, Future[bytes]]] = deque(
+                (span, pool.submit(self._get_span, span, urls))
+                for span in itertools.islice(spans, SPANS_AHEAD)
+            )
+            while window:
+                span, future = window.popleft()
+                data = future.result()
+                following = next(spans, None)
+                if following is not None:
+                    window.append((following, pool.submit(self._get_span, following, urls)))
                 for entry in span.entries:
                     stored = data[entry.offset - span.start : entry.offset - span.start + entry.length]
                     yield entry.hash, open_blob(entry, stored)
