@@ -16,11 +16,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sysbackup_domain.chunking import FILE_CHUNKING, chunk_file
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, SnapshotRecord
@@ -39,6 +39,8 @@ from .transfer import Transfer
 from .walker import Node, walk
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -238,14 +240,7 @@ class Archiver:
                 stats.files_read += 1
                 progress.show(f"read {stats.files_read}/{total} files, {stats.bytes_read / 2**20:.1f} MiB")
 
-        pool = ThreadPoolExecutor(max_workers=self.config.content.workers, thread_name_prefix="read")
-        try:
-            for _ in pool.map(read_one, to_read):
-                pass  # map re-raises the first worker exception here
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # do not read on after a failure
-            raise
-        pool.shutdown(wait=True)
+        run_bounded(read_one, to_read, workers=self.config.content.workers)
         return outcomes
 
     def _read_file(
@@ -387,6 +382,24 @@ class Archiver:
             "elapsed_ms": int((time.monotonic() - stats.started) * 1000),
             "requests": self.counter.as_dict(),
         }
+
+
+def run_bounded(work: Callable[[T], None], items: Iterable[T], workers: int) -> None:
+    """`work(item)` for every item on `workers` threads, with few tasks queued at a time.
+
+    (Executor.map would create a future per item up front: a million files, a million futures.)
+    The first exception stops the submission of new work and is re-raised.
+    """
+    in_flight: set[Future[None]] = set()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        for item in items:
+            if len(in_flight) >= 4 * workers:
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+            in_flight.add(pool.submit(work, item))
+        for future in in_flight:
+            future.result()
 
 
 def _iter_files(root: Node) -> Iterator[Node]:

@@ -14,7 +14,7 @@ import pytest
 from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import restorer as restorer_module
-from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict
+from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict, run_bounded
 from s3_sysbackup.fetch import BlobFetcher, stream_chunks
 from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
@@ -405,3 +405,19 @@ def test_trees_deeper_than_the_recursion_limit(
         remove_chain(host_root / "deep", depth)
         if (target / "deep").exists():
             remove_chain(target / "deep", depth)
+
+
+def test_bounded_runner_does_everything_and_stops_at_the_first_failure():
+    done: list[int] = []
+
+    def work(item: int) -> None:
+        if item == 50:
+            raise ValueError("item 50 failed")
+        done.append(item)
+
+    run_bounded(done.append, range(1000), workers=3)
+    assert sorted(done) == list(range(1000))
+    done.clear()
+    with pytest.raises(ValueError, match="item 50"):
+        run_bounded(work, range(100_000), workers=2)
+    assert len(done) < 1000  # submission stopped soon after the failure
