@@ -161,13 +161,20 @@ class Archiver:
         warnings.extend(picked.warnings)
         walked = walk(picked.paths, self.options.root_path)
         warnings.extend(walked.warnings)
+        referenced: set[str] = set()  # every blob the manifest will need, for the next run's cache
+
+        def add_snapshot_blob(kind: str, plaintext: bytes) -> str:
+            digest = sink.add_plaintext(kind, plaintext)
+            referenced.add(digest)
+            return digest
+
         try:
             outcomes = self._read_files(walked.root, cache, sink, stats, warnings, progress)
-            root = self._build_trees(walked.root, outcomes, sink, stats) if picked.paths else None
+            root = self._build_trees(walked.root, outcomes, sink, stats, referenced) if picked.paths else None
             snapshots, snapshot_warnings = take_snapshots(
                 self.config.snapshots_dir,
                 self.config.content.snapshot_timeout_s,
-                sink.add_plaintext,
+                add_snapshot_blob,
                 on_bytes=lambda n: self._count_snapshot_bytes(stats, progress, n),
             )
             warnings.extend(snapshot_warnings)
@@ -188,7 +195,7 @@ class Archiver:
             manifest_id,
             ((node_path, o.state, o.content) for node_path, o in outcomes.items() if o.cacheable),
             scan_started_ns,
-            sink.stored_now | sink.known_stored,
+            referenced,
         )
         report = dict(manifest_stats)
         report.update(
@@ -294,9 +301,17 @@ class Archiver:
     # -- trees ------------------------------------------------------------------------------
 
     def _build_trees(
-        self, root: Node, outcomes: dict[str, FileOutcome], sink: BlobSink, stats: RunStats
+        self,
+        root: Node,
+        outcomes: dict[str, FileOutcome],
+        sink: BlobSink,
+        stats: RunStats,
+        referenced: set[str],
     ) -> str:
-        """Encode every directory bottom-up (children before parents); returns the root tree hash."""
+        """Encode every directory bottom-up (children before parents); returns the root tree hash.
+
+        Adds every tree and file content hash to `referenced`.
+        """
         order: list[Node] = []
         stack = [root]
         while stack:
@@ -310,10 +325,12 @@ class Archiver:
                 entry = _tree_entry(child, outcomes.get(child.path), subtree_of.get(id(child)))
                 if entry is not None:
                     entries.append(entry)
+                    referenced.update(entry.content)
                     stats.files += child.type == "file"
                     stats.bytes_total += entry.size or 0
                     stats.dirs += child.type == "dir"
             subtree_of[id(directory)] = sink.add_plaintext("tree", encode_tree(Tree(tuple(entries))))
+            referenced.add(subtree_of[id(directory)])
         return subtree_of[id(root)]
 
     # -- commit -----------------------------------------------------------------------------

@@ -168,7 +168,7 @@ class ParentCache:
         scanned_ns: int,
         stored: Iterable[str],
     ) -> None:
-        """Replace the cache with a committed run's view, atomically."""
+        """Replace the cache with a committed run's view, atomically; `stored` = what it references."""
         with self._transaction():
             self.db.execute("DELETE FROM files")
             self.db.executemany(
@@ -186,6 +186,9 @@ class ParentCache:
                     for path, s, c in files
                 ),
             )
+            # Only what this manifest references: those blobs live as long as it is retained,
+            # while anything older may have been collected since.
+            self.db.execute("DELETE FROM stored")
             self.db.executemany("INSERT OR IGNORE INTO stored VALUES (?)", ((h,) for h in stored))
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('parent', ?)", (manifest_id,))
             self.db.execute("DELETE FROM meta WHERE key = 'inflight_run'")

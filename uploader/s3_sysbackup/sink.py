@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -120,9 +119,6 @@ class BlobSink:
     pending_limit: int = PENDING_LIMIT_BYTES
     packs_per_batch: int = PACKS_PER_BATCH
     target_pack_bytes: int = TARGET_PACK_BYTES
-    on_progress: Callable[[], None] | None = None
-    # hashes this run packed (or found stored): after finish() all of them are stored
-    stored_now: set[str] = field(default_factory=set)
     _seen: set[str] = field(default_factory=set)
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _pending_bytes: int = 0
@@ -180,7 +176,6 @@ class BlobSink:
         already = self.api.check_blobs(self._pending)
         for digest, blob in self._pending.items():
             if digest in already:
-                self.stored_now.add(digest)
                 continue
             writer = self._writers.get(blob.kind)
             if writer is not None and not writer.has_room(len(blob.stored)):
@@ -193,8 +188,6 @@ class BlobSink:
                 self._seal(blob.kind)
         self._pending.clear()
         self._pending_bytes = 0
-        if self.on_progress:
-            self.on_progress()
 
     def _seal(self, kind: str) -> None:
         writer = self._writers.pop(kind, None)
@@ -210,14 +203,7 @@ class BlobSink:
             return
         self._wait_in_flight()  # at most one batch on the wire
         batch, self._ready = self._ready, []
-        self._in_flight = self._executor.submit(self._ship_and_record, batch)
-
-    def _ship_and_record(self, batch: list[SealedPack]) -> None:
-        self.shipper.ship(batch)
-        for pack in batch:
-            self.stored_now.update(entry.hash for entry in pack.entries)
-        if self.on_progress:
-            self.on_progress()
+        self._in_flight = self._executor.submit(self.shipper.ship, batch)
 
     def _wait_in_flight(self) -> None:
         if self._in_flight is not None:
