@@ -88,6 +88,27 @@ class FunctionRuntime:
             signal.signal(signal.SIGALRM, previous)
 
 
+# Lambda's limit for a synchronous invocation's response.
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+
+
+class ResponsePayloadError(Exception):
+    """What Lambda reports instead of the result (Runtime.MarshalError, response size too large)."""
+
+
+def check_response_payload(result: Any) -> None:
+    """Fails like Lambda for results it could not return: not JSON (e.g. Decimal), or over 6 MB."""
+    try:
+        encoded = json.dumps(result)
+    except (TypeError, ValueError) as error:
+        raise ResponsePayloadError(f"Runtime.MarshalError: Unable to marshal response: {error}") from None
+    if len(encoded.encode()) > MAX_RESPONSE_BYTES:
+        raise ResponsePayloadError(
+            f"Function.ResponseSizeTooLarge: response payload size ({len(encoded)} bytes) exceeded "
+            f"maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."
+        )
+
+
 def _make_handler(runtime: FunctionRuntime) -> type[BaseHTTPRequestHandler]:
     class WorkerRequestHandler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
@@ -112,6 +133,7 @@ def _make_handler(runtime: FunctionRuntime) -> type[BaseHTTPRequestHandler]:
             started = time.monotonic()
             try:
                 result = runtime.invoke(request.get("event"), request_id)
+                check_response_payload(result)
                 payload: dict[str, Any] = {"result": result}
             except BaseException as error:  # a handler crash must not kill the worker
                 traceback.print_exc()
