@@ -392,6 +392,7 @@ class Archiver:
             "bytes_uploaded": shipper.counts.bytes_uploaded,
             "packs": shipper.counts.packs,
             "data_packs": shipper.counts.data_packs,
+            "packs_already_there": shipper.counts.packs_already_there,  # PUT answered 412 (a crashed run's)
             "blobs_new": shipper.counts.blobs_new,
             "snapshots": stats.snapshots,
             "snapshot_bytes": stats.snapshot_bytes,

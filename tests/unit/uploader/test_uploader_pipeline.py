@@ -219,6 +219,7 @@ def test_crash_after_pack_put_then_rerun_uploads_no_byte_twice(
     assert put_by_crash <= backend.registered
     assert not set(transfer.puts).difference(backend.packs)
     assert transfer.puts.count(next(iter(put_by_crash))) == 1  # the retry got 412, no second copy
+    assert result.stats["packs_already_there"] == len(put_by_crash)
     assert result.exit_code == EXIT_OK
 
 
