@@ -365,9 +365,15 @@ class Archiver:
                 if error.status != 409:
                     raise
                 head = self._head()
-                if head is not None and _run_id_of(head) == run_id:
+                if head is None:
+                    # No history at all (a new stack behind the same endpoint, or every manifest
+                    # expired): nothing to conflict with. Missing blobs, if any, come back as a 422.
+                    logger.warning("the backend has no manifest for this host; committing without a parent")
+                    parent = None
+                    continue
+                if _run_id_of(head) == run_id:
                     return str(head["manifest_id"])  # our own commit landed; the reply was lost
-                if head is not None and (_run_id_of(head) == crashed_run or self.options.adopt_head):
+                if _run_id_of(head) == crashed_run or self.options.adopt_head:
                     logger.warning("taking %s as parent (a crashed run's commit)", head["manifest_id"])
                     parent = str(head["manifest_id"])
                     cache.adopt_parent(parent)

@@ -422,3 +422,18 @@ def test_bounded_runner_does_everything_and_stops_at_the_first_failure():
     with pytest.raises(ValueError, match="item 50"):
         run_bounded(work, range(100_000), workers=2)
     assert len(done) < 1000  # submission stopped soon after the failure
+
+
+def test_a_backend_without_history_for_this_host_starts_a_new_chain(
+    run_archive, config_dir, host_root, backend, transfer, tmp_path
+):
+    data = build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    run_archive()
+    fresh = FakeBackend()  # e.g. the stack was rebuilt behind the same endpoint
+    backend.__dict__.update(fresh.__dict__)
+    result = run_archive()
+    assert backend.manifests[result.manifest_id]["parent"] is None
+    target = tmp_path / "restored"
+    restore(backend, transfer, result.manifest_id, target)
+    assert (target / "data" / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
