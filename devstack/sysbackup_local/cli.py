@@ -32,6 +32,12 @@ def register(subparsers: Any) -> None:
         metavar="NAME=VALUE",
         help="override a template parameter default (repeatable), e.g. DaysRetained=1",
     )
+    up.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="invocations of one function that may run at once (default 2)",
+    )
     up.set_defaults(handler=_up)
 
     down = commands.add_parser("down", help="stop every process of a stack (idempotent)")
@@ -57,9 +63,25 @@ def register(subparsers: Any) -> None:
     invoke.set_defaults(handler=_invoke)
 
 
+def parse_parameters(pairs: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` pairs from --parameter."""
+    parameters = {}
+    for pair in pairs:
+        name, separator, value = pair.partition("=")
+        if not separator or not name:
+            raise StackError(f"--parameter wants NAME=VALUE, got {pair!r}")
+        parameters[name] = value
+    return parameters
+
+
 def _up(args: argparse.Namespace) -> int:
     stack = LocalStack.start(
-        args.state_dir, args.local_config_dir, host=args.host, template_path=args.template
+        args.state_dir,
+        args.local_config_dir,
+        host=args.host,
+        template_path=args.template,
+        parameters=parse_parameters(args.parameter),
+        concurrency=args.concurrency,
     )
     print(json.dumps(stack.status(), indent=2))
     return 0

@@ -138,8 +138,12 @@ class LocalStack:
         template_path: Path | None = None,
         repo: Path = REPO_ROOT,
         parameters: dict[str, str] | None = None,
+        concurrency: int = 2,
     ) -> LocalStack:
-        """Starts a stack; `parameters` override template parameter defaults (e.g. {"DaysRetained": "1"})."""
+        """Starts a stack; `parameters` override template parameter defaults (e.g. {"DaysRetained": "1"});
+        `concurrency` is how many invocations of one function may run at once (worker processes each)."""
+        if concurrency < 1:
+            raise StackError("concurrency must be at least 1")
         state_dir = Path(state_dir).resolve()
         validate_host_name(host)
         if (state_dir / "stack.json").exists() and LocalStack(state_dir).is_running():
@@ -160,6 +164,7 @@ class LocalStack:
             "repo": str(repo),
             "template": str(template_path),
             "parameters": dict(parameters or {}),
+            "concurrency": concurrency,
             "weed": _venv_tool("weed"),
             "ports": {},
             "pids": {},
@@ -402,8 +407,11 @@ class LocalStack:
         routes: list[tuple[str, str]],
         environment: dict[str, str] | None = None,
         timeout_seconds: int = 10,
+        instances: int | None = None,
     ) -> None:
-        """Runs an extra function (tests: an echo route); not part of template.yaml."""
+        """Runs an extra function (tests: an echo route); not part of template.yaml.
+
+        `instances` worker processes (default: the stack's concurrency) serve its invocations."""
         self._control(
             "/functions",
             {
@@ -412,6 +420,7 @@ class LocalStack:
                 "routes": [{"method": method, "path": path} for method, path in routes],
                 "environment": environment or {},
                 "timeout": timeout_seconds,
+                "instances": instances or int(self.info.get("concurrency", 1)),
             },
         )
         self.info.setdefault("extra_functions", []).append(name)
@@ -424,7 +433,9 @@ class LocalStack:
         except OSError:
             workers = {}
         return {
-            "workers": {name: f"http://127.0.0.1:{port}" for name, port in workers.items()},
+            "workers": {
+                name: [f"http://127.0.0.1:{port}" for port in ports] for name, ports in workers.items()
+            },
             "identities": [
                 {
                     "name": item.name,

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -88,7 +89,9 @@ class Supervisor:
         self.registry = IdentityRegistry(state_dir / "identities.json")
         self.logs = state_dir / "logs"
         self.children: list[subprocess.Popen[bytes]] = []
-        self.workers: dict[str, int] = {}  # function -> worker port
+        self.workers: dict[str, list[int]] = {}  # function -> its workers' ports
+        # Execution environments per function (Lambda runs invocations concurrently).
+        self.concurrency = int(self.stack.get("concurrency", 1))
         self.routes = RouteTable()
         self.pollers: list[SqsPoller] = []
         self.markers_seen: set[str] = set()
@@ -101,32 +104,45 @@ class Supervisor:
             config=Config(retries={"max_attempts": 3}),
         )
         self.sqs = boto3.client("sqs", **self._moto)
-        self._invoke_locks: dict[str, threading.Lock] = {}
+        self._idle_workers: dict[str, queue.Queue[int]] = {}
         self.stopping = threading.Event()
         self.tail_pid: int | None = None
 
     # ------------------------------------------------------------------ workers
     def start_worker(
-        self, name: str, app: Path, handler: str, memory: int, timeout: int, env: dict[str, str]
+        self,
+        name: str,
+        app: Path,
+        handler: str,
+        memory: int,
+        timeout: int,
+        env: dict[str, str],
+        instances: int = 1,
     ) -> None:
-        port_file = self.state_dir / "run" / f"{name}.port"
-        port_file.parent.mkdir(exist_ok=True)
-        port_file.unlink(missing_ok=True)
-        log_file = (self.logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "sysbackup_local.worker",
-                "--function-name", name, "--app", str(app), "--handler", handler,
-                "--memory", str(memory), "--timeout", str(timeout), "--port-file", str(port_file),
-                "--state-dir", str(self.state_dir),
-            ],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(app.parent),
-        )  # fmt: skip
-        self.children.append(process)
-        port = _wait_for_port_file(port_file, process, timeout=30)
-        wait_for_http(f"http://127.0.0.1:{port}/", timeout=30, process=process)
-        self.workers[name] = port
-        self._invoke_locks[name] = threading.Lock()
+        """`instances` execution environments for one function; invocations take whichever is free."""
+        idle: queue.Queue[int] = queue.Queue()
+        ports = []
+        for instance in range(instances):
+            port_file = self.state_dir / "run" / f"{name}-{instance}.port"
+            port_file.parent.mkdir(exist_ok=True)
+            port_file.unlink(missing_ok=True)
+            log_file = (self.logs / f"{name}.log").open("ab")
+            process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "sysbackup_local.worker",
+                    "--function-name", name, "--app", str(app), "--handler", handler,
+                    "--memory", str(memory), "--timeout", str(timeout), "--port-file", str(port_file),
+                    "--state-dir", str(self.state_dir),
+                ],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(app.parent),
+            )  # fmt: skip
+            self.children.append(process)
+            port = _wait_for_port_file(port_file, process, timeout=30)
+            wait_for_http(f"http://127.0.0.1:{port}/", timeout=30, process=process)
+            ports.append(port)
+            idle.put(port)
+        self.workers[name] = ports
+        self._idle_workers[name] = idle
 
     def start_function(self, spec: FunctionSpec) -> None:
         identity = self.registry.get(KIND_FUNCTION, spec.logical_id)
@@ -134,27 +150,31 @@ class Supervisor:
             spec.environment, spec.logical_id, identity.access_key, identity.secret_key, self.stack
         )
         app = Path(self.stack["repo"]) / "functions" / spec.folder / "app.py"
-        self.start_worker(spec.logical_id, app, spec.handler, spec.memory_mb, spec.timeout_seconds, env)
+        self.start_worker(
+            spec.logical_id, app, spec.handler, spec.memory_mb, spec.timeout_seconds, env, self.concurrency
+        )
         for route in spec.routes:
             self.routes.add(route, spec.logical_id)
 
     def invoke(self, function: str, event: dict[str, Any]) -> InvocationOutcome:
-        port = self.workers.get(function)
-        if port is None:
+        idle = self._idle_workers.get(function)
+        if idle is None:
             return InvocationOutcome(
                 error={"errorType": "ResourceNotFound", "errorMessage": f"no function {function}"}
             )
         request = json.dumps({"event": event, "request_id": str(uuid.uuid4())}).encode()
         # One invocation at a time per worker, as in one Lambda execution environment.
-        with self._invoke_locks[function]:
-            try:
-                with urllib.request.urlopen(
-                    urllib.request.Request(f"http://127.0.0.1:{port}/invoke", data=request, method="POST"),
-                    timeout=930,
-                ) as response:
-                    answer = json.loads(response.read())
-            except (urllib.error.URLError, OSError) as error:
-                return InvocationOutcome(error={"errorType": "WorkerUnavailable", "errorMessage": str(error)})
+        port = idle.get()
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"http://127.0.0.1:{port}/invoke", data=request, method="POST"),
+                timeout=930,
+            ) as response:
+                answer = json.loads(response.read())
+        except (urllib.error.URLError, OSError) as error:
+            return InvocationOutcome(error={"errorType": "WorkerUnavailable", "errorMessage": str(error)})
+        finally:
+            idle.put(port)
         return InvocationOutcome(result=answer.get("result"), error=answer.get("error"))
 
     # ------------------------------------------------------------------ notifications
@@ -261,7 +281,13 @@ class Supervisor:
         name = str(request["name"])
         env = function_environment(request.get("environment", {}), name, "none", "none", self.stack)
         self.start_worker(
-            name, Path(request["app"]), "app.lambda_handler", 128, int(request.get("timeout", 10)), env
+            name,
+            Path(request["app"]),
+            "app.lambda_handler",
+            128,
+            int(request.get("timeout", 10)),
+            env,
+            int(request.get("instances", self.concurrency)),
         )
         for route in request.get("routes", []):
             self.routes.add(HttpRoute(str(route["method"]).upper(), str(route["path"])), name)

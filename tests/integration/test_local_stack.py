@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -347,14 +348,26 @@ def test_two_stacks_run_at_once_and_down_leaves_no_processes(tmp_path: Path) -> 
     first, second = tmp_path / "one", tmp_path / "two"
     roots = (first, second)
     up = [
-        _start_cli("up", "--state-dir", str(root / "state"), "--config-dir", str(root / "config"))
-        for root in roots
+        _start_cli(
+            "up",
+            "--state-dir",
+            str(root / "state"),
+            "--config-dir",
+            str(root / "config"),
+            "--parameter",
+            f"DaysRetained={days}",
+        )
+        for root, days in zip(roots, (2, 3), strict=True)
     ]
     try:
         outputs = [process.communicate(timeout=180) for process in up]
         for process, (_, err) in zip(up, outputs, strict=True):
             assert process.returncode == 0, err
         statuses = [json.loads(out) for out, _ in outputs]
+        for root, days in zip(roots, (2, 3), strict=True):
+            conf = configparser.ConfigParser()
+            conf.read(root / "config" / "conf")
+            assert conf["content"]["days_retained"] == str(days)
         assert statuses[0]["endpoints"]["api"] != statuses[1]["endpoints"]["api"]
         assert statuses[0]["endpoints"]["s3"] != statuses[1]["endpoints"]["s3"]
         for root in (first, second):
@@ -400,7 +413,7 @@ def test_a_handler_running_past_its_timeout_is_stopped(stack: LocalStack, tmp_pa
         "    time.sleep(event['sleep'])\n"
         "    return 'done'\n"
     )
-    stack.register_function("SleepyFunction", app, [], timeout_seconds=1)
+    stack.register_function("SleepyFunction", app, [], timeout_seconds=1, instances=1)
 
     with pytest.raises(StackError, match="Task timed out after 1"):
         stack.invoke("SleepyFunction", {"sleep": 5})
@@ -434,7 +447,7 @@ def test_down_ends_the_workers_even_when_the_daemon_died(tmp_path: Path) -> None
         os.kill(stack.info["pids"]["supervisor"], signal.SIGKILL)
         # Workers (and the metadata tail) outlive their daemon until `down`.
         orphans = _processes_of(stack.state_dir)
-        assert len(orphans) >= len(workers) + 2  # + weed + moto
+        assert len(orphans) >= sum(len(ports) for ports in workers.values()) + 2  # + weed + moto
     finally:
         stack.stop()
 
@@ -470,3 +483,19 @@ def test_up_after_down_in_the_same_state_dir_starts_fresh(tmp_path: Path) -> Non
         assert second.identity("local-host").access_key != first_host_key
     finally:
         second.stop()
+
+
+def test_invocations_of_one_function_run_concurrently(stack: LocalStack, tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import os, time\ndef lambda_handler(event, context):\n    time.sleep(1)\n    return os.getpid()\n"
+    )
+    stack.register_function("ConcurrentFunction", app, [], instances=2)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pids = list(pool.map(lambda _: stack.invoke("ConcurrentFunction", {}), range(2)))
+    elapsed = time.monotonic() - started
+
+    assert len(set(pids)) == 2, "two execution environments"
+    assert elapsed < 1.9
