@@ -5,10 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .stack import DEFAULT_HOST, LocalStack, StackError
+from .template import TemplateError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _reporting_errors(handler: Handler) -> Handler:
+    """Known failures (bad names, no stack, a failed start) end with a one-line message and status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (StackError, TemplateError, ValueError) as error:
+            print(f"s3-sysbackup local: {error}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def register(subparsers: Any) -> None:
@@ -38,21 +55,21 @@ def register(subparsers: Any) -> None:
         default=2,
         help="invocations of one function that may run at once (default 2)",
     )
-    up.set_defaults(handler=_up)
+    up.set_defaults(handler=_reporting_errors(_up))
 
     down = commands.add_parser("down", help="stop every process of a stack (idempotent)")
     down.add_argument("--state-dir", required=True, type=Path)
-    down.set_defaults(handler=_down)
+    down.set_defaults(handler=_reporting_errors(_down))
 
     add_host = commands.add_parser("add-host", help="make another host identity and its config directory")
     add_host.add_argument("name")
     add_host.add_argument("--state-dir", required=True, type=Path)
     add_host.add_argument("--config-dir", dest="local_config_dir", required=True, type=Path)
-    add_host.set_defaults(handler=_add_host)
+    add_host.set_defaults(handler=_reporting_errors(_add_host))
 
     status = commands.add_parser("status", help="print what runs where")
     status.add_argument("--state-dir", required=True, type=Path)
-    status.set_defaults(handler=_status)
+    status.set_defaults(handler=_reporting_errors(_status))
 
     invoke = commands.add_parser("invoke", help="run a function's handler with an event and print the result")
     invoke.add_argument("function", help="logical id (VerifyPackFunction) or folder name (verify_pack)")
@@ -60,7 +77,7 @@ def register(subparsers: Any) -> None:
     invoke.add_argument(
         "--event", type=Path, default=None, help="event JSON (default: the function's first in events/)"
     )
-    invoke.set_defaults(handler=_invoke)
+    invoke.set_defaults(handler=_reporting_errors(_invoke))
 
 
 def parse_parameters(pairs: list[str]) -> dict[str, str]:
@@ -130,10 +147,6 @@ def _invoke(args: argparse.Namespace) -> int:
     spec = stack.template.function(args.function)
     event_path = args.event or default_event_file(Path(stack.info["repo"]), spec.folder, spec.logical_id)
     event = json.loads(event_path.read_text())
-    try:
-        result = stack.invoke(spec.logical_id, event)
-    except StackError as error:
-        print(str(error), file=sys.stderr)
-        return 1
+    result = stack.invoke(spec.logical_id, event)
     print(json.dumps(result, indent=2, default=str))
     return 0

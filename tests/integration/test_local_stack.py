@@ -499,3 +499,14 @@ def test_invocations_of_one_function_run_concurrently(stack: LocalStack, tmp_pat
 
     assert len(set(pids)) == 2, "two execution environments"
     assert elapsed < 1.9
+
+
+def test_cli_errors_are_one_line_messages(stack: LocalStack, tmp_path: Path) -> None:
+    unknown_function = _cli("invoke", "no_such_function", "--state-dir", str(stack.state_dir))
+    no_stack = _cli("status", "--state-dir", str(tmp_path / "nothing-here"))
+
+    assert unknown_function.returncode == 2
+    assert "no function 'no_such_function'" in unknown_function.stderr
+    assert "Traceback" not in unknown_function.stderr
+    assert no_stack.returncode == 2
+    assert "no stack in" in no_stack.stderr
