@@ -1,4 +1,4 @@
-"""`make demo`: start the local stack, back up a real tree, restore it, verify it byte for byte, stop the stack.
+"""`make demo`: start the local stack, back up a real tree, restore and verify it byte for byte, stop.
 
 Everything runs through the `s3-sysbackup` command line, exactly as a sysadmin would run it.
 """
@@ -41,7 +41,9 @@ def differences(source: Path, restored: Path) -> list[str]:
             except FileNotFoundError:
                 problems.append(f"missing: {copy}")
                 continue
-            if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode) or stat.S_IMODE(a.st_mode) != stat.S_IMODE(b.st_mode):
+            if stat.S_IFMT(a.st_mode) != stat.S_IFMT(b.st_mode) or stat.S_IMODE(a.st_mode) != stat.S_IMODE(
+                b.st_mode
+            ):
                 problems.append(f"type/mode differs: {original}")
             elif stat.S_ISLNK(a.st_mode):
                 if os.readlink(original) != os.readlink(copy):
