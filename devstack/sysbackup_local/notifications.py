@@ -201,9 +201,25 @@ class SqsPoller:
         self._invoke = invoke
         self.busy = False
         self._stop = threading.Event()
+        # Tests hold deliveries back (messages wait in the queue, as behind a disabled event source mapping).
+        self._hold = threading.Event()
+        self._held = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def hold(self, timeout: float = 30.0) -> bool:
+        """Stop delivering; True once no batch is in flight (the current one, if any, has finished)."""
+        self._held.clear()
+        self._hold.set()
+        return self._held.wait(timeout)
+
+    def release(self) -> None:
+        self._hold.clear()
+
+    @property
+    def held(self) -> bool:
+        return self._hold.is_set()
 
     def poll_once(self) -> int:
         response = self.sqs.receive_message(
@@ -233,6 +249,10 @@ class SqsPoller:
 
     def run(self) -> None:
         while not self._stop.is_set():
+            if self._hold.is_set():
+                self._held.set()
+                self._stop.wait(0.1)
+                continue
             try:
                 self.poll_once()
             except Exception:  # a moto hiccup must not end event delivery for the stack's lifetime

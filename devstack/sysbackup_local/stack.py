@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -399,6 +401,16 @@ class LocalStack:
         """Until every S3 change so far has been delivered and no function is still handling a batch."""
         if not self._control("/idle", {"timeout": timeout}, timeout=timeout + 10).get("idle"):
             raise StackError(f"the stack was still busy after {timeout:.0f}s")
+
+    @contextlib.contextmanager
+    def deliveries_held(self) -> Iterator[None]:
+        """SQS-triggered functions (the verifier) do not run inside the block; S3 notifications wait in
+        their queues and are delivered after it, as if the event source mapping were disabled meanwhile."""
+        self._control("/deliveries", {"hold": True})
+        try:
+            yield
+        finally:
+            self._control("/deliveries", {"hold": False})
 
     def register_function(
         self,

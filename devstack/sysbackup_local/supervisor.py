@@ -107,6 +107,10 @@ class Supervisor:
         self._idle_workers: dict[str, queue.Queue[int]] = {}
         self.stopping = threading.Event()
         self.tail_pid: int | None = None
+        # Per function: invocations and summed billed milliseconds (Lambda rounds each up to 1 ms);
+        # the bench reads them from the control port to model the Lambda bill of a run.
+        self.usage: dict[str, dict[str, int]] = {}
+        self._usage_lock = threading.Lock()
 
     # ------------------------------------------------------------------ workers
     def start_worker(
@@ -165,6 +169,7 @@ class Supervisor:
         request = json.dumps({"event": event, "request_id": str(uuid.uuid4())}).encode()
         # One invocation at a time per worker, as in one Lambda execution environment.
         port = idle.get()
+        started = time.perf_counter()
         try:
             with urllib.request.urlopen(
                 urllib.request.Request(f"http://127.0.0.1:{port}/invoke", data=request, method="POST"),
@@ -175,7 +180,18 @@ class Supervisor:
             return InvocationOutcome(error={"errorType": "WorkerUnavailable", "errorMessage": str(error)})
         finally:
             idle.put(port)
+            self._count_invocation(function, time.perf_counter() - started)
         return InvocationOutcome(result=answer.get("result"), error=answer.get("error"))
+
+    def _count_invocation(self, function: str, seconds: float) -> None:
+        with self._usage_lock:
+            usage = self.usage.setdefault(function, {"invocations": 0, "billed_ms": 0})
+            usage["invocations"] += 1
+            usage["billed_ms"] += max(1, int(seconds * 1000 + 0.999))
+
+    def usage_snapshot(self) -> dict[str, dict[str, int]]:
+        with self._usage_lock:
+            return {function: dict(usage) for function, usage in self.usage.items()}
 
     # ------------------------------------------------------------------ notifications
     def _start_tail(self, since_seconds: float | None) -> subprocess.Popen[str]:
@@ -250,6 +266,8 @@ class Supervisor:
 
     def wait_idle(self, timeout: float) -> bool:
         """True once every S3 change so far reached its queue and every poller has nothing to do."""
+        if any(poller.held for poller in self.pollers):
+            raise RuntimeError("deliveries are held: the queues cannot drain (release them first)")
         deadline = time.monotonic() + timeout
         marker = self._put_marker()
         with self.markers_lock:
@@ -274,6 +292,16 @@ class Supervisor:
             if int(attributes.get("ApproximateNumberOfMessages", "0")):
                 return False
         return True
+
+    def hold_deliveries(self, hold: bool) -> dict[str, Any]:
+        """Holds back (or releases) every SQS event source mapping; notifications still reach the queues."""
+        if not hold:
+            for poller in self.pollers:
+                poller.release()
+            return {"held": False}
+        if not all(poller.hold() for poller in self.pollers):
+            raise RuntimeError("a function was still handling a batch after 30 s")
+        return {"held": True}
 
     # ------------------------------------------------------------------ control
     def register_function(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +343,12 @@ class Supervisor:
                 ]
                 self._reply(
                     200,
-                    {"workers": supervisor.workers, "routes": routes, "meta_tail_pid": supervisor.tail_pid},
+                    {
+                        "workers": supervisor.workers,
+                        "routes": routes,
+                        "meta_tail_pid": supervisor.tail_pid,
+                        "usage": supervisor.usage_snapshot(),
+                    },
                 )
 
             def do_POST(self) -> None:
@@ -329,6 +362,8 @@ class Supervisor:
                         self._reply(200, {"idle": supervisor.wait_idle(float(request.get("timeout", 60)))})
                     elif self.path == "/functions":
                         self._reply(200, supervisor.register_function(request))
+                    elif self.path == "/deliveries":
+                        self._reply(200, supervisor.hold_deliveries(bool(request.get("hold"))))
                     else:
                         self._reply(404, {"message": "unknown control path"})
                 except Exception as error:

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import threading
 import time
 from typing import Any
 
@@ -143,3 +144,34 @@ def test_the_poller_deletes_successes_and_dead_letters_repeated_failures() -> No
     assert seen.count("bad") == 2
     [dead_letter] = sqs.receive_message(QueueUrl=dead)["Messages"]
     assert dead_letter["Body"] == "bad"
+
+
+@mock_aws
+def test_held_deliveries_wait_in_the_queue_until_released() -> None:
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    queue = sqs.create_queue(QueueName="landed")["QueueUrl"]
+    delivered: list[str] = []
+
+    def invoke(function: str, event: dict[str, Any]) -> InvocationOutcome:
+        delivered.extend(record["body"] for record in event["Records"])
+        return InvocationOutcome(result={"batchItemFailures": []})
+
+    poller = SqsPoller(sqs, queue, "arn:queue", "VerifyPackFunction", 10, True, invoke)
+    runner = threading.Thread(target=poller.run, daemon=True)
+    runner.start()
+    try:
+        assert poller.hold(timeout=10)
+        sqs.send_message(QueueUrl=queue, MessageBody="landed while held")
+        time.sleep(1.5)
+        assert delivered == []
+        waiting = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages"])
+        assert waiting["Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+        poller.release()
+        deadline = time.monotonic() + 10
+        while not delivered and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert delivered == ["landed while held"]
+    finally:
+        poller.stop()
+        runner.join(timeout=5)
