@@ -3,14 +3,21 @@
 Each is run as `script FD`; what it writes to FD is the snapshot, cut with STREAM_CHUNKING so that a
 dump with a few changed rows re-sends only the chunks around them. Its stdout is the description;
 a stdout line `::restore-through::CMD` names the command that restores the stream from stdin.
+
+Nothing of the stream touches the disk: chunks go straight to the blob sink, whose backpressure
+bounds memory. A snapshotter that exits non-zero, is killed or runs past the timeout is recorded with
+its `exit_status` and an `error`; restore refuses such a stream unless asked for the partial bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +30,11 @@ from .pickers import runnable_scripts
 SNAPSHOT_FD = 3  # the descriptor number the snapshotter gets as its argument
 RESTORE_THROUGH_PREFIX = "::restore-through::"
 MAX_DESCRIPTION_CHARS = 60_000  # the manifest caps descriptions at 64 Ki chars
+STDOUT_KEEP_BYTES = 256 * 1024  # the description's source; more is read and dropped
+STDERR_KEEP_BYTES = 4096  # the tail, for the error message
+ERROR_STDERR_CHARS = 1000
+KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL, so a snapshotter can clean up (temp files, locks)
+READER_JOIN_S = 5.0  # a background process may keep stdout open after the snapshotter exits
 
 AddBlob = Callable[[str, bytes], str]  # (kind, plaintext) -> hash
 
@@ -44,52 +56,98 @@ def take_snapshots(
 def take_snapshot(
     script: Path, timeout_s: float, add_blob: AddBlob, on_bytes: Callable[[int], None] | None = None
 ) -> SnapshotRecord:
+    """Run one snapshotter, chunking its stream into `add_blob` as it comes; never raises for its failure.
+
+    (A failure of `add_blob` itself, e.g. the backend is unreachable, does propagate: the child is
+    killed and reaped first.)
+    """
+    deadline = time.monotonic() + timeout_s
     try:
         child = _spawn(script)
     except OSError as error:
         return SnapshotRecord(script.name, "", None, 0, None, None, f"cannot run: {error}")
-    timed_out = threading.Event()
-
-    def kill_on_timeout() -> None:
-        timed_out.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
-
-    timer = threading.Timer(timeout_s, kill_on_timeout)
-    timer.daemon = True
-    output: dict[str, bytes] = {}
-    # stdout/stderr are drained by threads so a chatty snapshotter never blocks on a full pipe.
-    readers = [
-        threading.Thread(target=_drain, args=(fd, name, output), daemon=True)
-        for name, fd in (("stdout", child.stdout), ("stderr", child.stderr))
-    ]
-    for reader in readers:
-        reader.start()
-    timer.start()
+    stdout = _Capture(child.stdout, STDOUT_KEEP_BYTES, keep_tail=False)
+    stderr = _Capture(child.stderr, STDERR_KEEP_BYTES, keep_tail=True)
+    stream = _DeadlineReader(child.stream, deadline)
     chunks: list[str] = []
     size = 0
     try:
-        with open(child.stream, "rb", buffering=0) as stream:
-            for chunk in chunk_file(stream, STREAM_CHUNKING):  # type: ignore[arg-type]
-                chunks.append(add_blob("data", chunk))
-                size += len(chunk)
-                if on_bytes:
-                    on_bytes(len(chunk))
-        _, wait_status = os.waitpid(child.pid, 0)
-        status = os.waitstatus_to_exitcode(wait_status)
+        for chunk in chunk_file(stream, STREAM_CHUNKING):  # type: ignore[arg-type]
+            chunks.append(add_blob("data", chunk))
+            size += len(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+        timed_out = stream.timed_out
+        status = None if timed_out else _wait_until(child.pid, deadline)
+        if status is None:
+            timed_out = True
+            status = _terminate(child.pid)
+    except BaseException:
+        stream.close()  # its writes now fail (EPIPE) instead of blocking while we wait for it
+        _terminate(child.pid)
+        raise
     finally:
-        timer.cancel()
-        for reader in readers:
-            reader.join()
-    description, restore_through = parse_description(output.get("stdout", b""))
-    error = None
-    if timed_out.is_set():
-        error = f"killed after {timeout_s:g} s timeout; the stream is incomplete"
-    elif status != 0:
-        last = output.get("stderr", b"").decode(errors="replace").strip().splitlines()[-1:] or [""]
-        error = f"exited with status {status} {last[0]}".rstrip()
+        stream.close()
+        stdout.join(READER_JOIN_S)
+        stderr.join(READER_JOIN_S)
+    description, restore_through = parse_description(stdout.data)
+    error = _failure(status, timed_out, timeout_s, stderr.data)
+    if restore_through is not None and len(restore_through) > MAX_DESCRIPTION_CHARS:
+        # Never store a cut-off command: run at restore time, it would do something else.
+        restore_through = None
+        error = error or f"its restore-through command is longer than {MAX_DESCRIPTION_CHARS} characters"
     index = add_blob("data", encode_stream_index(chunks))
     return SnapshotRecord(script.name, description, restore_through, size, index, status, error)
+
+
+def _failure(status: int, timed_out: bool, timeout_s: float, stderr: bytes) -> str | None:
+    """The error to record, or None for a clean exit 0. Ends with the last lines of stderr."""
+    if timed_out:
+        problem = f"still running at the {timeout_s:g} s timeout, so stopped ({_describe_status(status)})"
+    elif status != 0:
+        problem = _describe_status(status)
+    else:
+        return None
+    said = stderr.decode(errors="replace").strip()[-ERROR_STDERR_CHARS:]
+    problem += "; the stream is incomplete"
+    return f"{problem}: {said}" if said else problem
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"killed by {name}"
+    return f"exited with status {status}"
+
+
+def _wait_until(pid: int, deadline: float) -> int | None:
+    """The child's exit code (negative: killed by that signal), or None if it still runs at `deadline`."""
+    pause = 0.005
+    while True:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(wait_status)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.2)
+
+
+def _terminate(pid: int) -> int:
+    """SIGTERM the snapshotter's whole process group, SIGKILL it after a grace period; reap; exit code."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)  # the child leads its own session (setsid), so pgid == pid
+    status = _wait_until(pid, time.monotonic() + KILL_GRACE_S)
+    if status is not None:
+        return status
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    _, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status)
 
 
 @dataclass(frozen=True)
@@ -134,9 +192,74 @@ def _spawn(script: Path) -> _Child:
     return _Child(pid, stream_r, out_r, err_r)
 
 
-def _drain(fd: int, name: str, output: dict[str, bytes]) -> None:
-    with open(fd, "rb") as pipe:
-        output[name] = pipe.read()
+class _DeadlineReader(io.RawIOBase):
+    """The read end of the snapshot pipe, ending (as at EOF) when the deadline passes.
+
+    A snapshotter that hangs with the pipe open, or a background process it left holding the pipe,
+    cannot stall the run past the timeout; `timed_out` tells such an end from a real EOF.
+    """
+
+    def __init__(self, fd: int, deadline: float) -> None:
+        super().__init__()
+        self._file = io.FileIO(fd, "rb", closefd=True)
+        self._deadline = deadline
+        self.timed_out = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self.timed_out:
+            return 0
+        poller = select.poll()
+        poller.register(self._file.fileno(), select.POLLIN)
+        while True:
+            remaining_ms = int((self._deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                self.timed_out = True
+                return 0
+            if poller.poll(min(remaining_ms, 1000)):  # POLLIN, or POLLHUP at EOF: read tells which
+                return self._file.readinto(buffer) or 0
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class _Capture:
+    """Drains a pipe on a thread (a chatty child never blocks on a full pipe), keeping a bounded part."""
+
+    def __init__(self, fd: int, keep_bytes: int, *, keep_tail: bool) -> None:
+        self._fd = fd
+        self._keep = keep_bytes
+        self._keep_tail = keep_tail
+        self._data = bytearray()
+        self._lock = threading.Lock()  # `data` may be read while a leftover process still writes
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        with open(self._fd, "rb", buffering=0) as pipe:
+            while block := pipe.read(65536):
+                with self._lock:
+                    self._keep_block(block)
+
+    def _keep_block(self, block: bytes) -> None:
+        if self._keep_tail:
+            self._data += block
+            del self._data[: max(0, len(self._data) - self._keep)]
+        elif len(self._data) < self._keep:
+            self._data += block[: self._keep - len(self._data)]
+
+    def join(self, timeout_s: float) -> None:
+        # If a background process still holds the pipe, go on with what was read; the daemon
+        # thread ends when that process closes it.
+        self._thread.join(timeout_s)
+
+    @property
+    def data(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
 
 
 def parse_description(stdout: bytes) -> tuple[str, str | None]:
