@@ -1,0 +1,165 @@
+"""Issue 3: bad requests over HTTP, as a host, each get a clear 4xx and change nothing.
+
+"Nothing" is checked where a refused request could leave a trace: the host's manifest list, its HEAD
+item, the manifest documents in the bucket and the pack registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from s3_sysbackup.api import ApiClient, ApiError
+from sysbackup_local.stack import LocalHost, LocalStack
+from test_api_identity import as_host, send, signed
+from test_issue3_support import api_client, archive, head_of, object_versions, pack_registry, pick
+
+QUIET_BASE = os.environ.get("S3SB_TEST_QUIET_DIR", "/var/tmp")
+GATEWAY_BODY_LIMIT = 10 * 1024 * 1024
+
+
+def unknown_hash(label: str) -> str:
+    return hashlib.sha256(f"never stored: {label} {os.urandom(8).hex()}".encode()).hexdigest()
+
+
+@pytest.fixture
+def committed(host_config: LocalHost, tmp_path: Path) -> Iterator[LocalHost]:
+    """A host with one real manifest, so a refused commit has a HEAD and a parent to leave alone."""
+    source = Path(tempfile.mkdtemp(prefix="s3sb-bad-", dir=QUIET_BASE))
+    (source / "file").write_bytes(b"committed before the bad requests\n")
+    pick(host_config, [source], tmp_path / "cache")
+    first = archive(host_config, tmp_path / "stats.json")
+    assert first.returncode == 0, first.process.stderr
+    yield host_config
+    shutil.rmtree(source)
+
+
+def state_of(stack: LocalStack, api: ApiClient, host: str) -> dict[str, Any]:
+    return {
+        "manifests": api.list_manifests(),
+        "head": head_of(stack, host),
+        "documents": sorted(
+            (version["Key"], version["VersionId"]) for version in object_versions(stack, f"manifests/{host}/")
+        ),
+        "packs": pack_registry(stack),
+    }
+
+
+def refusal(call: Any) -> ApiError:
+    with pytest.raises(ApiError) as refused:
+        call()
+    assert 400 <= refused.value.status < 500, refused.value
+    assert refused.value.message.strip(), "a refusal says why"
+    return refused.value
+
+
+def test_bad_requests_get_clear_4xx_and_change_nothing(stack: LocalStack, committed: LocalHost) -> None:
+    api = api_client(stack, committed.identity)
+    before = state_of(stack, api, committed.name)
+    head = before["head"]
+    assert head is not None and [m["manifest_id"] for m in before["manifests"]] == [head]
+    root = before["manifests"][0]["root"]
+
+    # A manifest naming a blob nobody stored: 422 listing exactly that blob.
+    ghost = unknown_hash("root")
+    missing = refusal(
+        lambda: api.call("POST", "/manifests", {"parent": head, "root": ghost, "snapshots": []})
+    )
+    assert missing.status == 422
+    assert missing.body["missing"] == [ghost]
+
+    # A snapshot whose stream index nobody stored: same, the index named.
+    ghost_index = unknown_hash("stream index")
+    snapshot = {
+        "name": "db", "description": "d", "restore_through": "cat", "size": 1,
+        "content": ghost_index, "exit_status": 0, "error": None,
+    }  # fmt: skip
+    missing = refusal(
+        lambda: api.call("POST", "/manifests", {"parent": head, "root": root, "snapshots": [snapshot]})
+    )
+    assert missing.status == 422 and ghost_index in missing.body["missing"]
+
+    # Wrong types, a missing field, not a hash: 422 with what is wrong.
+    for body, named in [
+        ({"parent": head, "root": 12, "snapshots": []}, "root"),
+        ({"parent": head, "root": "not-a-hash", "snapshots": []}, "root"),
+        ({"parent": head, "root": root, "snapshots": "none"}, "snapshots"),
+        ({"parent": head, "root": root, "snapshots": [], "days_retained": "forever"}, "days_retained"),
+        ({"parent": ["x"], "root": root, "snapshots": []}, "parent"),
+        (["not", "an", "object"], ""),
+    ]:
+        wrong = refusal(lambda body=body: api.call("POST", "/manifests", body))
+        assert wrong.status in (400, 422), (body, wrong)
+        assert named in wrong.message, (body, wrong.message)
+
+    # A parent that is not the host's head: 409 naming the real one.
+    stale = refusal(lambda: api.call("POST", "/manifests", {"parent": None, "root": root, "snapshots": []}))
+    assert stale.status == 409 and stale.body["current"] == head
+
+    # Not JSON at all: 400 (sent raw: the client only sends JSON).
+    url = f"{stack.endpoints['api']}/manifests"
+    not_json = send(signed("POST", url, b'{"parent": ', *as_host(committed.identity)))
+    assert not_json.status_code == 400 and "JSON" in not_json.json()["message"]
+
+    # Over the gateway's 10 MB: 413 before any function runs.
+    huge = json.dumps({"parent": head, "root": root, "snapshots": [], "warnings": ["x" * GATEWAY_BODY_LIMIT]})
+    too_big = send(signed("POST", url, huge.encode(), *as_host(committed.identity)))
+    assert too_big.status_code == 413 and too_big.json()["message"]
+
+    # More than the routes take at once.
+    too_many = refusal(
+        lambda: api.call("POST", "/blobs/check", {"hashes": [unknown_hash(str(i)) for i in range(1001)]})
+    )
+    assert too_many.status == 422 and "hashes" in too_many.message
+    packs = [{"sha256": unknown_hash(f"p{i}"), "size": 1000} for i in range(101)]
+    too_many = refusal(lambda: api.call("POST", "/packs/presign", {"packs": packs}))
+    assert too_many.status == 422 and "packs" in too_many.message
+    tiny = refusal(
+        lambda: api.call("POST", "/packs/presign", {"packs": [{"sha256": unknown_hash("t"), "size": 5}]})
+    )
+    assert tiny.status == 422 and "size" in tiny.message
+
+    # Registering a pack that was never presigned: 409, nothing indexed.
+    entry = {
+        "hash": unknown_hash("b"),
+        "kind": "data",
+        "codec": "none",
+        "offset": 0,
+        "length": 4,
+        "raw_length": 4,
+    }
+    never = refusal(
+        lambda: api.call(
+            "POST", "/packs/register", {"packs": [{"pack_id": unknown_hash("n"), "blobs": [entry]}]}
+        )
+    )
+    assert never.status == 409 and "never presigned" in never.message
+    assert api.check_blobs([entry["hash"]]) == set()
+
+    after = state_of(stack, api, committed.name)
+    assert after == before
+
+
+def test_an_unsigned_or_foreign_request_changes_nothing_either(
+    stack: LocalStack, committed: LocalHost
+) -> None:
+    api = api_client(stack, committed.identity)
+    before = state_of(stack, api, committed.name)
+    url = f"{stack.endpoints['api']}/manifests"
+    body = json.dumps({"parent": before["head"], "root": before["manifests"][0]["root"], "snapshots": []})
+
+    unsigned = requests.post(url, data=body, timeout=30)
+    restore = stack.identity("restore")
+    as_restore = send(signed("POST", url, body.encode(), restore.access_key, restore.secret_key))
+
+    assert unsigned.status_code == 403
+    assert as_restore.status_code == 403 and "restore" in as_restore.json()["message"]
+    assert state_of(stack, api, committed.name) == before
