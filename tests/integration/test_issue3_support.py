@@ -3,6 +3,7 @@ clients, the pack registry and the bucket as seen by the stack's own identities.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import requests
 from botocore.credentials import Credentials
 from s3_sysbackup.api import ApiClient
+from sysbackup_domain.packs import PackEntry, PackWriter
 from sysbackup_local.identities import Identity
 from sysbackup_local.stack import LocalHost, LocalStack
 
@@ -116,3 +119,53 @@ def object_versions(stack: LocalStack, prefix: str) -> list[dict[str, Any]]:
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=stack.bucket, Prefix=prefix):
         versions.extend(page.get("Versions", []))
     return versions
+
+
+@dataclass(frozen=True)
+class BuiltPack:
+    pack_id: str
+    data: bytes
+    entries: list[PackEntry]
+
+    def register_body(self) -> dict[str, Any]:
+        return {"packs": [{"pack_id": self.pack_id, "blobs": [entry.to_json() for entry in self.entries]}]}
+
+
+def build_pack(blobs: list[tuple[str, bytes]]) -> BuiltPack:
+    """A data pack of (claimed hash, bytes) stored as they are; the claimed hash may lie."""
+    writer = PackWriter()
+    for claimed, data in blobs:
+        writer.add_stored(claimed, "data", "none", data, len(data))
+    data, entries = writer.finish()
+    return BuiltPack(hashlib.sha256(data).hexdigest(), data, entries)
+
+
+def presign(api: ApiClient, pack: BuiltPack) -> dict[str, Any]:
+    """The API's answer to POST /packs/presign for this one pack."""
+    return api.call(
+        "POST", "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
+    ).body
+
+
+def put(upload: dict[str, Any], body: bytes, **header_changes: str | None) -> requests.Response:
+    """PUT `body` to a presigned upload with its headers, some changed (or dropped with None)."""
+    headers = dict(upload["headers"])
+    for name, value in header_changes.items():
+        actual = next((key for key in headers if key.lower() == name.replace("_", "-").lower()), name)
+        if value is None:
+            headers.pop(actual, None)
+        else:
+            headers[actual] = value
+    headers.pop(
+        "Content-Length", None
+    )  # requests sets it from the body; it is the body's length that is tested
+    headers.pop("content-length", None)
+    return requests.put(upload["url"], data=body, headers=headers, timeout=60)
+
+
+def upload_pack(api: ApiClient, pack: BuiltPack) -> None:
+    """What the uploader does for one pack: presign, PUT with exactly the signed headers, register."""
+    [upload] = presign(api, pack)["uploads"]
+    response = put(upload, pack.data)
+    assert response.status_code == 200, response.text
+    api.call("POST", "/packs/register", pack.register_body())
