@@ -50,6 +50,13 @@ def _positive_int(env: Mapping[str, str], name: str, default: int | None = None)
     return value
 
 
+def _test_retention_seconds(env: Mapping[str, str]) -> int | None:
+    """RETENTION_SECONDS (tests only): "0" (the template default) or unset means days_retained days."""
+    if env.get("RETENTION_SECONDS", "").strip() in ("", "0"):
+        return None
+    return _positive_int(env, "RETENTION_SECONDS")
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Build Settings from an environment mapping; SettingsError names the first bad variable."""
     lock_mode = env.get("LOCK_MODE", "GOVERNANCE").strip().upper()
@@ -73,7 +80,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         manifest_table=_required(env, "MANIFEST_TABLE"),
         jobs_table=_required(env, "JOBS_TABLE"),
         retention=RetentionPolicy(
-            days_retained=days_retained, max_days_retained=max_days_retained, lock_mode=lock_mode
+            days_retained=days_retained,
+            max_days_retained=max_days_retained,
+            lock_mode=lock_mode,
+            retention_seconds=_test_retention_seconds(env),
         ),
         upload_url_expiry_seconds=_positive_int(
             env, "UPLOAD_URL_EXPIRY_SECONDS", DEFAULT_UPLOAD_URL_EXPIRY_SECONDS

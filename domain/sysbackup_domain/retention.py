@@ -1,8 +1,8 @@
 """Retention: how long S3 Object Lock holds a manifest and its packs.
 
 The stack holds the policy; a host may ask for longer, never shorter, and never beyond the stack's
-maximum. All times are server times in UTC. Keep rules and pruning ("time folding") come later and
-will live here too.
+maximum. All times are server times in UTC. Keep rules and pack lock extension ("time folding") are in
+keep.py.
 """
 
 import re
@@ -20,8 +20,19 @@ class RetentionPolicy:
     days_retained: int
     max_days_retained: int
     lock_mode: str
+    # Tests only (template parameter TestRetentionSeconds): locks last this many seconds instead of
+    # days_retained days, so no test waits for days. A host's longer request still counts, in days.
+    retention_seconds: int | None = None
 
     def __post_init__(self) -> None:
+        if self.retention_seconds is not None and (
+            not isinstance(self.retention_seconds, int)
+            or isinstance(self.retention_seconds, bool)
+            or self.retention_seconds < 1
+        ):
+            raise ValueError(
+                f"retention_seconds must be a positive whole number, got {self.retention_seconds!r}"
+            )
         for field_name in ("days_retained", "max_days_retained"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -47,9 +58,11 @@ def retained_days(policy: RetentionPolicy, requested_days: int | None) -> int:
 
 def retain_until(now: datetime, policy: RetentionPolicy, requested_days: int | None) -> datetime:
     """The lock's end (UTC, whole seconds rounded up so the lock is never shorter than promised)."""
-    end = _require_aware(now, "now").astimezone(timezone.utc) + timedelta(
-        days=retained_days(policy, requested_days)
-    )
+    period = timedelta(days=retained_days(policy, requested_days))
+    if policy.retention_seconds is not None:
+        asked = timedelta(days=requested_days) if requested_days else timedelta(0)
+        period = max(timedelta(seconds=policy.retention_seconds), min(asked, period))
+    end = _require_aware(now, "now").astimezone(timezone.utc) + period
     if end.microsecond:
         end = end.replace(microsecond=0) + timedelta(seconds=1)
     return end
