@@ -197,7 +197,7 @@ def test_a_snapshot_stream_comes_back_byte_for_byte(host_config: LocalHost, work
     assert archived.returncode == 0, archived.stderr  # a snapshot alone is a complete backup
     streamed = subprocess.run(
         [sys.executable, "-m", "s3_sysbackup.cli", "--config-dir", str(host_config.config_dir),
-         "restore", "latest", "--snapshot", "db"],
+         "restore", "latest", "--snapshot", "db", "--output", "-"],
         capture_output=True, timeout=600,
     )  # fmt: skip
     assert streamed.returncode == 0, streamed.stderr

@@ -1,12 +1,16 @@
-"""`list`: the host's manifests, oldest first, as a table or JSON."""
+"""`list`: the host's manifests, oldest first, as a table or JSON, each with its snapshots."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .api import ApiClient
 
 COLUMNS = ("created", "manifest_id", "files", "bytes", "snapshots", "warnings")
+SNAPSHOT_FIELDS = ("name", "description", "size", "restore_through", "exit_status", "error")
+PARALLEL_MANIFEST_GETS = 8
+DESCRIPTION_CHARS_SHOWN = 80
 
 
 def fetch_manifests(api: ApiClient, host: str | None = None) -> list[dict[str, Any]]:
@@ -54,11 +58,55 @@ def summary_row(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def attach_snapshots(api: ApiClient, manifests: list[dict[str, Any]], host: str | None = None) -> None:
+    """Add `snapshots` (name, description, size, ...) to each summary that reports any.
+
+    Summaries carry only figures; the snapshots are in the manifest documents, fetched a few at a
+    time, and only for manifests whose stats count snapshots.
+    """
+    wanted = [m for m in manifests if _snapshot_count(m)]
+
+    def details(summary: dict[str, Any]) -> list[dict[str, Any]]:
+        document = api.get_manifest(str(summary["manifest_id"]), host=host)
+        return [{key: s.get(key) for key in SNAPSHOT_FIELDS} for s in document.get("snapshots") or []]
+
+    with ThreadPoolExecutor(max_workers=PARALLEL_MANIFEST_GETS, thread_name_prefix="list") as pool:
+        for summary, snapshots in zip(wanted, pool.map(details, wanted), strict=True):
+            summary["snapshots"] = snapshots
+
+
+def _snapshot_count(summary: dict[str, Any]) -> int:
+    stats = summary.get("stats")
+    count = stats.get("snapshots") if isinstance(stats, dict) else None
+    return count if isinstance(count, int) else 0
+
+
+def snapshot_line(snapshot: dict[str, Any]) -> str:
+    """`  snapshot NAME  SIZE  ok|FAILED (...)  first line of the description`."""
+    if snapshot.get("error"):
+        state = f"FAILED ({snapshot['error'].splitlines()[0][:DESCRIPTION_CHARS_SHOWN]})"
+    else:
+        state = "ok"
+    description = (snapshot.get("description") or "").strip().splitlines()
+    first = description[0][:DESCRIPTION_CHARS_SHOWN] if description else ""
+    size = human_bytes(snapshot.get("size") or 0)
+    return f"  snapshot {snapshot.get('name')}  {size}  {state}  {first}".rstrip()
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def format_table(manifests: list[dict[str, Any]]) -> str:
     rows = [[str(value) for value in summary_row(m).values()] for m in manifests]
     widths = [max([len(header), *(len(row[i]) for row in rows)]) for i, header in enumerate(COLUMNS)]
     lines = ["  ".join(header.ljust(width) for header, width in zip(COLUMNS, widths, strict=True)).rstrip()]
-    lines.extend(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    for manifest, row in zip(manifests, rows, strict=True):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        lines.extend(snapshot_line(snapshot) for snapshot in manifest.get("snapshots") or [])
     return "\n".join(lines)

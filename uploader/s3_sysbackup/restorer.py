@@ -59,12 +59,8 @@ def resolve_manifest_id(api: ApiClient, wanted: str, host: str | None) -> str:
     return str(head["manifest_id"])
 
 
-def write_snapshot(fetcher: BlobFetcher, manifest: dict, name: str, out: BinaryIO) -> int:
-    """Write snapshot `name`'s stream to `out` in order (pipe it to its restore-through command).
-
-    Chunks are fetched a window at a time: memory stays bounded whatever the stream's size, and
-    consecutive chunks sit together in packs, so each window costs a few ranged GETs.
-    """
+def restorable_snapshot(manifest: dict, name: str, *, allow_incomplete: bool = False) -> dict:
+    """Snapshot `name` of `manifest`; RestoreError if absent, without a stream, or failed when taken."""
     snapshots = {s.get("name"): s for s in manifest.get("snapshots") or []}
     snapshot = snapshots.get(name)
     if snapshot is None:
@@ -72,6 +68,25 @@ def write_snapshot(fetcher: BlobFetcher, manifest: dict, name: str, out: BinaryI
         raise RestoreError(f"manifest {manifest.get('id')} has no snapshot {name!r} (it has: {known})")
     if not snapshot.get("content"):
         raise RestoreError(f"snapshot {name!r} produced no stream ({snapshot.get('error') or 'empty'})")
+    if snapshot.get("error") and not allow_incomplete:
+        raise RestoreError(
+            f"snapshot {name!r} failed when it was taken ({snapshot['error']}); its stream is incomplete "
+            "and is not restored (--output FILE --incomplete writes the partial bytes)"
+        )
+    return snapshot
+
+
+def write_snapshot(
+    fetcher: BlobFetcher, manifest: dict, name: str, out: BinaryIO, *, allow_incomplete: bool = False
+) -> int:
+    """Write snapshot `name`'s stream to `out` in order (pipe it to its restore-through command).
+
+    A snapshot whose snapshotter failed (error set) is refused unless `allow_incomplete`: its stream
+    is cut short and must never pass for a good one. Chunks are fetched a window at a time: memory
+    stays bounded whatever the stream's size, and consecutive chunks sit together in packs, so each
+    window costs a few ranged GETs.
+    """
+    snapshot = restorable_snapshot(manifest, name, allow_incomplete=allow_incomplete)
     chunks = stream_chunks(fetcher, snapshot["content"])
     written = 0
     for start in range(0, len(chunks), SNAPSHOT_WINDOW_CHUNKS):

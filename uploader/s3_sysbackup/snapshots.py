@@ -103,9 +103,9 @@ def take_snapshot(
 def _failure(status: int, timed_out: bool, timeout_s: float, stderr: bytes) -> str | None:
     """The error to record, or None for a clean exit 0. Ends with the last lines of stderr."""
     if timed_out:
-        problem = f"still running at the {timeout_s:g} s timeout, so stopped ({_describe_status(status)})"
+        problem = f"still running at the {timeout_s:g} s timeout, so stopped ({describe_exit_status(status)})"
     elif status != 0:
-        problem = _describe_status(status)
+        problem = describe_exit_status(status)
     else:
         return None
     said = stderr.decode(errors="replace").strip()[-ERROR_STDERR_CHARS:]
@@ -113,7 +113,7 @@ def _failure(status: int, timed_out: bool, timeout_s: float, stderr: bytes) -> s
     return f"{problem}: {said}" if said else problem
 
 
-def _describe_status(status: int) -> str:
+def describe_exit_status(status: int) -> str:
     if status < 0:
         try:
             name = signal.Signals(-status).name

@@ -1,4 +1,4 @@
-"""`s3-sysbackup restore MANIFEST|latest --target DIR [PATH...]`."""
+"""`s3-sysbackup restore MANIFEST|latest --target DIR [PATH...]` or `... --snapshot NAME [--output FILE]`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..fetch import BlobFetcher
-from ..restorer import Restorer, resolve_manifest_id, write_snapshot
+from ..restorer import Restorer, resolve_manifest_id
+from ..snapshot_restore import SnapshotRestore, restore_through_command, write_to_file
 from .common import add_host_option, open_session, report_failure
 
 
@@ -18,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Restore MANIFEST (or `latest`) under --target, verifying every byte. PATHs (as backed up, "
             "e.g. /etc/ssh) restore only those subtrees. Exit status: 0 ok, 2 restored with warnings "
             "(owners, xattrs, devices not settable), 1 failed. With --snapshot NAME, the snapshot's stream "
-            "goes to stdout instead."
+            "is piped into the restore-through command its snapshotter printed (run by /bin/sh -c; shown "
+            "on stderr first), or written raw with --output FILE (--output - for stdout)."
         ),
     )
     parser.add_argument("manifest", metavar="MANIFEST", help="a manifest id, or `latest`")
@@ -27,24 +29,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--snapshot",
         metavar="NAME",
-        help="write snapshot NAME's stream to stdout instead (pipe it to its restore-through command)",
+        help="restore snapshot NAME through its restore-through command instead of files",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace files already in the target")
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="with --snapshot: write the raw stream to FILE (`-`: stdout) instead of running its command",
+    )
+    parser.add_argument(
+        "--incomplete",
+        action="store_true",
+        help="with --snapshot and --output: write a failed snapshot's partial stream too",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace files already in the target (or the --output FILE)"
+    )
     add_host_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.target is None) == (args.snapshot is None):
-        return report_failure("restore", ValueError("give either --target DIR or --snapshot NAME"))
+    problem = _conflicting_options(args)
+    if problem:
+        return report_failure("restore", ValueError(problem))
     try:
         session = open_session(args)
         manifest_id = resolve_manifest_id(session.api, args.manifest, args.host)
         manifest = session.api.get_manifest(manifest_id, host=args.host)
         fetcher = BlobFetcher(session.api, session.transfer, host=args.host)
         if args.snapshot is not None:
-            write_snapshot(fetcher, manifest, args.snapshot, sys.stdout.buffer)
-            return 0
+            return _restore_snapshot(args, fetcher, manifest)
         result = Restorer(fetcher, args.target, overwrite=args.overwrite).restore(manifest, args.paths)
     except (OSError, RuntimeError, ValueError) as error:
         return report_failure("restore", error)
@@ -55,3 +69,37 @@ def run(args: argparse.Namespace) -> int:
         f"{result.bytes_written} bytes into {args.target}"
     )
     return 2 if result.warnings else 0
+
+
+def _conflicting_options(args: argparse.Namespace) -> str | None:
+    if (args.target is None) == (args.snapshot is None):
+        return "give either --target DIR or --snapshot NAME"
+    if args.snapshot is None and (args.output is not None or args.incomplete):
+        return "--output and --incomplete go with --snapshot NAME"
+    if args.snapshot is not None and args.paths:
+        return "PATHs select files; a snapshot is restored whole"
+    if args.incomplete and args.output is None:
+        return "--incomplete needs --output FILE (a failed stream is never piped into its command)"
+    return None
+
+
+def _restore_snapshot(args: argparse.Namespace, fetcher: BlobFetcher, manifest: dict) -> int:
+    restored: SnapshotRestore
+    if args.output is None:
+        restored = restore_through_command(fetcher, manifest, args.snapshot, announce=sys.stderr.buffer)
+    else:
+        restored = write_to_file(
+            fetcher,
+            manifest,
+            args.snapshot,
+            args.output,
+            overwrite=args.overwrite,
+            allow_incomplete=args.incomplete,
+        )
+    # stderr: stdout may be the stream itself (--output -) or the restore command's own output.
+    print(
+        f"{manifest.get('id')}: snapshot {restored.name!r}, {restored.bytes_written} bytes restored "
+        f"to {restored.destination}",
+        file=sys.stderr,
+    )
+    return 0
