@@ -17,6 +17,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "s3_sysbackup.commands.listing",
     "s3_sysbackup.commands.restore",
     "s3_sysbackup.commands.verify",
+    # Provisioning (admin side; boto3 and cryptography come with the `provision` extra, imported lazily).
+    "s3_sysbackup.commands.create_resources",
+    "s3_sysbackup.commands.write_config",
+    "s3_sysbackup.commands.import_credentials",
+    "s3_sysbackup.commands.admin",
 )
 # Optional: present only with the `local` extra (the development stack).
 OPTIONAL_COMMAND_MODULES: tuple[str, ...] = ("sysbackup_local.cli",)

@@ -1,0 +1,185 @@
+"""`s3-sysbackup write-config`: a host's conf, example scripts, credentials and systemd units."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import DEFAULT_CACHE_DIR
+from ..provision.aws import ProvisionError, boto3_session
+from ..provision.exports import (
+    API_ENDPOINT_EXPORT,
+    BUCKET_EXPORT,
+    DEFAULT_PACKAGE,
+    HOST_ROLE_EXPORT,
+    HOSTS_GROUP_EXPORT,
+    PackageExports,
+    read_exports,
+    validate_package_name,
+)
+from ..provision.files import refuse_existing, write_atomically
+from ..provision.host_config import CREDENTIALS_FILE_NAME, HostConfig, render_conf, write_examples
+from ..provision.host_credentials import (
+    PLACEHOLDER,
+    AccessKey,
+    create_host_user,
+    delete_host_user,
+    render_credentials,
+    validate_host_name,
+)
+from ..provision.passphrase import read_passphrase
+from ..provision.sealing import SealError, check_passphrase, seal
+from ..provision.systemd import DEFAULT_SYSTEMD_DIR, UnitSettings, write_units
+from .common import report_failure
+
+FALLBACK_EXECUTABLE = Path("/usr/local/bin/s3-sysbackup")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "write-config",
+        help="write a host's conf, example pickers/snapshots, credentials and systemd timer",
+        description=(
+            "Write CONFIG_DIR/conf (API endpoint and bucket from the package's CloudFormation exports "
+            "unless given), example pickers.d/ and snapshots.d/ scripts, a 0600 credentials file and "
+            "the systemd service and daily timer. --create-user makes the host's IAM user (in the "
+            "package's hosts group) and its access key; --encrypt-credentials FILE puts those keys, "
+            "encrypted under a passphrase, in FILE instead, for `import-credentials` on the host."
+        ),
+    )
+    # Its own dest: the global --config-dir is parsed before the sub-command and would be overwritten.
+    parser.add_argument("--config-dir", dest="target_config_dir", type=Path, help="default: /etc/backup")
+    parser.add_argument("--package", default=DEFAULT_PACKAGE, help=f"the package's stack ({DEFAULT_PACKAGE})")
+    parser.add_argument("--region", help="the package's region (default: your AWS profile's)")
+    parser.add_argument("--profile", help="admin AWS profile for CloudFormation/IAM (default: botocore's)")
+    parser.add_argument("--api-endpoint", help="the API base URL (default: the <package>-ApiEndpoint export)")
+    parser.add_argument("--bucket", help="the bucket (default: the <package>-BucketName export)")
+    parser.add_argument("--create-user", metavar="NAME", help="create IAM user NAME (= the host name)")
+    parser.add_argument(
+        "--encrypt-credentials",
+        type=Path,
+        metavar="FILE",
+        help="write the new user's keys to FILE encrypted (ccrypt if installed) instead of CONFIG_DIR",
+    )
+    parser.add_argument("--passphrase-file", type=Path, help="passphrase on its first line (else prompted)")
+    parser.add_argument(
+        "--systemd-dir",
+        type=Path,
+        default=DEFAULT_SYSTEMD_DIR,
+        help=f"where the units go (default {DEFAULT_SYSTEMD_DIR})",
+    )
+    parser.add_argument("--no-systemd", action="store_true", help="do not write systemd units")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="the host's cache_dir")
+    parser.add_argument("--executable", type=Path, help="s3-sysbackup path for the unit (default: on PATH)")
+    parser.add_argument("--force", action="store_true", help="replace an existing conf and credentials")
+    parser.set_defaults(handler=run)
+
+
+@dataclass(frozen=True)
+class Written:
+    paths: list[Path]
+    user: str | None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        written = write_config(args)
+    except (OSError, ProvisionError, ValueError) as error:
+        return report_failure("write-config", error)
+    for path in written.paths:
+        print(f"wrote {path}")
+    if written.user:
+        print(f"created IAM user {written.user} in the hosts group")
+    if not args.no_systemd:
+        print(
+            "enable the daily run with: systemctl daemon-reload && systemctl enable --now s3-sysbackup.timer"
+        )
+    return 0
+
+
+def write_config(args: argparse.Namespace) -> Written:
+    config_dir: Path = args.target_config_dir or Path(args.config_dir)
+    package = validate_package_name(args.package)
+    conf_path = config_dir / "conf"
+    credentials_path = config_dir / CREDENTIALS_FILE_NAME
+    refuse_existing(conf_path, args.force)
+    if args.encrypt_credentials is not None:
+        if not args.create_user:
+            raise ProvisionError("--encrypt-credentials encrypts the keys of --create-user NAME: give both")
+        refuse_existing(args.encrypt_credentials, args.force)
+    elif args.create_user:
+        refuse_existing(credentials_path, args.force)
+    if args.create_user:
+        validate_host_name(args.create_user)
+    # Everything that can fail without side effects comes first: the IAM user is made last of all.
+    passphrase = None
+    if args.encrypt_credentials is not None:
+        passphrase = read_passphrase(args.passphrase_file, confirm=True)
+        check_passphrase(passphrase)
+    session = boto3_session(args.region, args.profile)
+    region = args.region or session.region_name
+    if not region:
+        raise ProvisionError("no AWS region: pass --region or set one in your AWS profile")
+    # Endpoint and bucket given and no user to make: nothing to look up in CloudFormation.
+    needs_exports = not (args.api_endpoint and args.bucket) or args.create_user
+    exports = (
+        read_exports(session.client("cloudformation"), package)
+        if needs_exports
+        else PackageExports(package, {})
+    )
+    host_config = HostConfig(
+        package=package,
+        region=region,
+        api_endpoint=args.api_endpoint or exports.require(API_ENDPOINT_EXPORT),
+        bucket=args.bucket or exports.values.get(BUCKET_EXPORT),
+        host_role_arn=exports.values.get(HOST_ROLE_EXPORT),
+        cache_dir=args.cache_dir,
+    )
+    units = (
+        None if args.no_systemd else UnitSettings(_executable(args.executable), config_dir, args.cache_dir)
+    )
+
+    key = None
+    if args.create_user:
+        key = create_host_user(
+            session.client("iam"), args.create_user, exports.require(HOSTS_GROUP_EXPORT), package
+        )
+    paths: list[Path] = []
+    try:
+        paths += _write_credentials(args, key, credentials_path, passphrase)
+    except (OSError, SealError):
+        if key is not None:
+            # No file holds the secret: an unusable user must not be left behind.
+            delete_host_user(session.client("iam"), key, exports.require(HOSTS_GROUP_EXPORT))
+        raise
+    write_atomically(conf_path, render_conf(host_config).encode("utf-8"), 0o644)
+    paths.append(conf_path)
+    paths += write_examples(config_dir)
+    if units is not None:
+        paths += write_units(args.systemd_dir, units)
+    return Written(paths, key.user_name if key else None)
+
+
+def _write_credentials(
+    args: argparse.Namespace, key: AccessKey | None, credentials_path: Path, passphrase: str | None
+) -> list[Path]:
+    if key is not None and passphrase is not None:
+        sealed = seal(render_credentials(key).encode("utf-8"), passphrase)
+        write_atomically(args.encrypt_credentials, sealed, 0o600)
+        return [args.encrypt_credentials]
+    if key is not None:
+        write_atomically(credentials_path, render_credentials(key).encode("utf-8"), 0o600)
+        return [credentials_path]
+    if credentials_path.exists():
+        return []  # keys already there: keep them
+    write_atomically(credentials_path, PLACEHOLDER.encode("utf-8"), 0o600)
+    return [credentials_path]
+
+
+def _executable(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    found = shutil.which("s3-sysbackup")
+    return Path(found) if found else FALLBACK_EXECUTABLE
