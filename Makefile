@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SAM_ENV := PYENV_VERSION=$(shell pyenv versions --bare 2>/dev/null | grep -E '^3\.(12|11|13)\.' | tr '\n' ':' | sed 's/:$$//')
 PYTEST_ARGS ?=
 
-.PHONY: install demo test unit integration lint template bench clean
+.PHONY: install demo test unit integration lint template bench bench-compare clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test: install lint template
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# s3-sysbackup and restic side by side on one local stack (installs restic with apt-get if missing).
+BENCH_ARGS ?=
+bench-compare: install
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .aws-sam .pytest_cache .ruff_cache

@@ -41,7 +41,7 @@ DEFAULT_HOST = "local-host"
 STARTUP_TIMEOUT = 90.0
 PORT_NAMES = (
     "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",
-    "moto",
+    "moto", "metrics",
 )  # fmt: skip
 # Processes the stack starts directly; each leads its own process group.
 PROCESS_MARKERS = {"weed": "weed", "moto": "moto_server", "supervisor": "sysbackup_local.supervisor"}
@@ -548,6 +548,8 @@ def _start_storage(state_dir: Path, info: dict[str, Any], attempts: int = 3) -> 
             "filer": f"http://127.0.0.1:{ports['filer']}",
             "filer_address": f"127.0.0.1:{ports['filer']}.{ports['filer_grpc']}",
             "master": f"http://127.0.0.1:{ports['master']}",
+            # weed's Prometheus metrics (S3 requests by action and bucket: what the bench counts).
+            "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics",
         }
         weed = _start_weed(state_dir, info)
         info["pids"]["weed"] = weed.pid
@@ -582,6 +584,7 @@ def _start_weed(state_dir: Path, info: dict[str, Any]) -> subprocess.Popen[bytes
         f"-s3.config={state_dir / 'seaweed-identities.json'}",
         # add-host creates host users through the embedded IAM API (admin identity only).
         "-s3.iam.readOnly=false",
+        f"-metricsPort={ports['metrics']}", "-metricsIp=127.0.0.1",
         "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
         f"-filer.localSocket={state_dir / 'filer.sock'}", f"-s3.localSocket={state_dir / 's3.sock'}",
     ]  # fmt: skip
