@@ -65,6 +65,18 @@ def check_blobs(request: CheckRequest) -> dict[str, Any]:
     return {"stored": sorted(stored)}
 
 
+def _stored_for(host: str, pack: dict[str, Any] | None) -> bool:
+    """Whether this host need not upload nor register the pack: verified, or registered by this host.
+
+    Another host's unverified registration does not count (its claims are its own): the caller gets
+    a URL (its PUT is a 412, the object being there) and registers the pack as its own claim.
+    """
+    if pack is None:
+        return False
+    state = pack.get("state")
+    return state == PACK_VERIFIED or (state == PACK_REGISTERED and host in pack.get("hosts", set()))
+
+
 @app.post("/packs/presign")
 @tracer.capture_method
 def presign_packs(request: PresignRequest) -> dict[str, Any]:
@@ -80,7 +92,7 @@ def presign_packs(request: PresignRequest) -> dict[str, Any]:
     lock_until = retain_until(datetime.now(timezone.utc), settings.retention, None)
     registered, uploads = [], []
     for pack_id, size in packs.items():
-        if known.get(pack_id, {}).get("state") in (PACK_REGISTERED, PACK_VERIFIED):
+        if _stored_for(host, known.get(pack_id)):
             registered.append(pack_id)
             continue
         backend.index.record_presigned(pack_id, host, size, iso_utc(lock_until))

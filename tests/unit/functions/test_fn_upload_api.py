@@ -97,6 +97,24 @@ def test_presign_reports_registered_packs_instead_of_a_url(upload_api: Any, back
     assert (status, body["uploads"], body["registered"]) == (200, [], [pack.pack_id])
 
 
+def test_another_hosts_unverified_pack_is_presigned_so_the_caller_can_claim_it(
+    upload_api: Any, backend: Services
+) -> None:
+    """Identical packs from two hosts before the verifier ran: beta must register its own claim,
+    or its commit would name blobs that are stored only for alpha."""
+    pack = store_claimed(backend, "alpha", [("data", b"both hosts have this")])
+    request = {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
+
+    status, body = call(upload_api, "/packs/presign", request, host="beta")
+    assert (status, [u["pack_id"] for u in body["uploads"]], body["registered"]) == (200, [pack.pack_id], [])
+
+    register = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
+    assert call(upload_api, "/packs/register", register, host="beta") == (200, {"registered": [pack.pack_id]})
+    blob = blob_hash(b"both hosts have this")
+    assert call(upload_api, "/blobs/check", {"hashes": [blob]}, host="beta")[1]["stored"] == [blob]
+    assert call(upload_api, "/packs/presign", request, host="beta")[1]["registered"] == [pack.pack_id]
+
+
 @pytest.mark.parametrize(
     "pack",
     [
