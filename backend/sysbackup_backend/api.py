@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -12,12 +13,13 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 
 from .catalogue import Catalogue
-from .clients import dynamodb_client, s3_client
+from .clients import dynamodb_client, s3_client, sqs_client
 from .commit import Committer
 from .errors import ApiError, BadRequest, Forbidden
 from .identity import Caller, caller
 from .index import BlobIndex
 from .jobs import JobStore
+from .retention_worker import queue_from_environment
 from .settings import Settings, get_settings
 from .store import PackStore
 from .walk import Budget
@@ -51,7 +53,14 @@ def services() -> Services:
         store=store,
         catalogue=catalogue,
         jobs=jobs,
-        committer=Committer(index, store, catalogue, jobs, settings.retention),
+        committer=Committer(
+            index,
+            store,
+            catalogue,
+            jobs,
+            settings.retention,
+            retention_queue=queue_from_environment(os.environ, sqs_client),
+        ),
     )
 
 

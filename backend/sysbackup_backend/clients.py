@@ -33,7 +33,13 @@ def dynamodb_client() -> Any:
     return boto3.resource("dynamodb", config=Config(retries=_RETRIES)).meta.client
 
 
+@lru_cache(maxsize=1)
+def sqs_client() -> Any:
+    return boto3.client("sqs", config=Config(retries=_RETRIES))
+
+
 def reset_clients() -> None:
     """Forget cached clients (tests start each mock with fresh ones)."""
     s3_client.cache_clear()
     dynamodb_client.cache_clear()
+    sqs_client.cache_clear()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from aws_lambda_powertools import Logger
 from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.manifest import (
     CommitRequest,
@@ -26,8 +27,11 @@ from .catalogue import Catalogue, ManifestSummary, TransactionRefused
 from .errors import ApiError, Conflict, NotFound, Unprocessable
 from .index import BlobIndex, blob_pk
 from .jobs import JOB_FAILED, JOB_RUNNING, JOB_SUCCEEDED, Job, JobStore
+from .retention_worker import RetentionQueue
 from .store import PackStore, manifest_key
 from .walk import Budget, TreeWalker, WalkState
+
+logger = Logger(child=True)
 
 COMMIT_JOB_KIND = "commit"
 # A DynamoDB transaction holds at most 100 items: HEAD, summary, job, and checks on the anchors.
@@ -60,6 +64,7 @@ class Committer:
         jobs: JobStore,
         policy: RetentionPolicy,
         clock: Callable[[], datetime] = _utc_now,
+        retention_queue: RetentionQueue | None = None,
     ) -> None:
         self.index = index
         self.store = store
@@ -67,6 +72,7 @@ class Committer:
         self.jobs = jobs
         self.policy = policy
         self.clock = clock
+        self.retention_queue = retention_queue
 
     def start(self, host: str, body: object, budget: Budget) -> CommitOutcome:
         """POST /manifests: 201, or 202 with a job when the walk needs more calls; raises ApiError."""
@@ -152,8 +158,21 @@ class Committer:
             raise Unprocessable(
                 "a blob the manifest references was condemned while committing", reasons=refused.reasons
             ) from None
+        self._request_pack_locks(state, until, manifest.id)
         body = {**result, **({"job_id": job.job_id, "state": JOB_SUCCEEDED} if job else {})}
         return CommitOutcome(201, body)
+
+    def _request_pack_locks(self, state: WalkState, until: datetime, manifest_id: str) -> None:
+        """Ask the retention worker to lock the walked packs as long as the manifest (after the commit).
+
+        A failure here does not undo a committed manifest: gc requests every live pack's missing lock too.
+        """
+        if self.retention_queue is None or not state.packs:
+            return
+        try:
+            self.retention_queue.request(state.packs, until, manifest_id)
+        except Exception:  # the manifest is committed; gc's lock check is the backstop
+            logger.exception("could not request pack lock extensions", extra={"manifest_id": manifest_id})
 
     def _anchor_checks(self, state: WalkState) -> list[dict[str, Any]]:
         """Condition checks that the root and stream indexes are still not condemned when HEAD moves."""

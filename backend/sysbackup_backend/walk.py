@@ -50,6 +50,9 @@ class WalkState:
     # Top-level blobs (root, snapshot contents) -> sort key of the index item that holds them.
     anchors: dict[str, str] = field(default_factory=dict)
     trees_read: int = 0
+    # Packs holding the blobs this walk looked up (not those under closed subtrees): their locks must
+    # cover the new manifest's retain_until (the commit asks the retention worker to extend them).
+    packs: list[str] = field(default_factory=list)
 
     @classmethod
     def start(cls, root: str | None, stream_indexes: Iterable[str]) -> WalkState:
@@ -84,6 +87,7 @@ class WalkState:
             "corrupt": self.corrupt,
             "anchors": self.anchors,
             "trees_read": self.trees_read,
+            "packs": self.packs,
         }
         return zstandard.ZstdCompressor(level=3).compress(json.dumps(document).encode("ascii"))
 
@@ -117,6 +121,12 @@ def coalesce_ranges(locations: Iterable[BlobLocation]) -> list[tuple[int, int]]:
         else:
             ranges.append((location.offset, end))
     return ranges
+
+
+def _note_packs(state: WalkState, statuses: Iterable[BlobStatus]) -> None:
+    found = {status.location.pack_id for status in statuses if status.location is not None}
+    if not found <= set(state.packs):
+        state.packs = sorted(found.union(state.packs))
 
 
 class TreeWalker:
@@ -170,6 +180,7 @@ class TreeWalker:
     ) -> dict[str, BlobLocation]:
         """Record problems, resolve closed nodes; returns where the nodes that must be read are."""
         statuses = self.index.lookup(self.host, batch, with_closed=True)
+        _note_packs(state, statuses.values())
         to_read: dict[str, BlobLocation] = {}
         for blob, (kind, parents) in batch.items():
             status = statuses[blob]
@@ -194,6 +205,7 @@ class TreeWalker:
         if not data_blobs:
             return {}
         statuses = self.index.lookup(self.host, data_blobs)
+        _note_packs(state, statuses.values())
         for blob in sorted(data_blobs):
             if statuses[blob].condemned:
                 state.condemned.append(blob)
