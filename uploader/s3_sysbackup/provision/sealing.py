@@ -6,13 +6,15 @@ file opens with plain `ccdecrypt` too), else an authenticated one built from the
     MAGIC | salt (16) | nonce (12) | AES-256-GCM(ciphertext + 16-byte tag)
 
 with the key from scrypt(passphrase, salt, n=2**15, r=8, p=1) and the MAGIC+salt+nonce header as
-associated data, so any changed byte, or a wrong passphrase, fails the tag check. ccrypt files carry no
-readable header and only a 32-bit key check; what they decrypt to is checked by the caller (it must
-parse as a credentials file).
+associated data, so any changed byte, or a wrong passphrase, fails the tag check. ccrypt has only a
+32-bit key check and no integrity at all (a flipped bit decrypts to a changed secret), so before ccrypt
+encrypts, a last comment line `# s3-sysbackup-sha256 <hex of the text above>` is added: harmless to
+`ccdecrypt` users (a comment in a credentials file), checked by `unseal`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -28,6 +30,7 @@ SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
 MIN_PASSPHRASE_CHARS = 8
+CHECKSUM_PREFIX = b"# s3-sysbackup-sha256 "
 
 Format = Literal["ccrypt", "aes-gcm"]
 
@@ -51,7 +54,7 @@ def default_format() -> Format:
 def seal(plaintext: bytes, passphrase: str, fmt: Format | None = None) -> bytes:
     key = check_passphrase(passphrase)
     if (fmt or default_format()) == "ccrypt":
-        return _run_ccrypt("-e", plaintext, key)
+        return _run_ccrypt("-e", with_checksum_line(plaintext), key)
     return _seal_aes_gcm(plaintext, key)
 
 
@@ -65,10 +68,27 @@ def unseal(sealed: bytes, passphrase: str) -> bytes:
             "this file is not in s3-sysbackup's own format, so it would be a ccrypt file, "
             "but `ccrypt` is not installed here (apt install ccrypt)"
         )
-    return _run_ccrypt("-d", sealed, key)
+    return without_checksum_line(_run_ccrypt("-d", sealed, key))
 
 
 # ---------------------------------------------------------------- ccrypt
+
+
+def with_checksum_line(text: bytes) -> bytes:
+    body = text if text.endswith(b"\n") else text + b"\n"
+    return body + CHECKSUM_PREFIX + hashlib.sha256(body).hexdigest().encode("ascii") + b"\n"
+
+
+def without_checksum_line(text: bytes) -> bytes:
+    body, _, last_line = text.rstrip(b"\n").rpartition(b"\n")
+    body += b"\n"
+    if not last_line.startswith(CHECKSUM_PREFIX):
+        raise SealError(
+            "the decrypted file has no s3-sysbackup checksum line: damaged, or not from write-config"
+        )
+    if last_line.removeprefix(CHECKSUM_PREFIX) != hashlib.sha256(body).hexdigest().encode("ascii"):
+        raise SealError("the decrypted file does not match its checksum: the file was damaged")
+    return body
 
 
 def _run_ccrypt(mode: str, data: bytes, key: bytes) -> bytes:
