@@ -7,6 +7,7 @@ runnable_scripts), so "written" means "what archive will actually use".
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -19,7 +20,7 @@ from s3_sysbackup.commands import write_config as write_config_command
 from s3_sysbackup.config import load_config
 from s3_sysbackup.credentials import load_credentials
 from s3_sysbackup.pickers import runnable_scripts
-from s3_sysbackup.provision import files
+from s3_sysbackup.provision import files, sealing
 
 PASSPHRASE = "transfer passphrase 42"
 
@@ -223,14 +224,23 @@ def test_encrypted_keys_travel_to_another_host_and_import_there(
     assert load_credentials(load_config(other_host).aws, REGION).access_key == key["AccessKeyId"]
 
 
-@pytest.fixture
+@pytest.fixture(
+    params=[
+        "aes-gcm",
+        pytest.param("ccrypt", marks=pytest.mark.skipif(shutil.which("ccrypt") is None, reason="no ccrypt")),
+    ]
+)
 def sealed_keys(
+    request: pytest.FixtureRequest,
     deployed_package: DeployedPackage,
     config_dir: Path,
     systemd_dir: Path,
     passphrase_file: Path,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Path:
+    """Keys encrypted by write-config in each format (ccrypt is the default only where installed)."""
+    monkeypatch.setattr(sealing, "default_format", lambda: request.param)
     sealed = tmp_path / "keys.sealed"
     assert (
         write_config(
