@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2, S3Event, SQSEvent
 from aws_lambda_powertools.utilities.parser import envelopes, parse
-from aws_lambda_powertools.utilities.parser.models import APIGatewayProxyEventV2Model, S3Model, SqsModel
+from aws_lambda_powertools.utilities.parser.models import (
+    APIGatewayProxyEventV2Model,
+    EventBridgeModel,
+    S3Model,
+    SqsModel,
+)
 from samtranslator.yaml_helper import yaml_parse
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -91,10 +96,22 @@ def api_events() -> Iterator[tuple[Path, dict[str, Any]]]:
             yield path, event
 
 
+def is_sqs_event(event: dict[str, Any]) -> bool:
+    return "Records" in event
+
+
 def sqs_events() -> Iterator[tuple[Path, dict[str, Any]]]:
     for path in event_files():
         event = load_event(path)
-        if not is_api_event(event):
+        if is_sqs_event(event):
+            yield path, event
+
+
+def scheduled_events() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Events a schedule (EventBridge) hands to a function, raw or with the rule's Input."""
+    for path in event_files():
+        event = load_event(path)
+        if not is_api_event(event) and not is_sqs_event(event):
             yield path, event
 
 
@@ -270,7 +287,11 @@ def test_manifest_path_parameter_is_a_manifest_id() -> None:
 
 
 def pack_notifications() -> list[tuple[Path, dict[str, Any]]]:
-    return [(path, event) for path, event in sqs_events() if "s3:TestEvent" not in json.dumps(event)]
+    return [
+        (path, event)
+        for path, event in sqs_events()
+        if path.name.startswith("verify_pack-") and "s3:TestEvent" not in json.dumps(event)
+    ]
 
 
 @pytest.mark.parametrize(("path", "event"), cases(sqs_events()))
@@ -281,8 +302,11 @@ def test_sqs_event_parses_and_bodies_are_intact(path: Path, event: dict[str, Any
     assert len(records) == len(model.Records) > 0
     for record in records:
         assert record.event_source == "aws:sqs"
-        # CloudFormation names the queue <stack>-PackLandedQueue-<suffix>.
-        assert "-PackLandedQueue-" in record.event_source_arn.rsplit(":", 1)[1]
+        # CloudFormation names the queue <stack>-<LogicalId>-<suffix>; each worker has its own queue.
+        queue = {"verify_pack": "PackLandedQueue", "extend_retention": "RetentionQueue"}[
+            path.name.split("-", 1)[0]
+        ]
+        assert f"-{queue}-" in record.event_source_arn.rsplit(":", 1)[1]
         # A hand-edited body with a stale md5OfBody would not be something SQS ever delivers.
         assert record.md5_of_body == hashlib.md5(record.body.encode()).hexdigest()
 
@@ -308,3 +332,30 @@ def test_s3_test_event_is_among_the_samples() -> None:
     """S3 sends `s3:TestEvent` when the notification is set up; the verifier must see (and drop) one."""
     bodies = [json.loads(record.body) for _, event in sqs_events() for record in SQSEvent(event).records]
     assert any(body.get("Event") == "s3:TestEvent" and "Records" not in body for body in bodies)
+
+
+# ---------------------------------------------------------------- scheduled events
+
+
+def scheduled_folders() -> set[str]:
+    return {
+        function_folder(function)
+        for function in template_functions().values()
+        for trigger in (function["Properties"].get("Events") or {}).values()
+        if trigger["Type"] in ("Schedule", "ScheduleV2")
+    }
+
+
+def test_every_scheduled_function_has_a_sample_event() -> None:
+    covered = {path.name.split("-", 1)[0] for path, _ in scheduled_events()}
+    assert scheduled_folders() <= covered
+
+
+@pytest.mark.parametrize(("path", "event"), cases(scheduled_events()))
+def test_scheduled_event_is_eventbridge_or_a_dry_run_input(path: Path, event: dict[str, Any]) -> None:
+    assert path.name.split("-", 1)[0] in scheduled_folders()
+    if "detail-type" in event:
+        parsed = parse(event=event, model=EventBridgeModel)
+        assert parsed.detail_type == "Scheduled Event" and parsed.source == "aws.events"
+    else:
+        assert event == {"dry_run": True} or event == {"dry_run": False}

@@ -37,7 +37,14 @@ ALLOWED_FUNCTION_MANAGED_POLICIES = {
     "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess",
     "arn:aws:iam::aws:policy/service-role/AWSLambdaSQSQueueExecutionRole",
 }
-FUNCTIONS = ("UploadApiFunction", "ManifestApiFunction", "RestoreApiFunction", "VerifyPackFunction")
+FUNCTIONS = (
+    "UploadApiFunction",
+    "ManifestApiFunction",
+    "RestoreApiFunction",
+    "VerifyPackFunction",
+    "ExtendRetentionFunction",
+    "GcFunction",
+)
 TABLE_KEYS = {
     "BlobIndexTable": [("pk", "HASH"), ("sk", "RANGE")],
     "ManifestTable": [("host", "HASH"), ("manifest_id", "RANGE")],
@@ -439,7 +446,11 @@ def test_restore_principal_env_var_names_the_restore_role(resources: dict[str, A
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_function_role_names_no_wildcard_for_data_services(resources: dict[str, Any], function: str) -> None:
     role = function_role(resources, function)
-    assert set(role["Properties"]["ManagedPolicyArns"]) <= ALLOWED_FUNCTION_MANAGED_POLICIES
+    # GcRole (a plain IAM role, not one SAM made) names its managed policies with ${AWS::Partition}.
+    managed = {
+        render(arn).replace("${AWS::Partition}", "aws") for arn in role["Properties"]["ManagedPolicyArns"]
+    }
+    assert managed <= ALLOWED_FUNCTION_MANAGED_POLICIES
     for statement in role_statements(role):
         if any(action.startswith(DATA_SERVICES) for action in actions(statement)):
             assert "*" not in rendered_resources(statement)
@@ -471,12 +482,30 @@ EXPECTED_GRANTS: dict[str, dict[str, dict[str, set[str]]]] = {
         "s3:": {"s3:getobject": {PACKS}},
         "kms:": {"kms:decrypt": {"${BackupKey.Arn}"}},
     },
+    "ExtendRetentionFunction": {
+        "s3:": {"s3:putobjectretention": {PACKS}, "s3:getobjectretention": {PACKS}},
+        "kms:": {},
+    },
+    "GcFunction": {
+        "s3:": {
+            "s3:listbucketversions": {"${BackupBucket.Arn}"},
+            "s3:bypassgovernanceretention": {"${BackupBucket.Arn}/*"},
+            "s3:deleteobjectversion": {"${BackupBucket.Arn}/*"},
+            "s3:getobjectretention": {"${BackupBucket.Arn}/*"},
+            "s3:putobjectretention": {"${BackupBucket.Arn}/*"},
+            "s3:getobject": {MANIFESTS, PACKS},
+            "s3:getobjectversion": {MANIFESTS, PACKS},
+        },
+        "kms:": {"kms:decrypt": {"${BackupKey.Arn}"}},
+    },
 }
 EXPECTED_TABLES = {
     "UploadApiFunction": {"${BlobIndexTable.Arn}"},
     "ManifestApiFunction": {"${ManifestTable.Arn}", "${BlobIndexTable.Arn}", "${JobsTable.Arn}"},
     "RestoreApiFunction": {"${BlobIndexTable.Arn}"},
     "VerifyPackFunction": {"${BlobIndexTable.Arn}"},
+    "ExtendRetentionFunction": {"${BlobIndexTable.Arn}"},
+    "GcFunction": {"${ManifestTable.Arn}", "${BlobIndexTable.Arn}", "${JobsTable.Arn}"},
 }
 DYNAMODB_READS = {"dynamodb:getitem", "dynamodb:batchgetitem", "dynamodb:query"}
 
@@ -495,23 +524,34 @@ def test_function_dynamodb_grants_touch_only_its_tables(resources: dict[str, Any
     grants = allowed(function_role(resources, function), "dynamodb:")
     assert grants, f"{function} has no DynamoDB access"
     assert set().union(*grants.values()) == EXPECTED_TABLES[function]
-    assert "dynamodb:scan" not in grants and "dynamodb:deleteitem" not in grants
+    if function != "GcFunction":  # only gc scans and deletes (forget, condemned items, its lease)
+        assert "dynamodb:scan" not in grants and "dynamodb:deleteitem" not in grants
 
 
 def test_restore_api_only_reads_the_index(resources: dict[str, Any]) -> None:
     assert set(allowed(function_role(resources, "RestoreApiFunction"), "dynamodb:")) <= DYNAMODB_READS
 
 
-def test_verifier_reports_partial_batch_failures(resources: dict[str, Any]) -> None:
-    mappings = [r for r in resources.values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
+@pytest.mark.parametrize(
+    ("queue", "function"),
+    [("PackLandedQueue", "VerifyPackFunction"), ("RetentionQueue", "ExtendRetentionFunction")],
+)
+def test_queue_workers_report_partial_batch_failures(
+    resources: dict[str, Any], queue: str, function: str
+) -> None:
+    mappings = [
+        r
+        for r in resources.values()
+        if r["Type"] == "AWS::Lambda::EventSourceMapping"
+        and render(r["Properties"]["EventSourceArn"]) == f"${{{queue}.Arn}}"
+    ]
     (mapping,) = mappings
     properties = mapping["Properties"]
-    assert render(properties["EventSourceArn"]) == "${PackLandedQueue.Arn}"
-    assert render(properties["FunctionName"]) == "${VerifyPackFunction}"
+    assert render(properties["FunctionName"]) == f"${{{function}}}"
     assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
-    # A message must stay invisible while the verifier may still be working on it.
-    timeout = resources["VerifyPackFunction"]["Properties"]["Timeout"]
-    assert resources["PackLandedQueue"]["Properties"]["VisibilityTimeout"] >= 6 * timeout
+    # A message must stay invisible while the worker may still be working on it.
+    timeout = resources[function]["Properties"]["Timeout"]
+    assert resources[queue]["Properties"]["VisibilityTimeout"] >= 6 * timeout
 
 
 # ---------------------------------------------------------------- API
