@@ -344,7 +344,9 @@ class GarbageCollector:
         self._mark_all(marker, live_manifests)
         snapshot = scan_index(self.index)
         # Manifests committed since the listing reference blobs the scan may show as unreachable.
-        known = {(m.host, m.manifest_id) for m in live_manifests}
+        known = {(m.host, m.manifest_id) for m in live_manifests} | {
+            (host, manifest_id) for host, ids in report.forgotten.items() for manifest_id in ids
+        }
         late = [m for m in self._all_summaries() if (m.host, m.manifest_id) not in known]
         self._mark_all(marker, late)
         report.trees_read = marker.trees_read
@@ -606,18 +608,10 @@ class GarbageCollector:
         return deleted, freed, waiting
 
     def _lock_until(self, key: str, version_id: str) -> datetime | None:
-        try:
-            response = self.store.client.get_object_retention(
-                Bucket=self.store.bucket, Key=key, VersionId=version_id
-            )
-        except ClientError as error:
-            if _status(error) in ("NoSuchObjectLockConfiguration", "ObjectLockConfigurationNotFoundError"):
-                return None
-            raise
-        until = response.get("Retention", {}).get("RetainUntilDate")
-        if isinstance(until, str):
-            return parse_iso_utc(until[:19] + "Z")
-        return until.astimezone(timezone.utc) if until is not None else None
+        """The version's lock end, from HEAD (S3 reports it to callers holding s3:GetObjectRetention)."""
+        response = self.store.client.head_object(Bucket=self.store.bucket, Key=key, VersionId=version_id)
+        until = response.get("ObjectLockRetainUntilDate")
+        return until.astimezone(timezone.utc) if isinstance(until, datetime) else None
 
     def _drop_condemned_item(self, item: BlobItem) -> None:
         try:
