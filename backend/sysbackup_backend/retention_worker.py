@@ -25,7 +25,7 @@ from sysbackup_domain.retention import iso_utc, parse_iso_utc
 
 from .dynamo import chunks, is_condition_failure
 from .errors import SettingsError
-from .index import PACK_SK, BlobIndex, pack_pk
+from .index import PACK_PRESIGNED, PACK_SK, BlobIndex, pack_pk
 from .store import pack_key
 
 # ~70 bytes per pack id in JSON: 300 per message keeps a full batch of 10 far below SQS's 256 KiB.
@@ -138,7 +138,8 @@ class LockExtender:
         targets: dict[str, datetime] = {}
         for pack_id in request.pack_ids:
             item = items.get(pack_id)
-            if item is None:
+            # Never registered (or already collected): no manifest can be using it.
+            if item is None or item.get("state") == PACK_PRESIGNED:
                 report.not_uploaded.append(pack_id)
                 continue
             current = parse_iso_utc(item["retain_until"]) if item.get("retain_until") else None
