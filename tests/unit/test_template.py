@@ -44,6 +44,7 @@ FUNCTIONS = (
     "VerifyPackFunction",
     "ExtendRetentionFunction",
     "GcFunction",
+    "StaleHostsFunction",  # its IAM/SNS grants and schedule: tests/unit/test_template_ops.py
 )
 TABLE_KEYS = {
     "BlobIndexTable": [("pk", "HASH"), ("sk", "RANGE")],
@@ -498,6 +499,7 @@ EXPECTED_GRANTS: dict[str, dict[str, dict[str, set[str]]]] = {
         },
         "kms:": {"kms:decrypt": {"${BackupKey.Arn}"}},
     },
+    "StaleHostsFunction": {"s3:": {}, "kms:": {}},
 }
 EXPECTED_TABLES = {
     "UploadApiFunction": {"${BlobIndexTable.Arn}"},
@@ -506,6 +508,7 @@ EXPECTED_TABLES = {
     "VerifyPackFunction": {"${BlobIndexTable.Arn}"},
     "ExtendRetentionFunction": {"${BlobIndexTable.Arn}"},
     "GcFunction": {"${ManifestTable.Arn}", "${BlobIndexTable.Arn}", "${JobsTable.Arn}"},
+    "StaleHostsFunction": {"${ManifestTable.Arn}"},
 }
 DYNAMODB_READS = {"dynamodb:getitem", "dynamodb:batchgetitem", "dynamodb:query"}
 
