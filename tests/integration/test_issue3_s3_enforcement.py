@@ -11,8 +11,11 @@ import base64
 import datetime as dt
 import hashlib
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from s3_sysbackup.api import ApiClient
 from sysbackup_local.stack import LocalHost, LocalStack
 from test_issue3_support import (
     BuiltPack,
@@ -30,6 +33,22 @@ def random_pack(size: int = 4096) -> BuiltPack:
     return build_pack([(hashlib.sha256(blob).hexdigest(), blob)])
 
 
+@dataclass(frozen=True)
+class Presigned:
+    api: ApiClient
+    pack: BuiltPack
+    upload: dict[str, Any]
+
+
+@pytest.fixture
+def presigned(stack: LocalStack, host_config: LocalHost) -> Presigned:
+    """A fresh random pack and the upload `POST /packs/presign` handed the host for it."""
+    api = api_client(stack, host_config.identity)
+    pack = random_pack()
+    [upload] = presign(api, pack)["uploads"]
+    return Presigned(api, pack, upload)
+
+
 def lock_of(stack: LocalStack, key: str) -> dict:
     return stack.s3_client("UploadApiFunction").head_object(
         Bucket=stack.bucket, Key=key, ChecksumMode="ENABLED"
@@ -37,11 +56,9 @@ def lock_of(stack: LocalStack, key: str) -> dict:
 
 
 def test_a_body_that_does_not_match_the_signed_checksum_is_rejected(
-    stack: LocalStack, host_config: LocalHost
+    stack: LocalStack, presigned: Presigned
 ) -> None:
-    api = api_client(stack, host_config.identity)
-    pack = random_pack()
-    [upload] = presign(api, pack)["uploads"]
+    pack, upload = presigned.pack, presigned.upload
     evil = bytearray(pack.data)
     evil[10] ^= 0xFF  # same length, one byte off
 
@@ -53,11 +70,9 @@ def test_a_body_that_does_not_match_the_signed_checksum_is_rejected(
 
 
 def test_changing_the_headers_or_the_key_breaks_the_signature(
-    stack: LocalStack, host_config: LocalHost
+    stack: LocalStack, presigned: Presigned
 ) -> None:
-    api = api_client(stack, host_config.identity)
-    pack = random_pack()
-    [upload] = presign(api, pack)["uploads"]
+    pack, upload = presigned.pack, presigned.upload
     headers = {name.lower(): value for name, value in upload["headers"].items()}
     assert headers["if-none-match"] == "*"
     shorter = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -88,11 +103,9 @@ def test_changing_the_headers_or_the_key_breaks_the_signature(
 
 
 def test_a_retried_put_is_a_412_and_never_a_second_locked_version(
-    stack: LocalStack, host_config: LocalHost
+    stack: LocalStack, presigned: Presigned
 ) -> None:
-    api = api_client(stack, host_config.identity)
-    pack = random_pack()
-    [upload] = presign(api, pack)["uploads"]
+    api, pack, upload = presigned.api, presigned.pack, presigned.upload
 
     assert put(upload, pack.data).status_code == 200
     retried = put(upload, pack.data)
@@ -107,12 +120,10 @@ def test_a_retried_put_is_a_412_and_never_a_second_locked_version(
 
 
 def test_the_stored_pack_carries_the_lock_and_checksum_it_was_presigned_with(
-    stack: LocalStack, host_config: LocalHost
+    stack: LocalStack, presigned: Presigned, host_config: LocalHost
 ) -> None:
-    api = api_client(stack, host_config.identity)
-    pack = random_pack()
     before = dt.datetime.now(dt.timezone.utc)
-    [upload] = presign(api, pack)["uploads"]
+    pack, upload = presigned.pack, presigned.upload
     headers = {name.lower(): value for name, value in upload["headers"].items()}
 
     assert put(upload, pack.data).status_code == 200
@@ -131,11 +142,9 @@ def test_the_stored_pack_carries_the_lock_and_checksum_it_was_presigned_with(
     assert item["host"] == host_config.name and item["size"] == len(pack.data)
 
 
-def test_the_lock_holds_against_the_functions_own_identity(stack: LocalStack, host_config: LocalHost) -> None:
+def test_the_lock_holds_against_the_functions_own_identity(stack: LocalStack, presigned: Presigned) -> None:
     """Only gc may bypass governance: not even the upload function can delete a landed pack's version."""
-    api = api_client(stack, host_config.identity)
-    pack = random_pack()
-    [upload] = presign(api, pack)["uploads"]
+    pack, upload = presigned.pack, presigned.upload
     assert put(upload, pack.data).status_code == 200
     [version] = object_versions(stack, f"packs/{pack.pack_id}")
     s3 = stack.s3_client("UploadApiFunction")
