@@ -26,6 +26,9 @@ KIND_GC = "gc"
 KIND_RESTORE = "restore"
 KIND_HOST = "host"
 
+# Template roles whose functions run as a shared service identity rather than their own.
+ROLE_IDENTITY_KINDS = {"GcRole": KIND_GC}
+
 # SeaweedFS identity actions (see docs/LOCAL_STACK.md: only these coarse names are recognised).
 FUNCTION_ACTIONS = ("Read", "Write", "List", "Tagging", "PutObjectRetention", "GetObjectRetention")
 GC_EXTRA_ACTIONS = ("BypassGovernanceRetention",)

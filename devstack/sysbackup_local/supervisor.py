@@ -29,7 +29,7 @@ import boto3
 from botocore.config import Config
 
 from .gateway import ApiGateway, InvocationOutcome, RouteTable, make_http_server
-from .identities import KIND_FUNCTION, IdentityRegistry
+from .identities import KIND_FUNCTION, ROLE_IDENTITY_KINDS, Identity, IdentityRegistry
 from .notifications import (
     SqsPoller,
     iter_json_objects,
@@ -53,7 +53,9 @@ def function_environment(
     environment = {
         key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "POWERTOOLS_"))
     }
-    environment.update(spec_env)
+    # `!Ref` of a queue is its URL in AWS; the template reader only knows names, the stack knows the URLs.
+    queue_urls = {queue["name"]: queue["url"] for queue in stack.get("queues", {}).values()}
+    environment.update({name: queue_urls.get(value, value) for name, value in spec_env.items()})
     environment.update(
         {
             "AWS_ACCESS_KEY_ID": access_key,
@@ -149,7 +151,7 @@ class Supervisor:
         self._idle_workers[name] = idle
 
     def start_function(self, spec: FunctionSpec) -> None:
-        identity = self.registry.get(KIND_FUNCTION, spec.logical_id)
+        identity = self.function_identity(spec)
         env = function_environment(
             spec.environment, spec.logical_id, identity.access_key, identity.secret_key, self.stack
         )
@@ -159,6 +161,11 @@ class Supervisor:
         )
         for route in spec.routes:
             self.routes.add(route, spec.logical_id)
+
+    def function_identity(self, spec: FunctionSpec) -> Identity:
+        """A function runs as its template role's identity (GcFunction as `gc`), else its own."""
+        kind = ROLE_IDENTITY_KINDS.get(spec.role_logical_id or "")
+        return self.registry.get(kind) if kind else self.registry.get(KIND_FUNCTION, spec.logical_id)
 
     def invoke(self, function: str, event: dict[str, Any]) -> InvocationOutcome:
         idle = self._idle_workers.get(function)

@@ -78,6 +78,8 @@ class FunctionSpec:
     environment: dict[str, str]
     routes: tuple[HttpRoute, ...] = ()
     sqs_triggers: tuple[SqsTrigger, ...] = ()
+    # The template's `Role: !GetAtt X.Arn` (e.g. GcRole), or None for the role SAM makes per function.
+    role_logical_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -362,5 +364,14 @@ def _parse_functions(
             environment=environment,
             routes=tuple(routes),
             sqs_triggers=tuple(triggers),
+            role_logical_id=_role_logical_id(body.get("Properties", {}).get("Role")),
         )
     return functions
+
+
+def _role_logical_id(role: Any) -> str | None:
+    """`!GetAtt GcRole.Arn` -> "GcRole"; anything else (absent, a literal ARN) -> None."""
+    if isinstance(role, dict) and "Fn::GetAtt" in role:
+        argument = role["Fn::GetAtt"]
+        return str(argument[0] if isinstance(argument, list) else str(argument).split(".", 1)[0])
+    return None
