@@ -21,7 +21,8 @@ class RetentionPolicy:
     max_days_retained: int
     lock_mode: str
     # Tests only (template parameter TestRetentionSeconds): locks last this many seconds instead of
-    # days_retained days, so no test waits for days. A host's longer request still counts, in days.
+    # days_retained days, so no test waits for days. A host asking for more than days_retained still
+    # gets its days (capped at the maximum).
     retention_seconds: int | None = None
 
     def __post_init__(self) -> None:
@@ -59,9 +60,9 @@ def retained_days(policy: RetentionPolicy, requested_days: int | None) -> int:
 def retain_until(now: datetime, policy: RetentionPolicy, requested_days: int | None) -> datetime:
     """The lock's end (UTC, whole seconds rounded up so the lock is never shorter than promised)."""
     period = timedelta(days=retained_days(policy, requested_days))
-    if policy.retention_seconds is not None:
-        asked = timedelta(days=requested_days) if requested_days else timedelta(0)
-        period = max(timedelta(seconds=policy.retention_seconds), min(asked, period))
+    asks_for_longer = requested_days is not None and requested_days > policy.days_retained
+    if policy.retention_seconds is not None and not asks_for_longer:
+        period = timedelta(seconds=policy.retention_seconds)
     end = _require_aware(now, "now").astimezone(timezone.utc) + period
     if end.microsecond:
         end = end.replace(microsecond=0) + timedelta(seconds=1)

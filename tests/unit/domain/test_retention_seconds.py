@@ -16,9 +16,14 @@ def test_seconds_replace_the_stack_default() -> None:
     assert retain_until(NOW, SHORT, None) == NOW + timedelta(seconds=20)
 
 
-@pytest.mark.parametrize(("requested", "days"), [(2, 2), (400, 365)])
-def test_a_host_asking_for_days_still_gets_them_capped(requested: int, days: int) -> None:
+@pytest.mark.parametrize(("requested", "days"), [(31, 31), (400, 365)])
+def test_a_host_asking_for_longer_still_gets_its_days_capped(requested: int, days: int) -> None:
     assert retain_until(NOW, SHORT, requested) == NOW + timedelta(days=days)
+
+
+@pytest.mark.parametrize("requested", [0, 2, 30])
+def test_a_host_asking_for_the_default_or_less_gets_the_seconds(requested: int) -> None:
+    assert retain_until(NOW, SHORT, requested) == NOW + timedelta(seconds=20)
 
 
 @pytest.mark.parametrize("bad", [0, -5, True, 2.5])
