@@ -20,7 +20,7 @@ from s3_sysbackup.commands import write_config as write_config_command
 from s3_sysbackup.config import load_config
 from s3_sysbackup.credentials import load_credentials
 from s3_sysbackup.pickers import runnable_scripts
-from s3_sysbackup.provision import files, sealing
+from s3_sysbackup.provision import files, host_config, sealing
 
 PASSPHRASE = "transfer passphrase 42"
 
@@ -97,10 +97,14 @@ def test_only_the_safe_example_picker_runs_until_the_admin_enables_others(
     assert subprocess.run([runnable[0]], capture_output=True, check=True).stdout == b"/etc\n"
     assert list(runnable_scripts(config_dir / "snapshots.d")) == []
     examples = sorted(path.name for path in (config_dir / "snapshots.d").iterdir())
-    assert examples == ["packages.example", "postgresql.example"]
+    # The project's own snapshotters come along as examples when this is a source checkout.
+    shipped = sorted(f"{path.name}.example" for path in host_config.PROJECT_SNAPSHOTTERS.glob("*"))
+    assert examples == sorted(["packages.example", *shipped])
     for example in [*(config_dir / "snapshots.d").iterdir(), config_dir / "pickers.d" / "50-home.example"]:
-        # Valid shell once enabled.
-        subprocess.run(["sh", "-n", str(example)], check=True)
+        # Valid for its own interpreter once enabled (syntax check only: nothing runs).
+        interpreter = example.read_text().splitlines()[0].removeprefix("#!").split()
+        assert interpreter[0].endswith(("/sh", "/bash")), interpreter
+        subprocess.run([*interpreter, "-n", str(example)], check=True)
 
 
 def test_writes_the_systemd_units_for_this_config(

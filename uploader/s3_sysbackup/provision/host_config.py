@@ -118,31 +118,29 @@ fi
 """,
         False,
     ),
-    (
-        "snapshots.d/postgresql.example",
-        """\
-#!/bin/sh
-# Example snapshotter: a consistent dump of every PostgreSQL database, streamed (no temporary file).
-# The systemd unit drops every capability but reading: switching to the postgres user needs a drop-in
-# (systemctl edit s3-sysbackup.service) with
-#   [Service]
-#   CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_SETUID CAP_SETGID
-#   NoNewPrivileges=no
-# or a PostgreSQL role root may use (e.g. `pg_ident` mapping root to postgres).
-set -eu
-echo "pg_dumpall of the local PostgreSQL cluster"
-echo "::restore-through::runuser -u postgres -- psql -X -f - postgres"
-runuser -u postgres -- pg_dumpall >&"${1:-1}"
-""",
-        False,
-    ),
 )
+
+
+# The project's ready snapshotters (PostgreSQL, MySQL/MariaDB, SQLite), present in a source checkout:
+# uploader/s3_sysbackup/provision/host_config.py -> uploader/examples/snapshots.d.
+PROJECT_SNAPSHOTTERS = Path(__file__).resolve().parents[2] / "examples" / "snapshots.d"
+
+
+def example_scripts() -> list[tuple[str, str, bool]]:
+    """(relative path, text, executable): the built-in examples plus the project's snapshotters."""
+    examples = list(EXAMPLE_SCRIPTS)
+    if PROJECT_SNAPSHOTTERS.is_dir():
+        for script in sorted(PROJECT_SNAPSHOTTERS.iterdir()):
+            if script.is_file():
+                text = script.read_text(encoding="utf-8")
+                examples.append((f"snapshots.d/{script.name}.example", text, False))
+    return examples
 
 
 def write_examples(config_dir: Path) -> list[Path]:
     """Example scripts that are not there yet; an administrator's own files are never replaced."""
     written = []
-    for relative, text, executable in EXAMPLE_SCRIPTS:
+    for relative, text, executable in example_scripts():
         path = config_dir / relative
         if path.exists() or path.with_suffix("").exists():
             continue

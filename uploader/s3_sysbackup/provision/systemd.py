@@ -3,8 +3,13 @@
 The service runs as root with every capability dropped but CAP_DAC_READ_SEARCH: that one lets it read
 (and traverse) every file whatever its mode, which is all an archive needs; it cannot write anywhere but
 its cache, change ownership, kill, load modules or bypass write permissions. Restores are run by hand,
-outside this sandbox. Snapshotters run inside it too: one that must switch user (e.g. `runuser -u
-postgres pg_dump`) needs a drop-in adding CAP_SETUID CAP_SETGID to CapabilityBoundingSet.
+outside this sandbox. Snapshotters run inside it too: one that switches user (the project's PostgreSQL
+snapshotter runs pg_dump through `runuser -u postgres`) or keeps state outside the cache (its
+\restrict key file in /var/lib/s3-sysbackup) needs a drop-in (`systemctl edit s3-sysbackup.service`):
+
+    [Service]
+    CapabilityBoundingSet=CAP_DAC_READ_SEARCH CAP_SETUID CAP_SETGID
+    ReadWritePaths=/var/lib/s3-sysbackup
 """
 
 from __future__ import annotations
