@@ -58,6 +58,9 @@ def take_snapshot(
 ) -> SnapshotRecord:
     """Run one snapshotter, chunking its stream into `add_blob` as it comes; never raises for its failure.
 
+    `timeout_s` is the snapshotter's own time: time spent waiting on `add_blob` (uploads on a slow
+    link) does not count against it.
+
     (A failure of `add_blob` itself, e.g. the backend is unreachable, does propagate: the child is
     killed and reaped first.)
     """
@@ -73,12 +76,15 @@ def take_snapshot(
     size = 0
     try:
         for chunk in chunk_file(stream, STREAM_CHUNKING):  # type: ignore[arg-type]
+            handed_over = time.monotonic()
             chunks.append(add_blob("data", chunk))
+            # Time the sink held us (uploads, backpressure) is ours, not the snapshotter's.
+            stream.postpone(time.monotonic() - handed_over)
             size += len(chunk)
             if on_bytes:
                 on_bytes(len(chunk))
         timed_out = stream.timed_out
-        status = None if timed_out else _wait_until(child.pid, deadline)
+        status = None if timed_out else _wait_until(child.pid, stream.deadline)
         if status is None:
             timed_out = True
             status = _terminate(child.pid)
@@ -202,8 +208,11 @@ class _DeadlineReader(io.RawIOBase):
     def __init__(self, fd: int, deadline: float) -> None:
         super().__init__()
         self._file = io.FileIO(fd, "rb", closefd=True)
-        self._deadline = deadline
+        self.deadline = deadline
         self.timed_out = False
+
+    def postpone(self, seconds: float) -> None:
+        self.deadline += seconds
 
     def readable(self) -> bool:
         return True
@@ -214,7 +223,7 @@ class _DeadlineReader(io.RawIOBase):
         poller = select.poll()
         poller.register(self._file.fileno(), select.POLLIN)
         while True:
-            remaining_ms = int((self._deadline - time.monotonic()) * 1000)
+            remaining_ms = int((self.deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
                 self.timed_out = True
                 return 0

@@ -106,6 +106,19 @@ def test_a_hanging_snapshotter_is_stopped_at_the_timeout(tmp_path, store):
     assert store.stream(record.content) == b"started\n"  # the partial stream is kept, marked failed
 
 
+def test_time_spent_uploading_does_not_count_against_the_snapshotter(tmp_path, store, payload_file):
+    script = write_script(tmp_path / "db", f"cat {payload_file} >&$1\n")
+
+    def slow_uplink(kind: str, plaintext: bytes) -> str:
+        time.sleep(0.1)
+        return store.add(kind, plaintext)
+
+    started = time.monotonic()
+    record = take_snapshot(script, 1.0, slow_uplink)
+    assert time.monotonic() - started > 1.0  # the run took longer than the timeout...
+    assert record.error is None and store.stream(record.content) == PAYLOAD  # ...and that was our doing
+
+
 def test_one_that_closes_the_stream_then_hangs_is_still_timed_out(tmp_path, store):
     script = write_script(tmp_path / "lingers", "echo all >&$1\nexec 3>&-\nsleep 60\n")
     record = take_snapshot(script, 0.5, store.add)
