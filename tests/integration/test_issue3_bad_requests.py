@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +18,16 @@ import requests
 from s3_sysbackup.api import ApiClient, ApiError
 from sysbackup_local.stack import LocalHost, LocalStack
 from test_api_identity import as_host, send, signed
-from test_issue3_support import api_client, archive, head_of, object_versions, pack_registry, pick
+from test_issue3_support import (
+    api_client,
+    archive,
+    head_of,
+    object_versions,
+    pack_registry,
+    pick,
+    quiet_directory,
+)
 
-QUIET_BASE = os.environ.get("S3SB_TEST_QUIET_DIR", "/var/tmp")
 GATEWAY_BODY_LIMIT = 10 * 1024 * 1024
 
 
@@ -33,13 +38,12 @@ def unknown_hash(label: str) -> str:
 @pytest.fixture
 def committed(host_config: LocalHost, tmp_path: Path) -> Iterator[LocalHost]:
     """A host with one real manifest, so a refused commit has a HEAD and a parent to leave alone."""
-    source = Path(tempfile.mkdtemp(prefix="s3sb-bad-", dir=QUIET_BASE))
-    (source / "file").write_bytes(b"committed before the bad requests\n")
-    pick(host_config, [source], tmp_path / "cache")
-    first = archive(host_config, tmp_path / "stats.json")
-    assert first.returncode == 0, first.process.stderr
-    yield host_config
-    shutil.rmtree(source)
+    with quiet_directory() as source:
+        (source / "file").write_bytes(b"committed before the bad requests\n")
+        pick(host_config, [source], tmp_path / "cache")
+        first = archive(host_config, tmp_path / "stats.json")
+        assert first.returncode == 0, first.process.stderr
+        yield host_config
 
 
 def state_of(stack: LocalStack, api: ApiClient, host: str) -> dict[str, Any]:

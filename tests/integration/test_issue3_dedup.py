@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,27 +23,26 @@ from test_issue3_support import (
     pack_registry,
     pick,
     presign,
+    quiet_directory,
     restore,
     upload_pack,
 )
 
-QUIET_BASE = os.environ.get("S3SB_TEST_QUIET_DIR", "/var/tmp")
 TREE_BYTES = 6 * 1024 * 1024
 
 
 @pytest.fixture
 def shared_tree() -> Iterator[Path]:
     """The same files for every host: a few MB of incompressible data in a directory nobody else touches."""
-    quiet = Path(tempfile.mkdtemp(prefix="s3sb-dedup-", dir=QUIET_BASE))
-    tree = quiet / "tree"
-    (tree / "sub").mkdir(parents=True)
-    (tree / "big.bin").write_bytes(os.urandom(TREE_BYTES - 2 * 65536))
-    (tree / "sub" / "a.bin").write_bytes(os.urandom(65536))
-    (tree / "sub" / "b.bin").write_bytes(os.urandom(65536))
-    (tree / "sub" / "small.txt").write_text("a small file\n")
-    time.sleep(1.1)  # files changed within a second of a scan are re-read next time; let them settle
-    yield tree
-    shutil.rmtree(quiet)
+    with quiet_directory() as quiet:
+        tree = quiet / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "big.bin").write_bytes(os.urandom(TREE_BYTES - 2 * 65536))
+        (tree / "sub" / "a.bin").write_bytes(os.urandom(65536))
+        (tree / "sub" / "b.bin").write_bytes(os.urandom(65536))
+        (tree / "sub" / "small.txt").write_text("a small file\n")
+        time.sleep(1.1)  # files changed within a second of a scan are re-read next time; let them settle
+        yield tree
 
 
 def another_host(stack: LocalStack, first: LocalHost, suffix: str, tmp_path: Path) -> LocalHost:
@@ -142,8 +139,7 @@ def test_a_pack_whose_bytes_lie_never_answers_another_hosts_dedup_check(
     assert refused.value.status == 422 and lie.pack_id in str(refused.value.body)
 
     # The victim backing up the true bytes uploads them itself and gets them back.
-    quiet = Path(tempfile.mkdtemp(prefix="s3sb-lie-", dir=QUIET_BASE))
-    try:
+    with quiet_directory() as quiet:
         (quiet / "truth.bin").write_bytes(truth)
         pick(victim, [quiet], tmp_path / "victim-cache")
         run = archive(victim, tmp_path / "victim.json")
@@ -152,16 +148,13 @@ def test_a_pack_whose_bytes_lie_never_answers_another_hosts_dedup_check(
         restored = restore(victim, tmp_path / "restored")
         assert restored.returncode == 0, restored.stderr
         assert (tmp_path / "restored" / str(quiet).lstrip("/") / "truth.bin").read_bytes() == truth
-    finally:
-        shutil.rmtree(quiet)
 
 
 def test_hosts_cannot_list_read_or_commit_over_each_other(
     stack: LocalStack, host_config: LocalHost, tmp_path: Path
 ) -> None:
     mine, theirs = host_config, another_host(stack, host_config, "theirs", tmp_path)
-    quiet = Path(tempfile.mkdtemp(prefix="s3sb-iso-", dir=QUIET_BASE))
-    try:
+    with quiet_directory() as quiet:
         for host in (mine, theirs):
             source = quiet / host.name
             source.mkdir()
@@ -169,8 +162,6 @@ def test_hosts_cannot_list_read_or_commit_over_each_other(
             pick(host, [source], tmp_path / f"cache-{host.name}")
             run = archive(host, tmp_path / f"{host.name}.json")
             assert run.returncode == 0, run.process.stderr
-    finally:
-        shutil.rmtree(quiet)
     my_api, their_api = api_client(stack, mine.identity), api_client(stack, theirs.identity)
     [my_summary], [their_summary] = my_api.list_manifests(), their_api.list_manifests()
     their_id = their_summary["manifest_id"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,24 +19,21 @@ from typing import Any
 import pytest
 from sysbackup_local.stack import LocalHost, LocalStack
 from test_archive_restore import cli, describe
-from test_issue3_support import archive, object_versions, pack_registry, pick, restore
-
-QUIET_BASE = os.environ.get("S3SB_TEST_QUIET_DIR", "/var/tmp")
+from test_issue3_support import archive, object_versions, pack_registry, pick, quiet_directory, restore
 
 
 @pytest.fixture
 def source(host_config: LocalHost, tmp_path: Path) -> Iterator[Path]:
     """A few MB picked by the host, in a directory nobody else touches."""
-    quiet = Path(tempfile.mkdtemp(prefix="s3sb-fault-", dir=QUIET_BASE))
-    tree = quiet / "tree"
-    (tree / "etc").mkdir(parents=True)
-    (tree / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))
-    (tree / "etc" / "app.conf").write_text("listen = 8080\n")
-    (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
-    pick(host_config, [tree], tmp_path / "cache")
-    time.sleep(1.1)  # files changed within a second of a scan are re-read next time
-    yield tree
-    shutil.rmtree(quiet)
+    with quiet_directory() as quiet:
+        tree = quiet / "tree"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "data.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+        (tree / "etc" / "app.conf").write_text("listen = 8080\n")
+        (tree / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+        pick(host_config, [tree], tmp_path / "cache")
+        time.sleep(1.1)  # files changed within a second of a scan are re-read next time
+        yield tree
 
 
 def packs_of(stack: LocalStack, host: str) -> dict[str, dict[str, Any]]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat
 import sysconfig
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +19,10 @@ from pathlib import Path
 import pytest
 from sysbackup_local.stack import LocalHost
 from test_archive_restore import build_tree
-from test_issue3_support import archive, pick, restore
+from test_issue3_support import archive, pick, quiet_directory, restore
 
 pytestmark = pytest.mark.slow
 
-QUIET_BASE = os.environ.get("S3SB_TEST_QUIET_DIR", "/var/tmp")
 MIB = 1024 * 1024
 BIG_FILE_MIB = 200
 NON_UTF8_NAME = b"latin-1 \xe9t\xe9 \xff\xfe"
@@ -98,13 +95,12 @@ def fingerprint(top: Path) -> dict[bytes, tuple[object, ...]]:
 
 @pytest.fixture
 def crafted() -> Iterator[Path]:
-    quiet = Path(tempfile.mkdtemp(prefix="s3sb-large-", dir=QUIET_BASE))
-    top = quiet / "crafted"
-    top.mkdir()
-    build_odd_tree(top)
-    time.sleep(1.1)  # files changed within a second of a scan are re-read next time; let them settle
-    yield top
-    shutil.rmtree(quiet)
+    with quiet_directory() as quiet:
+        top = quiet / "crafted"
+        top.mkdir()
+        build_odd_tree(top)
+        time.sleep(1.1)  # files changed within a second of a scan are re-read next time; let them settle
+        yield top
 
 
 def test_the_stdlib_and_a_crafted_tree_restore_exactly(

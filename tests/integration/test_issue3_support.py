@@ -3,11 +3,15 @@ clients, the pack registry and the bucket as seen by the stack's own identities.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,18 @@ from sysbackup_local.identities import Identity
 from sysbackup_local.stack import LocalHost, LocalStack
 
 REGION = "us-east-1"
+QUIET_BASE = os.environ.get("S3SB_TEST_QUIET_DIR", "/var/tmp")
+
+
+@contextlib.contextmanager
+def quiet_directory() -> Iterator[Path]:
+    """A directory whose ancestors no other test touches (unlike /tmp): a new entry in an ancestor of a
+    picked path changes that ancestor's mtime, hence its tree, and a re-run would rightly send new trees."""
+    directory = Path(tempfile.mkdtemp(prefix="s3sb-issue3-", dir=QUIET_BASE))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
 
 
 def api_client(stack: LocalStack, identity: Identity) -> ApiClient:
