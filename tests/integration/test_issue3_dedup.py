@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from s3_sysbackup.api import ApiError
-from sysbackup_local.stack import LocalHost, LocalStack
+from sysbackup_local.stack import LocalHost, LocalStack, write_host_config
 from test_archive_restore import describe
 from test_issue3_support import (
     api_client,
@@ -192,3 +192,25 @@ def test_hosts_cannot_list_read_or_commit_over_each_other(
         assert document["host"] == host.name and document["root"] == summary["root"]
         locations, _ = restore_api.locate_blobs([summary["root"]], host=host.name)
         assert summary["root"] in locations
+
+
+def test_the_restore_role_restores_any_host_with_the_cli_and_a_host_cannot(
+    stack: LocalStack, host_config: LocalHost, tmp_path: Path
+) -> None:
+    mine, theirs = host_config, another_host(stack, host_config, "theirs", tmp_path)
+    role_dir = tmp_path / "restore-role"
+    write_host_config(role_dir, stack.identity("restore"), stack)
+    role = LocalHost(name="restore", config_dir=role_dir, identity=stack.identity("restore"))
+    with quiet_directory() as quiet:
+        (quiet / "file").write_text("theirs only\n")
+        pick(theirs, [quiet], tmp_path / "cache")
+        run = archive(theirs, tmp_path / "theirs.json")
+        assert run.returncode == 0, run.process.stderr
+
+        by_role = restore(role, tmp_path / "by-role", "--host", theirs.name)
+        by_host = restore(mine, tmp_path / "by-host", "--host", theirs.name)
+
+        assert by_role.returncode == 0, by_role.stderr
+        assert describe(tmp_path / "by-role" / str(quiet).lstrip("/")) == describe(quiet)
+    assert by_host.returncode == 1 and "403" in by_host.stderr, by_host.stderr
+    assert not any((tmp_path / "by-host").rglob("file"))
