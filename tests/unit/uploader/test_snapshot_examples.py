@@ -104,3 +104,16 @@ def test_sqlite_without_its_database_fails_clearly(monkeypatch, tmp_path):
     record, stream = run_example("sqlite")
     assert record.exit_status == 1 and record.error is not None and "no SQLite database at" in record.error
     assert stream == b""
+
+
+def test_postgresql_a_failing_database_list_fails_the_snapshot(fake_bin, monkeypatch, tmp_path):
+    write_script(
+        fake_bin / "psql",
+        'case "$*" in *datname*) echo "psql: error: permission denied" >&2; exit 2;; *) printf x;; esac\n',
+    )
+    write_script(fake_bin / "pg_dump", "echo usage\n")
+    monkeypatch.setenv("PGHOST", "db.internal")
+    monkeypatch.setenv("PG_RESTRICT_KEY_FILE", str(tmp_path / "key"))
+    record, stream = run_example("postgresql")
+    assert record.exit_status == 2 and "permission denied" in (record.error or "")
+    assert stream == b""
