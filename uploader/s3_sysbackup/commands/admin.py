@@ -9,7 +9,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..provision.aws import ProvisionError, boto3_session
-from ..provision.exports import BUCKET_EXPORT, DEFAULT_PACKAGE, read_exports, validate_package_name
+from ..provision.exports import BUCKET_EXPORT, add_package_options, read_exports, validate_package_name
 from .common import report_failure
 
 BLOB_INDEX_LOGICAL_ID = "BlobIndexTable"
@@ -32,11 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Without --verify the trailers are trusted: use it only on a bucket no host could write."
         ),
     )
-    rebuild.add_argument("--package", default=DEFAULT_PACKAGE, help=f"the package ({DEFAULT_PACKAGE})")
+    add_package_options(rebuild)
     rebuild.add_argument("--bucket", help="the bucket (default: the <package>-BucketName export)")
     rebuild.add_argument("--table", help="the BlobIndexTable name (default: from the package's stack)")
-    rebuild.add_argument("--region", help="the package's region (default: your AWS profile's)")
-    rebuild.add_argument("--profile", help="admin AWS profile (default: botocore's chain)")
     rebuild.add_argument("--verify", action="store_true", help="read whole packs and re-hash every blob")
     rebuild.set_defaults(handler=run_rebuild_index)
 
@@ -50,8 +48,6 @@ def run_rebuild_index(args: argparse.Namespace) -> int:
     try:
         package = validate_package_name(args.package)
         session = boto3_session(args.region, args.profile)
-        if session.region_name is None:
-            raise ProvisionError("no AWS region: pass --region or set one in your AWS profile")
         bucket = args.bucket or read_exports(session.client("cloudformation"), package).require(BUCKET_EXPORT)
         table = args.table or blob_index_table(session.client("cloudformation"), package)
         index = BlobIndex(table, session.resource("dynamodb").meta.client)

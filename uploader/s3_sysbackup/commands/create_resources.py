@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 from ..provision.aws import ProvisionError, boto3_session
-from ..provision.exports import DEFAULT_PACKAGE, stack_outputs, validate_package_name
+from ..provision.exports import add_package_options, stack_outputs, validate_package_name
 from ..provision.sam import DeployPlan, find_sam, find_template, parse_parameters, run_step
 from .common import report_failure
 
@@ -22,11 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "several packages can coexist in one region."
         ),
     )
-    parser.add_argument(
-        "--package", default=DEFAULT_PACKAGE, help=f"package = stack name ({DEFAULT_PACKAGE})"
-    )
-    parser.add_argument("--region", help="AWS region (default: your AWS profile's)")
-    parser.add_argument("--profile", help="AWS profile with rights to deploy (default: botocore's chain)")
+    add_package_options(parser)
     parser.add_argument("--template", type=Path, help="SAM template (default: this checkout's template.yaml)")
     parser.add_argument(
         "--parameter",
@@ -45,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         plan = DeployPlan(
             template=find_template(args.template),
             package=validate_package_name(args.package),
-            region=resolve_region(args.region, args.profile),
+            region=boto3_session(args.region, args.profile).region_name,
             parameters=parse_parameters(args.parameter),
             confirm_changeset=args.confirm,
         )
@@ -63,13 +59,6 @@ def run(args: argparse.Namespace) -> int:
         return report_failure("create-resources", error)
     print_outputs(plan.package, plan.region, outputs)
     return 0
-
-
-def resolve_region(explicit: str | None, profile: str | None) -> str:
-    region = explicit or boto3_session(None, profile).region_name
-    if not region:
-        raise ProvisionError("no AWS region: pass --region or set one in your AWS profile")
-    return str(region)
 
 
 def print_outputs(package: str, region: str, outputs: list[dict[str, str]]) -> None:

@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("file", type=Path, metavar="FILE")
-    parser.add_argument("--config-dir", dest="target_config_dir", type=Path, help="default: /etc/backup")
+    parser.add_argument(
+        "--config-dir", dest="target_config_dir", type=Path, metavar="DIR", help="default: /etc/backup"
+    )
     parser.add_argument("--passphrase-file", type=Path, help="passphrase on its first line (else prompted)")
     parser.add_argument("--force", action="store_true", help="replace an existing credentials file")
     parser.set_defaults(handler=run)

@@ -12,10 +12,10 @@ from ..provision.aws import ProvisionError, boto3_session
 from ..provision.exports import (
     API_ENDPOINT_EXPORT,
     BUCKET_EXPORT,
-    DEFAULT_PACKAGE,
     HOST_ROLE_EXPORT,
     HOSTS_GROUP_EXPORT,
     PackageExports,
+    add_package_options,
     read_exports,
     validate_package_name,
 )
@@ -50,10 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     # Its own dest: the global --config-dir is parsed before the sub-command and would be overwritten.
-    parser.add_argument("--config-dir", dest="target_config_dir", type=Path, help="default: /etc/backup")
-    parser.add_argument("--package", default=DEFAULT_PACKAGE, help=f"the package's stack ({DEFAULT_PACKAGE})")
-    parser.add_argument("--region", help="the package's region (default: your AWS profile's)")
-    parser.add_argument("--profile", help="admin AWS profile for CloudFormation/IAM (default: botocore's)")
+    parser.add_argument(
+        "--config-dir", dest="target_config_dir", type=Path, metavar="DIR", help="default: /etc/backup"
+    )
+    add_package_options(parser)
     parser.add_argument("--api-endpoint", help="the API base URL (default: the <package>-ApiEndpoint export)")
     parser.add_argument("--bucket", help="the bucket (default: the <package>-BucketName export)")
     parser.add_argument("--create-user", metavar="NAME", help="create IAM user NAME (= the host name)")
@@ -119,9 +119,7 @@ def write_config(args: argparse.Namespace) -> Written:
         passphrase = read_passphrase(args.passphrase_file, confirm=True)
         check_passphrase(passphrase)
     session = boto3_session(args.region, args.profile)
-    region = args.region or session.region_name
-    if not region:
-        raise ProvisionError("no AWS region: pass --region or set one in your AWS profile")
+    region: str = session.region_name
     # Endpoint and bucket given and no user to make: nothing to look up in CloudFormation.
     needs_exports = not (args.api_endpoint and args.bucket) or args.create_user
     exports = (

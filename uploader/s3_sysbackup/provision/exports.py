@@ -6,6 +6,7 @@ region; write-config finds a package's bucket and API endpoint from them.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,16 @@ API_ENDPOINT_EXPORT = "ApiEndpoint"
 HOSTS_GROUP_EXPORT = "HostsGroup"
 HOST_ROLE_EXPORT = "HostRoleArn"
 RESTORE_ROLE_EXPORT = "RestoreRoleArn"
+
+
+def add_package_options(parser: argparse.ArgumentParser, with_package: bool = True) -> None:
+    """--package, --region and --profile: which package's stack, where, with which admin credentials."""
+    if with_package:
+        parser.add_argument(
+            "--package", default=DEFAULT_PACKAGE, help=f"the package = its stack's name ({DEFAULT_PACKAGE})"
+        )
+    parser.add_argument("--region", help="the package's AWS region (default: your AWS profile's)")
+    parser.add_argument("--profile", help="admin AWS profile to use (default: botocore's usual chain)")
 
 
 def validate_package_name(package: str) -> str:

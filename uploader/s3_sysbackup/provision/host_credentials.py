@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from sysbackup_domain.manifest import HOST_NAME_RE, is_host_name
 
 from .aws import ProvisionError
 
 PROFILE = "default"
-# docs/ARCHITECTURE.md "Identity": the IAM user name is the host name.
-HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 ACCESS_KEY_ID = re.compile(r"^[A-Z0-9]{16,128}$")
 
 PLACEHOLDER = """\
@@ -58,8 +57,9 @@ def parse_credentials(text: str) -> tuple[str, str]:
 
 
 def validate_host_name(name: str) -> str:
-    if not HOST_NAME.match(name):
-        raise ProvisionError(f"host (IAM user) name {name!r} must match {HOST_NAME.pattern}")
+    # docs/ARCHITECTURE.md "Identity": the IAM user name is the host name, so it must be a valid one.
+    if not is_host_name(name):
+        raise ProvisionError(f"host (IAM user) name {name!r} must match {HOST_NAME_RE.pattern}")
     return name
 
 
