@@ -35,7 +35,7 @@ class SnapshotRestore:
 
     name: str
     bytes_written: int
-    destination: str  # the command, the file, or "stdout"
+    destination: str  # "through CMD", "to FILE" or "to stdout"
 
 
 def restore_through_command(
@@ -71,7 +71,7 @@ def restore_through_command(
     status = _close_and_wait(child)
     if status != 0:
         raise RestoreError(f"the restore-through command {describe_exit_status(status)}: {command}")
-    return SnapshotRestore(name, written, command)
+    return SnapshotRestore(name, written, f"through {command}")
 
 
 def write_to_file(
@@ -89,13 +89,13 @@ def write_to_file(
         written = write_snapshot(
             fetcher, manifest, name, sys.stdout.buffer, allow_incomplete=allow_incomplete
         )
-        return SnapshotRestore(name, written, "stdout")
+        return SnapshotRestore(name, written, "to stdout")
     path = Path(output)
     if path.exists() and not overwrite:
         raise RestoreError(f"{path} already exists (use --overwrite to replace it)")
     with _file_when_complete(path) as out:
         written = write_snapshot(fetcher, manifest, name, out, allow_incomplete=allow_incomplete)
-    return SnapshotRestore(name, written, str(path))
+    return SnapshotRestore(name, written, f"to {path}")
 
 
 @contextlib.contextmanager

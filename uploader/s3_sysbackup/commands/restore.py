@@ -99,7 +99,7 @@ def _restore_snapshot(args: argparse.Namespace, fetcher: BlobFetcher, manifest: 
     # stderr: stdout may be the stream itself (--output -) or the restore command's own output.
     print(
         f"{manifest.get('id')}: snapshot {restored.name!r}, {restored.bytes_written} bytes restored "
-        f"to {restored.destination}",
+        f"{restored.destination}",
         file=sys.stderr,
     )
     return 0
