@@ -19,11 +19,11 @@ def gc_app(backend: Services, monkeypatch: pytest.MonkeyPatch) -> Any:
     return load_function("gc")
 
 
-@pytest.mark.parametrize("name", ["gc-scheduled.json", "gc-dry-run.json"])
+@pytest.mark.parametrize("name", ["gc-scheduled.json", "gc-try-dry-run.json"])
 def test_sample_events_run_a_complete_collection(gc_app: Any, name: str) -> None:
     report = gc_app.lambda_handler(json.loads((EVENTS / name).read_text()), FakeLambdaContext(900_000))
     assert report["complete"] and report["errors"] == []
-    assert report["dry_run"] is (name == "gc-dry-run.json")
+    assert report["dry_run"] is (name == "gc-try-dry-run.json")
     json.dumps(report)  # what Lambda must be able to return
 
 
