@@ -25,7 +25,7 @@ from pathlib import Path
 from sysbackup_domain.chunking import STREAM_CHUNKING, chunk_file
 from sysbackup_domain.manifest import SnapshotRecord, encode_stream_index
 
-from .pickers import runnable_scripts
+from .pickers import IGNORED_PREFIXES, IGNORED_SUFFIXES, runnable_scripts
 
 SNAPSHOT_FD = 3  # the descriptor number the snapshotter gets as its argument
 RESTORE_THROUGH_PREFIX = "::restore-through::"
@@ -44,13 +44,31 @@ def take_snapshots(
 ) -> tuple[list[SnapshotRecord], list[str]]:
     """Run every snapshotter; returns their records and warnings (a failed one is a warning)."""
     records: list[SnapshotRecord] = []
-    warnings: list[str] = []
-    for script in runnable_scripts(directory):
+    scripts = list(runnable_scripts(directory))
+    warnings = [
+        f"{path} is not executable, so no snapshot was taken (chmod +x it, or remove it)"
+        for path in _not_executable(directory, scripts)
+    ]
+    for script in scripts:
         record = take_snapshot(script, timeout_s, add_blob, on_bytes)
         if record.error:
             warnings.append(f"snapshot {record.name}: {record.error}")
         records.append(record)
     return records, warnings
+
+
+def _not_executable(directory: Path, scripts: list[Path]) -> list[Path]:
+    """Files that look like snapshotters but lack the execute bit: a forgotten chmod loses a dump silently."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        path
+        for path in directory.iterdir()
+        if path not in scripts
+        and path.is_file()
+        and not path.name.startswith(IGNORED_PREFIXES)
+        and not path.name.endswith(IGNORED_SUFFIXES)
+    )
 
 
 def take_snapshot(

@@ -198,6 +198,19 @@ def test_an_unchanged_dump_uploads_nothing(run_archive, config_dir, backend, pay
     assert second.stats["snapshot_bytes"] == len(PAYLOAD)
 
 
+def test_a_snapshotter_without_the_execute_bit_is_a_warning(run_archive, config_dir, backend):
+    write_script(config_dir / "snapshots.d" / "db", "echo data >&$1\n")
+    (config_dir / "snapshots.d" / "forgotten").write_text("#!/bin/sh\necho data >&$1\n")
+    (config_dir / "snapshots.d" / "db.dpkg-old").write_text("an old copy, rightly ignored")
+    result = run_archive()
+    assert result.exit_code == EXIT_WARNINGS
+    assert [w for w in result.warnings if "not executable" in w] == [
+        f"{config_dir / 'snapshots.d' / 'forgotten'} is not executable, so no snapshot was taken "
+        "(chmod +x it, or remove it)"
+    ]
+    assert [s["name"] for s in backend.get_manifest(result.manifest_id)["snapshots"]] == ["db"]
+
+
 def test_a_failed_snapshot_makes_the_run_exit_with_warnings(run_archive, config_dir, backend):
     write_script(config_dir / "snapshots.d" / "db", "echo partial >&$1\nexit 4\n")
     result = run_archive()
