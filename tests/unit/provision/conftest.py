@@ -28,6 +28,7 @@ class DeployedPackage:
     api_endpoint: str
     hosts_group: str
     host_role_arn: str
+    restore_role_arn: str
 
 
 @pytest.fixture
@@ -74,6 +75,10 @@ def package_stack_template(package: str) -> str:
                     "Value": f"arn:aws:iam::123456789012:role/{package}-host",
                     "Export": {"Name": f"{package}-HostRoleArn"},
                 },
+                "RestoreRoleArn": {
+                    "Value": f"arn:aws:iam::123456789012:role/{package}-restore",
+                    "Export": {"Name": f"{package}-RestoreRoleArn"},
+                },
             },
         }
     )
@@ -91,6 +96,7 @@ def deploy_stand_in(package: str) -> DeployedPackage:
         api_endpoint=API_ENDPOINT,
         hosts_group=f"{package}-hosts",
         host_role_arn=f"arn:aws:iam::123456789012:role/{package}-host",
+        restore_role_arn=f"arn:aws:iam::123456789012:role/{package}-restore",
     )
 
 

@@ -132,6 +132,30 @@ def test_create_user_makes_a_host_user_in_the_hosts_group_with_working_keys(
     assert credentials.access_key == key["AccessKeyId"]
 
 
+@pytest.mark.parametrize("role", ["host", "restore"])
+def test_assume_role_writes_the_packages_role_as_the_signing_identity(
+    deployed_package: DeployedPackage, config_dir: Path, systemd_dir: Path, role: str
+) -> None:
+    assert write_config(config_dir, systemd_dir, "--assume-role", role) == 0
+    expected = {"host": deployed_package.host_role_arn, "restore": deployed_package.restore_role_arn}[role]
+    assert load_config(config_dir).aws.role_arn == expected
+
+
+def test_a_host_user_never_gets_a_restore_config(
+    deployed_package: DeployedPackage, config_dir: Path, systemd_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert write_config(config_dir, systemd_dir, "--assume-role", "restore", "--create-user", "web-8") == 1
+    assert "restore role" in capsys.readouterr().err
+    assert iam_users() == [] and not config_dir.exists()
+
+
+def test_without_assume_role_the_host_role_is_only_suggested(
+    deployed_package: DeployedPackage, config_dir: Path, systemd_dir: Path
+) -> None:
+    assert write_config(config_dir, systemd_dir) == 0
+    assert load_config(config_dir).aws.role_arn is None
+
+
 def test_endpoint_and_bucket_given_need_no_cloudformation(
     aws: None, config_dir: Path, systemd_dir: Path
 ) -> None:
@@ -318,6 +342,19 @@ def test_import_keeps_existing_credentials_unless_forced(
     assert (target / "credentials").read_text() == "[default]\n# old\n"
     assert main([*argv, "--force"]) == 0
     assert "aws_secret_access_key" in (target / "credentials").read_text()
+
+
+def test_import_writes_where_the_hosts_conf_expects_the_keys(
+    sealed_keys: Path, passphrase_file: Path, tmp_path: Path
+) -> None:
+    host_dir = tmp_path / "host-etc"
+    host_dir.mkdir()
+    keys = tmp_path / "secrets" / "backup-keys"
+    (host_dir / "conf").write_text(f"[aws]\ncredentials_file = {keys}\n")
+    argv = ["import-credentials", str(sealed_keys), "--config-dir", str(host_dir)]
+    assert main([*argv, "--passphrase-file", str(passphrase_file)]) == 0
+    assert mode(keys) == 0o600
+    assert not (host_dir / "credentials").exists()
 
 
 def test_encrypting_needs_a_new_user(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import configparser
 from pathlib import Path
 
 from ..provision.aws import ProvisionError
@@ -34,13 +35,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    target = (args.target_config_dir or Path(args.config_dir)) / CREDENTIALS_FILE_NAME
     try:
+        target = credentials_target(args.target_config_dir or Path(args.config_dir))
         import_credentials(args.file, target, args.passphrase_file, args.force)
     except (OSError, ProvisionError) as error:
         return report_failure("import-credentials", error)
     print(f"wrote {target}")
     return 0
+
+
+def credentials_target(config_dir: Path) -> Path:
+    """Where this host's conf says its keys are ([aws] credentials_file), else CONFIG_DIR/credentials."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(config_dir / "conf", encoding="utf-8")
+    except configparser.Error as error:
+        raise ProvisionError(f"{config_dir / 'conf'}: not a valid configparser file: {error}") from None
+    configured = parser.get("aws", "credentials_file", fallback="").strip()
+    # Relative to the config directory, as the uploader reads it (config.py).
+    return (config_dir / (configured or CREDENTIALS_FILE_NAME)).resolve()
 
 
 def import_credentials(source: Path, target: Path, passphrase_file: Path | None, force: bool) -> None:

@@ -14,6 +14,7 @@ from ..provision.exports import (
     BUCKET_EXPORT,
     HOST_ROLE_EXPORT,
     HOSTS_GROUP_EXPORT,
+    RESTORE_ROLE_EXPORT,
     PackageExports,
     add_package_options,
     read_exports,
@@ -35,6 +36,7 @@ from ..provision.systemd import DEFAULT_SYSTEMD_DIR, UnitSettings, write_units
 from .common import report_failure
 
 FALLBACK_EXECUTABLE = Path("/usr/local/bin/s3-sysbackup")
+ROLE_EXPORTS = {"host": HOST_ROLE_EXPORT, "restore": RESTORE_ROLE_EXPORT}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--api-endpoint", help="the API base URL (default: the <package>-ApiEndpoint export)")
     parser.add_argument("--bucket", help="the bucket (default: the <package>-BucketName export)")
     parser.add_argument("--create-user", metavar="NAME", help="create IAM user NAME (= the host name)")
+    parser.add_argument(
+        "--assume-role",
+        choices=sorted(ROLE_EXPORTS),
+        help="sign through the package's host role (short-lived sessions), or its restore role "
+        "(disaster recovery with an administrator's keys: reads any host's backups)",
+    )
     parser.add_argument(
         "--encrypt-credentials",
         type=Path,
@@ -113,6 +121,8 @@ def write_config(args: argparse.Namespace) -> Written:
         refuse_existing(credentials_path, args.force)
     if args.create_user:
         validate_host_name(args.create_user)
+    if args.assume_role == "restore" and args.create_user:
+        raise ProvisionError("a host user cannot assume the restore role: drop --create-user")
     # Everything that can fail without side effects comes first: the IAM user is made last of all.
     passphrase = None
     if args.encrypt_credentials is not None:
@@ -121,7 +131,7 @@ def write_config(args: argparse.Namespace) -> Written:
     session = boto3_session(args.region, args.profile)
     region: str = session.region_name
     # Endpoint and bucket given and no user to make: nothing to look up in CloudFormation.
-    needs_exports = not (args.api_endpoint and args.bucket) or args.create_user
+    needs_exports = not (args.api_endpoint and args.bucket) or args.create_user or args.assume_role
     exports = (
         read_exports(session.client("cloudformation"), package)
         if needs_exports
@@ -134,6 +144,7 @@ def write_config(args: argparse.Namespace) -> Written:
         bucket=args.bucket or exports.values.get(BUCKET_EXPORT),
         host_role_arn=exports.values.get(HOST_ROLE_EXPORT),
         cache_dir=args.cache_dir,
+        assume_role_arn=exports.require(ROLE_EXPORTS[args.assume_role]) if args.assume_role else None,
     )
     units = (
         None if args.no_systemd else UnitSettings(_executable(args.executable), config_dir, args.cache_dir)

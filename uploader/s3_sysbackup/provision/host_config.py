@@ -29,15 +29,15 @@ class HostConfig:
     bucket: str | None
     host_role_arn: str | None
     cache_dir: Path = DEFAULT_CACHE_DIR
+    assume_role_arn: str | None = None  # written active: the keys then sign only through this role
 
 
 def render_conf(config: HostConfig, written_at: datetime | None = None) -> str:
     stamp = (written_at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    role_line = (
-        f"# role_arn = {config.host_role_arn}"
-        if config.host_role_arn
-        else "# role_arn = arn:aws:iam::ACCOUNT:role/..."
-    )
+    if config.assume_role_arn:
+        role_line = f"role_arn = {config.assume_role_arn}"
+    else:
+        role_line = f"# role_arn = {config.host_role_arn or 'arn:aws:iam::ACCOUNT:role/...'}"
     bucket_line = f"bucket = {config.bucket}" if config.bucket else "# bucket ="
     return f"""\
 # s3-sysbackup configuration, written by `s3-sysbackup write-config` for package {config.package}
@@ -47,8 +47,9 @@ def render_conf(config: HostConfig, written_at: datetime | None = None) -> str:
 # Keys from exactly this file (relative to this directory), never from the environment.
 credentials_file = {CREDENTIALS_FILE_NAME}
 # profile = default
-# With role_arn, those keys assume the package's host role, the session named after the IAM user
-# (short-lived credentials; the role's trust policy pins the name, so hosts cannot swap identities).
+# With role_arn, those keys assume that role, the session named after the IAM user: the host role
+# (short-lived credentials; its trust policy pins the name, so hosts cannot swap identities), or, on
+# a recovery machine with an administrator's keys, the restore role (reads any host's backups).
 {role_line}
 region = {config.region}
 
