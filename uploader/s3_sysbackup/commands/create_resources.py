@@ -67,4 +67,7 @@ def print_outputs(package: str, region: str, outputs: list[dict[str, str]]) -> N
     for output in outputs:
         export = f"  (export {output['ExportName']})" if output.get("ExportName") else ""
         print(f"  {output['OutputKey']:<{width}}  {output['OutputValue']}{export}")
+    if any(output["OutputKey"] == "AlarmTopicArn" for output in outputs):
+        # SNS e-mail subscriptions deliver nothing until the address confirms them.
+        print("alarms: confirm the subscription e-mail AWS sent to the AlarmEmail address")
     print(f"next: s3-sysbackup write-config --package {package} --region {region} --create-user HOSTNAME")
