@@ -6,6 +6,7 @@ import argparse
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import DEFAULT_CACHE_DIR
 from ..provision.aws import ProvisionError, boto3_session
@@ -110,8 +111,29 @@ def run(args: argparse.Namespace) -> int:
 def write_config(args: argparse.Namespace) -> Written:
     config_dir: Path = args.target_config_dir or Path(args.config_dir)
     package = validate_package_name(args.package)
-    conf_path = config_dir / "conf"
     credentials_path = config_dir / CREDENTIALS_FILE_NAME
+    # Everything that can fail without side effects comes first: the IAM user is made last of all.
+    _check_arguments(args, config_dir / "conf", credentials_path)
+    passphrase = _passphrase(args)
+    session = boto3_session(args.region, args.profile)
+    exports = _exports(args, session, package)
+    host_config = _host_config(args, package, session.region_name, exports)
+    key = None
+    if args.create_user:
+        group = exports.require(HOSTS_GROUP_EXPORT)
+        key = create_host_user(session.client("iam"), args.create_user, group, package)
+    try:
+        paths = _write_credentials(args, key, credentials_path, passphrase)
+    except (OSError, SealError):
+        if key is not None:
+            # No file holds the secret: an unusable user must not be left behind.
+            delete_host_user(session.client("iam"), key, exports.require(HOSTS_GROUP_EXPORT))
+        raise
+    paths += _write_host_files(args, config_dir, host_config)
+    return Written(paths, key.user_name if key else None)
+
+
+def _check_arguments(args: argparse.Namespace, conf_path: Path, credentials_path: Path) -> None:
     refuse_existing(conf_path, args.force)
     if args.encrypt_credentials is not None:
         if not args.create_user:
@@ -123,21 +145,25 @@ def write_config(args: argparse.Namespace) -> Written:
         validate_host_name(args.create_user)
     if args.assume_role == "restore" and args.create_user:
         raise ProvisionError("a host user cannot assume the restore role: drop --create-user")
-    # Everything that can fail without side effects comes first: the IAM user is made last of all.
-    passphrase = None
-    if args.encrypt_credentials is not None:
-        passphrase = read_passphrase(args.passphrase_file, confirm=True)
-        check_passphrase(passphrase)
-    session = boto3_session(args.region, args.profile)
-    region: str = session.region_name
-    # Endpoint and bucket given and no user to make: nothing to look up in CloudFormation.
-    needs_exports = not (args.api_endpoint and args.bucket) or args.create_user or args.assume_role
-    exports = (
-        read_exports(session.client("cloudformation"), package)
-        if needs_exports
-        else PackageExports(package, {})
-    )
-    host_config = HostConfig(
+
+
+def _passphrase(args: argparse.Namespace) -> str | None:
+    if args.encrypt_credentials is None:
+        return None
+    passphrase = read_passphrase(args.passphrase_file, confirm=True)
+    check_passphrase(passphrase)
+    return passphrase
+
+
+def _exports(args: argparse.Namespace, session: Any, package: str) -> PackageExports:
+    # Endpoint and bucket given, no user to make and no role to name: nothing to look up.
+    if args.api_endpoint and args.bucket and not args.create_user and not args.assume_role:
+        return PackageExports(package, {})
+    return read_exports(session.client("cloudformation"), package)
+
+
+def _host_config(args: argparse.Namespace, package: str, region: str, exports: PackageExports) -> HostConfig:
+    return HostConfig(
         package=package,
         region=region,
         api_endpoint=args.api_endpoint or exports.require(API_ENDPOINT_EXPORT),
@@ -146,29 +172,17 @@ def write_config(args: argparse.Namespace) -> Written:
         cache_dir=args.cache_dir,
         assume_role_arn=exports.require(ROLE_EXPORTS[args.assume_role]) if args.assume_role else None,
     )
-    units = (
-        None if args.no_systemd else UnitSettings(_executable(args.executable), config_dir, args.cache_dir)
-    )
 
-    key = None
-    if args.create_user:
-        key = create_host_user(
-            session.client("iam"), args.create_user, exports.require(HOSTS_GROUP_EXPORT), package
-        )
-    paths: list[Path] = []
-    try:
-        paths += _write_credentials(args, key, credentials_path, passphrase)
-    except (OSError, SealError):
-        if key is not None:
-            # No file holds the secret: an unusable user must not be left behind.
-            delete_host_user(session.client("iam"), key, exports.require(HOSTS_GROUP_EXPORT))
-        raise
+
+def _write_host_files(args: argparse.Namespace, config_dir: Path, host_config: HostConfig) -> list[Path]:
+    """conf, the example scripts and the systemd units."""
+    conf_path = config_dir / "conf"
     write_atomically(conf_path, render_conf(host_config).encode("utf-8"), 0o644)
-    paths.append(conf_path)
-    paths += write_examples(config_dir)
-    if units is not None:
+    paths = [conf_path, *write_examples(config_dir)]
+    if not args.no_systemd:
+        units = UnitSettings(_executable(args.executable), config_dir, args.cache_dir)
         paths += write_units(args.systemd_dir, units)
-    return Written(paths, key.user_name if key else None)
+    return paths
 
 
 def _write_credentials(
