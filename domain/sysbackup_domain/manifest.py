@@ -29,6 +29,12 @@ MAX_STATS_BYTES = 64 * 1024
 MAX_STATS_DEPTH = 4
 MAX_DAYS_REQUESTED = 100 * 366  # anything longer is nonsense; the policy caps lower anyway
 MAX_STREAM_CHUNKS = 10_000_000
+# The whole stored document, encoded. GET /manifests/{id} returns it through Lambda, whose response is
+# capped at 6 MB and JSON-escapes the body again (up to twice the bytes); a manifest that commits but
+# cannot be read back would make `restore latest` fail for good. Hosts keep their warnings well inside.
+MAX_MANIFEST_BYTES = 2 * 1024 * 1024
+MAX_WARNINGS_BYTES = MAX_MANIFEST_BYTES // 2
+_FIXED_FIELDS_BYTES = 1024  # version, id, host, parent, times, root and the keys: well under this
 
 _SNAPSHOT_FIELDS = ("name", "description", "restore_through", "size", "content", "exit_status")
 _COMMIT_REQUIRED = ("parent", "root", "snapshots")
@@ -138,7 +144,7 @@ def parse_commit_request(body: object) -> CommitRequest:
     days = document.get("days_retained")
     if days is not None:
         canonical.require_int(days, "days_retained", 0, MAX_DAYS_REQUESTED)
-    return CommitRequest(
+    request = CommitRequest(
         parent=parent,
         root=root,
         snapshots=_parse_snapshots(document["snapshots"]),
@@ -146,6 +152,22 @@ def parse_commit_request(body: object) -> CommitRequest:
         stats=_parse_stats(document.get("stats", {})),
         days_retained=days,
     )
+    _check_manifest_size(request)
+    return request
+
+
+def _check_manifest_size(request: CommitRequest) -> None:
+    variable = {
+        "snapshots": [snapshot.to_json() for snapshot in request.snapshots],
+        "warnings": list(request.warnings),
+        "stats": dict(request.stats),
+    }
+    size = len(canonical.dumps(variable)) + _FIXED_FIELDS_BYTES
+    if size > MAX_MANIFEST_BYTES:
+        raise InvalidDocument(
+            f"the manifest would be about {size} bytes encoded, more than {MAX_MANIFEST_BYTES}:"
+            " send fewer or shorter warnings and snapshot texts"
+        )
 
 
 def referenced_blobs(request: "CommitRequest | Manifest") -> set[str]:

@@ -104,6 +104,12 @@ def test_bad_requests_get_clear_4xx_and_change_nothing(stack: LocalStack, commit
         assert wrong.status in (400, 422), (body, wrong)
         assert named in wrong.message, (body, wrong.message)
 
+    # Under the gateway's limit but too large to serve back through GET /manifests/{id} (Lambda's 6 MB
+    # response cap): refused, or `restore latest` would fail for good.
+    unservable = {"parent": head, "root": root, "snapshots": [], "warnings": ["w" * 1000] * 9000}
+    too_large = refusal(lambda: api.call("POST", "/manifests", unservable))
+    assert too_large.status == 422 and "bytes" in too_large.message
+
     # A parent that is not the host's head: 409 naming the real one.
     stale = refusal(lambda: api.call("POST", "/manifests", {"parent": None, "root": root, "snapshots": []}))
     assert stale.status == 409 and stale.body["current"] == head

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sysbackup_domain import canonical
 from sysbackup_domain.chunking import FILE_CHUNKING, chunk_file
-from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, SnapshotRecord
+from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, MAX_WARNINGS_BYTES, SnapshotRecord
 from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 
 from .api import ApiClient, ApiError
@@ -497,7 +498,16 @@ def _run_id_of(manifest: dict) -> str | None:
 
 
 def _bounded_warnings(warnings: list[str]) -> list[str]:
-    kept = [w[:MAX_WARNING_CHARS] for w in warnings[: MAX_WARNINGS - 1]]
+    """What the backend takes: at most MAX_WARNINGS, each cut to MAX_WARNING_CHARS, all of them within
+    MAX_WARNINGS_BYTES encoded (a larger manifest is refused); the rest summed up in a last line."""
+    kept: list[str] = []
+    budget = MAX_WARNINGS_BYTES - 128  # room for the summary line
+    for warning in warnings[: MAX_WARNINGS - 1]:
+        cut = warning[:MAX_WARNING_CHARS]
+        budget -= len(canonical.dumps(cut)) + 1  # the comma
+        if budget < 0:
+            break
+        kept.append(cut)
     if len(warnings) > len(kept):
         kept.append(f"... and {len(warnings) - len(kept)} more warnings")
     return kept

@@ -111,6 +111,8 @@ def test_failed_snapshot_without_content_is_allowed() -> None:
         ({"warnings": "one"}, "warnings"),
         ({"warnings": [1]}, r"warnings\[0\]"),
         ({"warnings": ["x"] * (MAX_WARNINGS + 1)}, "warnings"),
+        ({"warnings": ["é" * 1000] * 400}, "more than 2097152"),  # each é is 6 bytes escaped
+        ({"snapshots": [snapshot_json(name=f"s{i}", description="d" * 60_000) for i in range(40)]}, "bytes"),
         ({"stats": []}, "stats"),
         ({"stats": {"x": {"a": {"b": {"c": {"d": 1}}}}}}, "deeper"),
         ({"stats": {"x": float("nan")}}, "stats"),

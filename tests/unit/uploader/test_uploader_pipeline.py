@@ -14,12 +14,13 @@ import pytest
 from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import restorer as restorer_module
-from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict, run_bounded
+from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict, _bounded_warnings, run_bounded
 from s3_sysbackup.fetch import BlobFetcher, stream_chunks
 from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
 from s3_sysbackup.sink import FAULT_ENV, InjectedFault
 from sysbackup_domain.chunking import SMALL_FILE_BYTES
+from sysbackup_domain.manifest import MAX_WARNING_CHARS, parse_commit_request
 from sysbackup_domain.packs import open_blob, verify_pack
 from sysbackup_domain.tree import decode_tree
 from uploader_fakes import FakeBackend
@@ -437,3 +438,17 @@ def test_a_backend_without_history_for_this_host_starts_a_new_chain(
     target = tmp_path / "restored"
     restore(backend, transfer, result.manifest_id, target)
     assert (target / "data" / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
+
+
+@pytest.mark.parametrize("text", ["w" * 4000, "é" * 4000])
+def test_the_warnings_sent_always_fit_what_the_backend_takes(text: str):
+    """10,000 long warnings (non-ASCII ones grow 6x when encoded) would make a manifest too large to
+    serve back; the uploader keeps what fits and sums up the rest in a last line."""
+    warnings = [f"{index}: {text}" for index in range(10_000)]
+
+    sent = _bounded_warnings(warnings)
+
+    request = parse_commit_request({"parent": None, "root": None, "snapshots": [], "warnings": sent})
+    assert 1 < len(request.warnings) < len(warnings)
+    assert request.warnings[:-1] == tuple(w[:MAX_WARNING_CHARS] for w in warnings[: len(sent) - 1])
+    assert request.warnings[-1] == f"... and {len(warnings) - len(sent) + 1} more warnings"
