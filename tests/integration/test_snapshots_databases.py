@@ -1,8 +1,8 @@
-"""The shipped snapshotters for real: PostgreSQL and SQLite dumped by `archive`, restored through
-`restore --snapshot` and the restore-through command each recorded, and compared.
+"""The shipped snapshotters for real: PostgreSQL, MariaDB and SQLite dumped by `archive`, restored
+through `restore --snapshot` and the restore-through command each recorded, and compared.
 
-PostgreSQL: Debian's server packages (`.ci/run` installs them). Each cluster is started by the test in
-a temporary directory, as an unprivileged user, on a free loopback port, with trust authentication.
+PostgreSQL and MariaDB: Debian's server packages (`.ci/run` installs them). Each server is started by
+the test in a temporary directory, as an unprivileged user, on a free loopback port, with no password.
 """
 
 from __future__ import annotations
@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +208,147 @@ def test_postgresql_cluster_dumped_restored_into_a_new_cluster_and_equal(
     twice = restore_snapshot(host_config, "postgresql")
     assert twice.returncode == 1 and "(exited with status 3)" in twice.stderr
     assert 'role "shop_owner" already exists' in twice.stderr
+
+
+# -- MariaDB / MySQL --------------------------------------------------------------------------------
+
+
+@dataclass
+class MariadbServer:
+    top: Path
+    port: int
+    process: subprocess.Popen
+
+    @property
+    def defaults_file(self) -> Path:
+        """The client options (root over TCP, no password) for mysql, mysqldump and the snapshotter."""
+        return self.top / "client.cnf"
+
+    def sql(self, statement: str, database: str = "") -> str:
+        done = subprocess.run(
+            ["mysql", f"--defaults-extra-file={self.defaults_file}", "--batch", "--skip-column-names",
+             *([database] if database else []), "-e", statement],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def wait_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mariadbd exited: {(self.top / 'error.log').read_text()[-2000:]}")
+            ping = subprocess.run(
+                ["mysql", f"--defaults-extra-file={self.defaults_file}", "-e", "SELECT 1"],
+                capture_output=True,
+            )
+            if ping.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("mariadbd did not accept connections in time")
+
+
+@pytest.fixture
+def start_mariadb() -> Iterator[Callable[[], MariadbServer]]:
+    server_bin, install_db = (
+        shutil.which("mariadbd", path="/usr/sbin:/usr/bin"),
+        shutil.which("mariadb-install-db"),
+    )
+    if server_bin is None or install_db is None or shutil.which("mysqldump") is None:
+        pytest.skip("MariaDB is not installed (apt-get install mariadb-server; .ci/run does it)")
+    run_as = ["runuser", "-u", "mysql", "--"] if os.geteuid() == 0 else []
+    started: list[MariadbServer] = []
+
+    def start() -> MariadbServer:
+        top = Path(tempfile.mkdtemp(prefix="s3sb-mariadb-", dir="/var/tmp"))
+        if run_as:
+            shutil.chown(top, "mysql")
+        subprocess.run(
+            [*run_as, install_db, "--no-defaults", f"--datadir={top / 'data'}",
+             "--auth-root-authentication-method=normal", "--skip-test-db"],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        port = free_port()
+        process = subprocess.Popen(
+            [*run_as, server_bin, "--no-defaults", f"--datadir={top / 'data'}", f"--port={port}",
+             "--bind-address=127.0.0.1", f"--socket={top / 'mysqld.sock'}",
+             f"--pid-file={top / 'mysqld.pid'}", "--skip-name-resolve", f"--log-error={top / 'error.log'}",
+             "--innodb-flush-log-at-trx-commit=0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        server = MariadbServer(top, port, process)
+        started.append(server)
+        server.defaults_file.write_text(f"[client]\nhost=127.0.0.1\nport={port}\nuser=root\nprotocol=tcp\n")
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+        shutil.rmtree(server.top, ignore_errors=True)
+
+
+STORE_SETUP = """
+CREATE DATABASE store;
+USE store;
+CREATE TABLE products (id INT PRIMARY KEY, name VARCHAR(200) NOT NULL, price DECIMAL(10, 2), photo BLOB)
+    ENGINE = InnoDB;
+INSERT INTO products SELECT seq, CONCAT('product ', seq, ' it''s \ttabbed'), seq * 1.25, UNHEX(MD5(seq))
+    FROM seq_1_to_30000;
+CREATE TABLE stock (product_id INT PRIMARY KEY REFERENCES products (id), amount INT) ENGINE = InnoDB;
+INSERT INTO stock SELECT seq, seq % 97 FROM seq_1_to_30000;
+CREATE PROCEDURE restock(IN amount INT) UPDATE stock SET stock.amount = stock.amount + amount;
+CREATE USER 'shopkeeper'@'%' IDENTIFIED BY 'not-a-secret';
+GRANT SELECT, UPDATE ON store.* TO 'shopkeeper'@'%';
+"""
+
+
+# GROUP_CONCAT would be cut at group_concat_max_len: sum and xor of per-row CRCs instead.
+ROWS_CHECKSUM = (
+    "SELECT COUNT(*), SUM(CRC32(CONCAT_WS('|', {0}))), BIT_XOR(CRC32(CONCAT_WS('|', {0}))) FROM {1}"
+)
+
+
+def store_fingerprint(server: MariadbServer) -> dict[str, str]:
+    """Row counts and order-independent checksums of every row, the procedure and the account's grants."""
+    return {
+        "products": server.sql(ROWS_CHECKSUM.format("id, name, price, HEX(photo)", "products"), "store"),
+        "stock": server.sql(ROWS_CHECKSUM.format("product_id, amount", "stock"), "store"),
+        "procedure": server.sql(
+            "SELECT COUNT(*) FROM information_schema.routines WHERE routine_name = 'restock'"
+        ),
+        "grants": server.sql("SHOW GRANTS FOR 'shopkeeper'@'%'"),
+    }
+
+
+def test_mariadb_dumped_and_restored_into_a_new_server_and_equal(
+    host_config: LocalHost, start_mariadb, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    source = start_mariadb()
+    source.sql(STORE_SETUP)
+    expected = store_fingerprint(source)
+    assert expected["stock"].startswith("30000")
+
+    install_snapshotter(host_config, "mysql")
+    use_cache_dir(host_config, tmp_path / "cache")
+    monkeypatch.setenv("MYSQL_DEFAULTS_FILE", str(source.defaults_file))
+    first = archive(host_config, tmp_path / "first.json")
+    assert first["snapshots"] == 1 and first["snapshot_bytes"] > 1_000_000
+    again = archive(host_config, tmp_path / "again.json")
+    assert again["bytes_uploaded"] == 0, again  # --skip-dump-date: an unchanged server dumps identically
+
+    target = start_mariadb()
+    # The restore-through line names the source's option file; point that file at the new server.
+    source.defaults_file.write_text(target.defaults_file.read_text())
+    restored = restore_snapshot(host_config, "mysql")
+    assert restored.returncode == 0, restored.stderr
+    assert "restoring snapshot 'mysql' through: mysql --defaults-extra-file=" in restored.stderr
+    assert store_fingerprint(target) == expected
 
 
 # -- SQLite ---------------------------------------------------------------------------------------
