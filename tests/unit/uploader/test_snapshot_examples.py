@@ -1,7 +1,7 @@
 """The shipped snapshotters' wiring, with stand-in database programs on PATH.
 
-(The PostgreSQL and SQLite ones also run for real against real databases in
-tests/integration/test_snapshots_databases.py; no MySQL server is available to the suite.)
+(All three also run against real PostgreSQL, MariaDB and SQLite databases in
+tests/integration/test_snapshots_databases.py; here, failures a real server will not produce on cue.)
 """
 
 from __future__ import annotations
