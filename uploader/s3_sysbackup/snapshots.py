@@ -90,17 +90,8 @@ def take_snapshot(
     stdout = _Capture(child.stdout, STDOUT_KEEP_BYTES, keep_tail=False)
     stderr = _Capture(child.stderr, STDERR_KEEP_BYTES, keep_tail=True)
     stream = _DeadlineReader(child.stream, deadline)
-    chunks: list[str] = []
-    size = 0
     try:
-        for chunk in chunk_file(stream, STREAM_CHUNKING):  # type: ignore[arg-type]
-            handed_over = time.monotonic()
-            chunks.append(add_blob("data", chunk))
-            # Time the sink held us (uploads, backpressure) is ours, not the snapshotter's.
-            stream.postpone(time.monotonic() - handed_over)
-            size += len(chunk)
-            if on_bytes:
-                on_bytes(len(chunk))
+        chunks, size = _chunk_stream(stream, add_blob, on_bytes)
         timed_out = stream.timed_out
         status = None if timed_out else _wait_until(child.pid, stream.deadline)
         if status is None:
@@ -122,6 +113,23 @@ def take_snapshot(
         error = error or f"its restore-through command is longer than {MAX_DESCRIPTION_CHARS} characters"
     index = add_blob("data", encode_stream_index(chunks))
     return SnapshotRecord(script.name, description, restore_through, size, index, status, error)
+
+
+def _chunk_stream(
+    stream: _DeadlineReader, add_blob: AddBlob, on_bytes: Callable[[int], None] | None
+) -> tuple[list[str], int]:
+    """Cut the stream into blobs as it arrives; returns their hashes in order and the byte count."""
+    chunks: list[str] = []
+    size = 0
+    for chunk in chunk_file(stream, STREAM_CHUNKING):  # type: ignore[arg-type]
+        handed_over = time.monotonic()
+        chunks.append(add_blob("data", chunk))
+        # Time the sink held us (uploads, backpressure) is ours, not the snapshotter's.
+        stream.postpone(time.monotonic() - handed_over)
+        size += len(chunk)
+        if on_bytes:
+            on_bytes(len(chunk))
+    return chunks, size
 
 
 def _failure(status: int, timed_out: bool, timeout_s: float, stderr: bytes) -> str | None:
