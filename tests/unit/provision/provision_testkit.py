@@ -1,4 +1,6 @@
-"""Fixtures for the provisioning tests: moto (in-process) standing in for CloudFormation, IAM, S3, DynamoDB.
+"""Fixtures and helpers for the provisioning tests (conftest.py registers the fixtures).
+
+moto (in-process) stands in for CloudFormation, IAM, S3 and DynamoDB.
 
 `deployed_package` creates, through moto's CloudFormation, a stack that exports what template.yaml exports
 (`<package>-BucketName`, `-ApiEndpoint`, `-HostsGroup`, `-HostRoleArn`) and holds a real IAM group, so

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REGION, DeployedPackage, deploy_stand_in
+from provision_testkit import REGION, DeployedPackage, deploy_stand_in
 from s3_sysbackup.cli import main
 
 FAKE_SAM = """#!{python}

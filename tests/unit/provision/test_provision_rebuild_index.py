@@ -9,7 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import REGION, DeployedPackage
+from provision_testkit import REGION, DeployedPackage
 from s3_sysbackup.cli import main
 from s3_sysbackup.provision.rebuild_index import rebuild_index
 from sysbackup_backend.index import BlobIndex

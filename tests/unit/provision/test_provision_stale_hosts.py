@@ -15,7 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
-from conftest import REGION
+from provision_testkit import REGION
 from sysbackup_backend import clients, settings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]

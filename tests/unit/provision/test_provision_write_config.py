@@ -14,7 +14,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import API_ENDPOINT, PACKAGE, REGION, DeployedPackage
+from provision_testkit import API_ENDPOINT, PACKAGE, REGION, DeployedPackage
 from s3_sysbackup.cli import main
 from s3_sysbackup.commands import write_config as write_config_command
 from s3_sysbackup.config import load_config
