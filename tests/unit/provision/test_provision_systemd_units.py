@@ -101,3 +101,31 @@ def test_a_custom_cache_dir_is_the_only_writable_path() -> None:
     assert [line for line in text.splitlines() if line.startswith("ReadWritePaths=")] == [
         "ReadWritePaths=/srv/cache"
     ]
+
+
+def security_check(service: Path) -> subprocess.CompletedProcess[str]:
+    """systemd's own exposure score (0-10); --threshold is in tenths: 40 = fail above 4.0, "OK" level."""
+    assert SYSTEMD_ANALYZE is not None
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--threshold=40", "--no-pager", service.name],
+        capture_output=True,
+        text=True,
+        cwd=service.parent,
+        timeout=60,
+        check=False,
+    )
+
+
+@needs_systemd_analyze
+def test_systemd_rates_the_service_exposure_ok(units: dict[str, Path]) -> None:
+    result = security_check(units[SERVICE_NAME])
+    assert result.returncode == 0, result.stdout[-400:]
+    assert "Overall exposure level for s3-sysbackup.service" in result.stdout
+
+
+@needs_systemd_analyze
+def test_the_exposure_check_fails_an_unhardened_service(tmp_path: Path) -> None:
+    """Guards the test above: a plain oneshot running as root is rated far above the threshold."""
+    plain = tmp_path / SERVICE_NAME
+    plain.write_text(f"[Unit]\nDescription=plain\n[Service]\nType=oneshot\nExecStart={sys.executable}\n")
+    assert security_check(plain).returncode != 0
