@@ -170,3 +170,14 @@ def test_explicit_bucket_and_table_need_no_stack(
 def test_an_unknown_package_is_a_clear_error(aws: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["admin", "rebuild-index", "--package", "nope", "--region", REGION]) == 1
     assert "no export 'nope-BucketName'" in capsys.readouterr().err
+
+
+def test_an_archived_pack_is_skipped_not_condemned(
+    deployed_package: DeployedPackage, bucket: str, index: BlobIndex, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pack_id, data, entries = make_pack(b"cold data\n" * 50)
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"packs/{pack_id}", Body=data, StorageClass="GLACIER")
+    assert run_rebuild(deployed_package) == 0
+    assert index.get_pack(pack_id) is None
+    assert verified_item(index, entries[0].hash) is None
+    assert f"skipped packs/{pack_id}: archived" in capsys.readouterr().out

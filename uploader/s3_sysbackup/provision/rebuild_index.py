@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from botocore.exceptions import ClientError
 from sysbackup_backend.index import PACK_CORRUPT, BlobIndex
 from sysbackup_backend.store import PACKS_PREFIX, PackStore, pack_key
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
@@ -31,6 +32,7 @@ from sysbackup_domain.packs import (
 # Trailer reads are small and latency-bound; whole-pack reads hold up to 128 MiB each in memory.
 PARALLEL_TRAILER_READS = 8
 PARALLEL_PACK_READS = 2
+PROGRESS_EVERY = 500
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,17 @@ def rebuild_index(
             entries, bytes_read = reader(store, pack)
         except (CorruptBlob, InvalidDocument) as error:
             return _Outcome(pack.pack_id, None, 0, problem=str(error))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "InvalidObjectState":
+                raise
+            # In a Glacier storage class: unreadable until restored, not corrupt.
+            return _Outcome(pack.pack_id, None, 0, skipped="archived (restore it, then run again)")
         return _Outcome(pack.pack_id, entries, bytes_read)
 
     with ThreadPoolExecutor(max_workers=PARALLEL_PACK_READS if verify else PARALLEL_TRAILER_READS) as pool:
-        for outcome in pool.map(examine, list_packs(s3, bucket, report)):
+        for examined, outcome in enumerate(pool.map(examine, list_packs(s3, bucket, report)), start=1):
+            if examined % PROGRESS_EVERY == 0:
+                progress(f"{examined} packs examined, {report.blobs_indexed} blobs newly verified")
             report.bytes_read += outcome.bytes_read
             if outcome.skipped is not None:
                 report.skipped[pack_key(outcome.pack_id)] = outcome.skipped
