@@ -95,16 +95,28 @@ def test_only_the_safe_example_picker_runs_until_the_admin_enables_others(
     runnable = list(runnable_scripts(config_dir / "pickers.d"))
     assert [path.name for path in runnable] == ["10-etc"]
     assert subprocess.run([runnable[0]], capture_output=True, check=True).stdout == b"/etc\n"
-    assert list(runnable_scripts(config_dir / "snapshots.d")) == []
-    examples = sorted(path.name for path in (config_dir / "snapshots.d").iterdir())
-    # The project's own snapshotters come along as examples when this is a source checkout.
-    shipped = sorted(f"{path.name}.example" for path in host_config.PROJECT_SNAPSHOTTERS.glob("*"))
-    assert examples == sorted(["packages.example", *shipped])
-    for example in [*(config_dir / "snapshots.d").iterdir(), config_dir / "pickers.d" / "50-home.example"]:
-        # Valid for its own interpreter once enabled (syntax check only: nothing runs).
+    # snapshots.d exists and is empty: nothing dumps, and archive has nothing to warn about.
+    assert list((config_dir / "snapshots.d").iterdir()) == []
+    # The examples wait aside, ready to copy in; the project's own snapshotters among them.
+    examples = sorted(path.name for path in (config_dir / "examples" / "snapshots.d").iterdir())
+    shipped = sorted(path.name for path in host_config.PROJECT_SNAPSHOTTERS.glob("*"))
+    assert examples == sorted(["packages", *shipped])
+    for example in [*(config_dir / "examples").glob("*/*")]:
+        assert os.access(example, os.X_OK)
+        # Valid for its own interpreter (syntax check only: nothing runs).
         interpreter = example.read_text().splitlines()[0].removeprefix("#!").split()
         assert interpreter[0].endswith(("/sh", "/bash")), interpreter
         subprocess.run([*interpreter, "-n", str(example)], check=True)
+
+
+def test_the_admins_own_scripts_are_never_replaced(
+    deployed_package: DeployedPackage, config_dir: Path, systemd_dir: Path
+) -> None:
+    mine = config_dir / "pickers.d" / "10-etc"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("#!/bin/sh\necho /etc/nginx\n")
+    assert write_config(config_dir, systemd_dir) == 0
+    assert mine.read_text() == "#!/bin/sh\necho /etc/nginx\n"
 
 
 def test_writes_the_systemd_units_for_this_config(

@@ -1,11 +1,13 @@
-"""A host's configuration directory as write-config lays it out: `conf`, pickers.d/, snapshots.d/.
+"""A host's configuration directory as write-config lays it out: `conf`, pickers.d/, snapshots.d/, examples/.
 
 `conf` follows the seed's format plus the `[api]` section hosts actually use; `[s3]` and
 `[cloudformation]` are written for reference (hosts never call S3 or CloudFormation themselves).
 
-Examples: one picker is installed executable because it is what anyone expects a system backup to hold
-and is harmless (/etc); everything else is a `.example` file, not executable, so nothing runs (or dumps
-a database) until the administrator has read it and run `chmod +x`.
+Examples: one picker is installed live because it is what anyone expects a system backup to hold and is
+harmless (/etc). Everything else goes to `examples/pickers.d/` and `examples/snapshots.d/`, outside the
+directories archive runs, so nothing runs (or dumps a database) until the administrator has read it and
+copied it in; and archive does not warn about them (it warns about non-executable files in snapshots.d,
+which is where a forgotten chmod would otherwise lose a dump).
 """
 
 from __future__ import annotations
@@ -89,21 +91,21 @@ echo /etc
         True,
     ),
     (
-        "pickers.d/50-home.example",
+        "examples/pickers.d/50-home",
         """\
 #!/bin/sh
-# Example picker (not executable: rename without .example and chmod +x to use it).
+# Example picker: copy it into ../../pickers.d/ to use it.
 # Home directories without caches; `find` prints every file to keep, so anything can be left out.
 find /home /root -xdev \\( -name .cache -o -name node_modules -o -name '*.tmp' \\) -prune \\
     -o \\( -type f -o -type l \\) -print
 """,
-        False,
+        True,
     ),
     (
-        "snapshots.d/packages.example",
+        "examples/snapshots.d/packages",
         """\
 #!/bin/sh
-# Example snapshotter (not executable: rename and chmod +x to use it).
+# Example snapshotter: copy it into ../../snapshots.d/ to use it.
 # Called as `packages 3`: the snapshot goes to file descriptor $1, stdout is its description, and a
 # `::restore-through::` line says how to restore it (the stream on stdin).
 set -eu
@@ -117,7 +119,7 @@ else
     rpm -qa --qf '%{NAME}\\n' >&"${1:-1}"
 fi
 """,
-        False,
+        True,
     ),
 )
 
@@ -134,16 +136,17 @@ def example_scripts() -> list[tuple[str, str, bool]]:
         for script in sorted(PROJECT_SNAPSHOTTERS.iterdir()):
             if script.is_file():
                 text = script.read_text(encoding="utf-8")
-                examples.append((f"snapshots.d/{script.name}.example", text, False))
+                examples.append((f"examples/snapshots.d/{script.name}", text, True))
     return examples
 
 
 def write_examples(config_dir: Path) -> list[Path]:
-    """Example scripts that are not there yet; an administrator's own files are never replaced."""
+    """The live /etc picker and the examples that are not there yet; an admin's files are never replaced."""
+    (config_dir / "snapshots.d").mkdir(parents=True, exist_ok=True)
     written = []
     for relative, text, executable in example_scripts():
         path = config_dir / relative
-        if path.exists() or path.with_suffix("").exists():
+        if path.exists():
             continue
         write_atomically(path, text.encode("utf-8"), 0o755 if executable else 0o644)
         written.append(path)
