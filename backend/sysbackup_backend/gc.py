@@ -27,6 +27,7 @@ a run that crashes anywhere is finished by the next one.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections import defaultdict
@@ -41,16 +42,26 @@ from botocore.exceptions import ClientError
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
 from sysbackup_domain.keep import GcPolicy, KeepRules, ManifestTimes, lock_extension, select_kept
 from sysbackup_domain.manifest import decode_manifest, decode_stream_index
-from sysbackup_domain.packs import open_blob
+from sysbackup_domain.packs import PackEntry, PackWriter, open_blob
 from sysbackup_domain.retention import iso_utc, parse_iso_utc
 from sysbackup_domain.tree import decode_tree
 
 from .catalogue import HEAD_ID, Catalogue, ManifestSummary
 from .dynamo import batch_get, is_condition_failure
 from .errors import SettingsError
-from .index import PACK_SK, VERIFIED_SK, BlobIndex, BlobLocation, blob_pk, host_sk, pack_pk
+from .index import (
+    PACK_PRESIGNED,
+    PACK_REGISTERED,
+    PACK_SK,
+    VERIFIED_SK,
+    BlobIndex,
+    BlobLocation,
+    blob_pk,
+    host_sk,
+    pack_pk,
+)
 from .retention_worker import RetentionQueue
-from .store import PackStore, pack_key
+from .store import PackStore, pack_checksum, pack_key
 from .walk import PARALLEL_READS, coalesce_ranges
 
 logger = Logger(child=True)
@@ -130,6 +141,8 @@ class GcReport:
     packs_waiting_for_lock: int = 0
     orphan_packs_deleted: int = 0
     packs_mostly_dead: int = 0
+    packs_repacked: int = 0
+    bytes_repacked: int = 0
     bytes_freed: int = 0
     lock_extensions_requested: int = 0
     forgotten: dict[str, list[str]] = field(default_factory=dict)
@@ -288,6 +301,16 @@ class Marker:
         return plaintexts
 
 
+def _pack_needs(snapshot: IndexSnapshot, live: dict[str, str]) -> dict[str, str]:
+    """Live packs -> the latest retain_until of the manifests whose blobs they hold."""
+    need: dict[str, str] = {}
+    for item in snapshot.blob_items:
+        until = live.get(item.blob)
+        if until is not None and need.get(item.pack_id, "") < until:
+            need[item.pack_id] = until
+    return need
+
+
 # --------------------------------------------------------------------------------------------- the run
 
 
@@ -353,7 +376,9 @@ class GarbageCollector:
         report.blobs_live = len(marker.live)
         self._sweep_items(report, snapshot, marker.live, started, dry_run)
         self._delete_dead_packs(report, snapshot, marker.live, started, dry_run)
-        self._request_locks(report, snapshot, marker.live, dry_run)
+        repacked = self._repack(report, snapshot, marker.live, started, dry_run)
+        # A repacked pack's live blobs have moved (the new pack is locked as they need): never extend it.
+        self._request_locks(report, snapshot, marker.live, dry_run, skip=repacked)
         report.complete = True
 
     # ----------------------------------------------------------------------------------- lease
@@ -630,25 +655,58 @@ class GarbageCollector:
             TableName=self.index.table_name, Key={"pk": pack_pk(pack_id), "sk": PACK_SK}
         )
 
+    # ----------------------------------------------------------------------------------- repack
+    def _mostly_dead(self, snapshot: IndexSnapshot, live: dict[str, str]) -> dict[str, list[BlobItem]]:
+        """Live packs whose live bytes are a small share, every other item of which is condemned."""
+        items_by_pack: dict[str, list[BlobItem]] = defaultdict(list)
+        for item in snapshot.blob_items:
+            items_by_pack[item.pack_id].append(item)
+        candidates: dict[str, list[BlobItem]] = {}
+        for pack_id, items in sorted(items_by_pack.items()):
+            live_items = [item for item in items if item.blob in live]
+            dead_items = [item for item in items if item.blob not in live]
+            if not live_items or not dead_items or any(item.condemned_at is None for item in dead_items):
+                continue  # all live, all dead (deleted instead), or not yet condemned
+            # Shares of blob bytes (trailer aside: it would dominate the share of a small pack).
+            live_bytes = sum({item.blob: item.length for item in live_items}.values())
+            dead_bytes = sum({item.blob: item.length for item in dead_items}.values())
+            if live_bytes <= (live_bytes + dead_bytes) * self.policy.repack_live_ratio:
+                candidates[pack_id] = live_items
+        return candidates
+
+    def _repack(
+        self, report: GcReport, snapshot: IndexSnapshot, live: dict[str, str], now: datetime, dry_run: bool
+    ) -> set[str]:
+        """Rewrite mostly-dead packs: a new pack of the live blobs, the index moved to it, the old pack left
+        to its condemned items (deleted once they ripen). The index moves only after the new pack is stored.
+        """
+        candidates = self._mostly_dead(snapshot, live)
+        report.packs_mostly_dead = len(candidates)
+        if dry_run:
+            return set()
+        need = _pack_needs(snapshot, live)
+        repacker = Repacker(self.index, self.store, self.lock_mode)
+        for pack_id, live_items in candidates.items():
+            lock = max(parse_iso_utc(need[pack_id]), now) + self.policy.fold_window
+            report.bytes_repacked += repacker.repack(pack_id, live_items, lock)
+            report.packs_repacked += 1
+            logger.info("pack repacked", extra={"pack_id": pack_id, "live_blobs": len(live_items)})
+        return set(candidates)
+
     # ----------------------------------------------------------------------------------- locks
     def _request_locks(
-        self, report: GcReport, snapshot: IndexSnapshot, live: dict[str, str], dry_run: bool
+        self,
+        report: GcReport,
+        snapshot: IndexSnapshot,
+        live: dict[str, str],
+        dry_run: bool,
+        skip: set[str],
     ) -> None:
         """Live packs whose recorded lock ends before their manifests' latest retain_until."""
-        need: dict[str, str] = {}
-        live_bytes: dict[str, int] = defaultdict(int)
-        for item in snapshot.blob_items:
-            until = live.get(item.blob)
-            if until is None:
-                continue
-            live_bytes[item.pack_id] += item.length
-            if need.get(item.pack_id, "") < until:
-                need[item.pack_id] = until
+        need = {
+            pack_id: until for pack_id, until in _pack_needs(snapshot, live).items() if pack_id not in skip
+        }
         report.packs_live = len(need)
-        for pack_id, total in live_bytes.items():
-            size = int(snapshot.packs.get(pack_id, {}).get("size", 0))
-            if size and total <= size * self.policy.repack_live_ratio:
-                report.packs_mostly_dead += 1
         short: dict[str, list[str]] = defaultdict(list)
         for pack_id, until in need.items():
             recorded = snapshot.packs.get(pack_id, {}).get("retain_until")
@@ -660,3 +718,103 @@ class GarbageCollector:
             return
         for until, pack_ids in short.items():
             self.retention_queue.request(pack_ids, parse_iso_utc(until), "gc")
+
+
+class Repacker:
+    """Copies a pack's live blobs into a new pack (same lock headers and If-None-Match as a host's upload)."""
+
+    def __init__(self, index: BlobIndex, store: PackStore, lock_mode: str) -> None:
+        self.index = index
+        self.store = store
+        self.lock_mode = lock_mode
+
+    def repack(self, old_pack: str, live_items: list[BlobItem], lock_until: datetime) -> int:
+        """Returns the new pack's size."""
+        plaintexts = self._read_live(old_pack, live_items)
+        writer = PackWriter()
+        for blob, (kind, plaintext) in sorted(plaintexts.items()):
+            writer.add(blob, kind, plaintext)
+        data, entries = writer.finish()
+        new_pack = hashlib.sha256(data).hexdigest()
+        self._put(new_pack, data, lock_until)
+        self.index.record_presigned(new_pack, "gc", len(data), iso_utc(lock_until))
+        self._mark_registered(new_pack, len(entries))
+        by_hash = {entry.hash: entry for entry in entries}
+        for item in live_items:
+            self._move(item, new_pack, by_hash[item.blob])
+        return len(data)
+
+    def _read_live(self, pack_id: str, items: list[BlobItem]) -> dict[str, tuple[str, bytes]]:
+        keys = [{"pk": blob_pk(item.blob), "sk": item.sk} for item in items]
+        locations = {
+            found["pk"].removeprefix("blob#"): BlobLocation.from_item(found)
+            for found in batch_get(self.index.client, self.index.table_name, keys)
+            if found.get("pack_id") == pack_id
+        }
+        plaintexts: dict[str, tuple[str, bytes]] = {}
+        for blob, location in locations.items():
+            stored = self.store.read_range(
+                pack_key(pack_id), location.offset, location.offset + location.length - 1
+            )
+            plaintexts[blob] = (location.kind, open_blob(location.entry(blob), stored))
+        return plaintexts
+
+    def _put(self, pack_id: str, data: bytes, lock_until: datetime) -> None:
+        try:
+            self.store.client.put_object(
+                Bucket=self.store.bucket,
+                Key=pack_key(pack_id),
+                Body=data,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=pack_checksum(pack_id),
+                ObjectLockMode=self.lock_mode,
+                ObjectLockRetainUntilDate=lock_until,
+                IfNoneMatch="*",
+            )
+        except ClientError as error:
+            if _status(error) != "PreconditionFailed":
+                raise  # 412: a crashed earlier run stored this very pack already
+
+    def _mark_registered(self, pack_id: str, blob_count: int) -> None:
+        """Like a host's register: the verifier re-hashes it when S3 reports it (state verified then)."""
+        try:
+            self.index.client.update_item(
+                TableName=self.index.table_name,
+                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
+                UpdateExpression="SET #state = :registered, blob_count = :count, registered_at = :now",
+                ConditionExpression="#state = :presigned",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={
+                    ":registered": PACK_REGISTERED,
+                    ":presigned": PACK_PRESIGNED,
+                    ":count": blob_count,
+                    ":now": iso_utc(datetime.now(timezone.utc)),
+                },
+            )
+        except ClientError as error:
+            if not is_condition_failure(error):
+                raise
+
+    def _move(self, item: BlobItem, new_pack: str, entry: PackEntry) -> None:
+        try:
+            self.index.client.update_item(
+                TableName=self.index.table_name,
+                Key={"pk": blob_pk(item.blob), "sk": item.sk},
+                UpdateExpression=(
+                    "SET pack_id = :new, #offset = :offset, #length = :length, codec = :codec,"
+                    " raw_length = :raw REMOVE condemned_at"
+                ),
+                ConditionExpression="pack_id = :old",
+                ExpressionAttributeNames={"#offset": "offset", "#length": "length"},
+                ExpressionAttributeValues={
+                    ":new": new_pack,
+                    ":old": item.pack_id,
+                    ":offset": entry.offset,
+                    ":length": entry.length,
+                    ":codec": entry.codec,
+                    ":raw": entry.raw_length,
+                },
+            )
+        except ClientError as error:
+            if not is_condition_failure(error):
+                raise

@@ -496,8 +496,9 @@ EXPECTED_GRANTS: dict[str, dict[str, dict[str, set[str]]]] = {
             "s3:putobjectretention": {"${BackupBucket.Arn}/*"},
             "s3:getobject": {MANIFESTS, PACKS},
             "s3:getobjectversion": {MANIFESTS, PACKS},
+            "s3:putobject": {PACKS},
         },
-        "kms:": {"kms:decrypt": {"${BackupKey.Arn}"}},
+        "kms:": {"kms:decrypt": {"${BackupKey.Arn}"}, "kms:generatedatakey": {"${BackupKey.Arn}"}},
     },
     "StaleHostsFunction": {"s3:": {}, "kms:": {}},
 }

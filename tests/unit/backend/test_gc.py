@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -347,3 +348,23 @@ def test_running_again_at_once_changes_nothing(backend: Services) -> None:
     again = collector(backend, REAL_NOW + 4 * GRACE).run()
     counts = report_counts(again)
     assert counts["manifests_forgotten"] == counts["blobs_condemned"] == counts["packs_deleted"] == 0
+
+
+def test_a_mostly_dead_pack_is_repacked_then_collected(backend: Services) -> None:
+    big, small = os.urandom(20_000), b"small and still needed " * 4
+    backup(backend, "alpha", {"big": big, "small": small}, REAL_NOW - timedelta(days=41))
+    m2 = backup(backend, "alpha", {"small": small}, REAL_NOW - timedelta(days=40))
+    old_pack = item(backend, blob_pk(blob_hash(small)), host_sk("alpha"))["pack_id"]  # type: ignore[index]
+    collector(backend, REAL_NOW + 2 * GRACE).run()  # forgets m1, condemns big
+
+    second = collector(backend, REAL_NOW + 4 * GRACE).run()
+    assert second.packs_repacked == 1 and second.packs_deleted == 1  # the old root's tree pack went too
+    new_pack = item(backend, blob_pk(blob_hash(small)), host_sk("alpha"))["pack_id"]  # type: ignore[index]
+    assert new_pack != old_pack and pack_exists(backend, old_pack)
+    head = backend.store.client.head_object(Bucket=BUCKET, Key=f"packs/{new_pack}")
+    assert head["ObjectLockMode"] == "GOVERNANCE" and head["ContentLength"] < 1000
+    assert restorable(backend, "alpha", m2)
+
+    third = collector(backend, REAL_NOW + 6 * GRACE).run()
+    assert third.deleted_packs == [old_pack] and third.bytes_freed > 20_000
+    assert restorable(backend, "alpha", m2)
