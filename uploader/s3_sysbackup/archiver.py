@@ -30,6 +30,7 @@ from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 from .api import ApiClient, ApiError
 from .cache import ArchiveLock, CachedFile, FileState, ParentCache, host_state_dir
 from .config import Config
+from .heap import pin_mmap_threshold
 from .listing import newest
 from .metadata import acl_text, encode_xattrs, group_name, hardlink_id, user_name
 from .net import RequestCounter
@@ -134,6 +135,7 @@ class Archiver:
         self.counter: RequestCounter = api.counter
 
     def run(self) -> ArchiveResult:
+        pin_mmap_threshold()  # pack-sized buffers go back to the kernel when freed (see heap.py)
         state_dir = host_state_dir(self.config.content.cache_dir, self.api.endpoint, self.config.config_dir)
         with ArchiveLock(state_dir):
             cache = ParentCache(state_dir, scope=self.api.endpoint)

@@ -25,6 +25,7 @@ from sysbackup_domain.tree import TreeEntry
 
 from .api import ApiClient
 from .fetch import LOCATE_BATCH, BlobFetcher, stream_chunks, walk_trees
+from .heap import pin_mmap_threshold
 from .listing import newest
 from .metadata import decode_xattrs
 
@@ -171,6 +172,7 @@ class Restorer:
         self.as_root = os.geteuid() == 0
 
     def restore(self, manifest: dict, paths: Sequence[str] = ()) -> RestoreResult:
+        pin_mmap_threshold()  # fetched spans go back to the kernel when freed (see heap.py)
         result = RestoreResult(manifest_id=str(manifest.get("id", "")))
         root = manifest.get("root")
         if not root:
