@@ -411,10 +411,8 @@ def _write_script(path: Path, body: str) -> None:
 
 
 def copy_tree(source: Path, target: Path) -> None:
-    """A private copy (the one-file change must not touch the source); site-packages left out."""
-    shutil.copytree(
-        source, target, symlinks=True, ignore=shutil.ignore_patterns("site-packages", "__pycache__")
-    )
+    """A private copy (the one-file change must not touch the source), without site-packages."""
+    shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("site-packages"))
 
 
 def generate_small_files(target: Path, count: int, seed: int = 4) -> None:
@@ -551,6 +549,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Bench:
+    stack: LocalStack
+    meter: Meter
+    work: Path  # stack state, configs, caches, restores
+    data: Path  # the data backed up: a directory whose ancestors nothing else touches
+    restic_key: dict[str, str]
+
+    def tools(self, dataset: str) -> tuple[Ours, Restic]:
+        return (
+            Ours(self.stack, self.meter, self.work, dataset),
+            Restic(self.stack, self.meter, self.work, dataset, self.restic_key),
+        )
+
+
+def stable_data_root() -> Path:
+    """Where the data goes. Both tools record the picked path's ancestors, so a busy /tmp (whose
+    mtime changes whenever anyone makes a file there) would turn every no-change run into a
+    one-tree change: /srv, when writable, is left alone by everyone else."""
+    parent = Path("/srv")
+    if not (parent.is_dir() and os.access(parent, os.W_OK)):
+        parent = Path(tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix="s3sb-compare-data-", dir=parent))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     only = set(args.only.split(","))
@@ -559,49 +582,51 @@ def main(argv: list[str] | None = None) -> int:
     ensure_restic()
     work = args.work or Path(tempfile.mkdtemp(prefix="s3sb-compare-"))
     work.mkdir(parents=True, exist_ok=True)
+    data = stable_data_root()
     datasets = ["tree", "small", "sparse", "stream"]
     stack = LocalStack.start(work / "stack", work / "ours-default")
     cases: list[Case] = []
     try:
         meter = Meter(stack)
-        key = restic_user(stack, [f"restic-{d}" for d in datasets])
+        bench = Bench(stack, meter, work, data, restic_user(stack, [f"restic-{d}" for d in datasets]))
         if only & {"tree", "restore"}:
-            cases += tree_cases(stack, meter, work, key, args.tree, "restore" in only)
+            cases += tree_cases(bench, args.tree, "restore" in only)
         if "small" in only:
-            cases += small_cases(stack, meter, work, key, args.small_files)
+            cases += small_cases(bench, args.small_files)
         big = int(args.big_gib * 2**30)
         if "sparse" in only:
-            cases += sparse_cases(stack, meter, work, key, big)
+            cases += sparse_cases(bench, big)
         if "stream" in only:
-            cases += stream_cases(stack, meter, work, key, big)
+            cases += stream_cases(bench, big)
     finally:
         stack.stop()
+        shutil.rmtree(data, ignore_errors=True)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print_report(cases, args)
+    print_report(cases)
     if args.json:
         args.json.write_text(json.dumps([case_json(c) for c in cases], indent=2) + "\n")
     return 0
 
 
-def tree_cases(
-    stack: LocalStack, meter: Meter, work: Path, key: dict[str, str], source: Path, with_restore: bool
-) -> list[Case]:
-    tree = work / "data" / "tree"
+def tree_cases(bench: Bench, source: Path, with_restore: bool) -> list[Case]:
+    tree = bench.data / "tree"
     copy_tree(source, tree)
     megabytes = tree_bytes(tree) / 1e6
-    ours, restic = Ours(stack, meter, work, "tree"), Restic(stack, meter, work, "tree", key)
+    ours, restic = bench.tools("tree")
     ours.pick(tree)
     restic.pick(tree)
+    time.sleep(1.1)  # past the parent cache's racy window: files copied just now are settled
     label = f"stdlib tree {source.name}"
     cases = [Case(f"first backup, {label}", megabytes, ours.backup(), restic.backup())]
     cases.append(Case(f"no-change run, {label}", megabytes, ours.backup(), restic.backup()))
     change_one_file(tree)
     cases.append(Case(f"one-file change, {label}", megabytes, ours.backup(), restic.backup()))
     if with_restore:
-        ours_run = ours.restore(work / "restored-ours")
-        restic_run = restic.restore(work / "restored-restic")
-        check_restored(tree, work / "restored-ours", work / "restored-restic" / str(tree).lstrip("/"))
+        ours_target, restic_target = bench.work / "restored-ours", bench.work / "restored-restic"
+        ours_run = ours.restore(ours_target)
+        restic_run = restic.restore(restic_target)
+        check_restored(tree, ours_target, restic_target)
         cases.append(Case(f"restore, {label}", megabytes, ours_run, restic_run))
     return cases
 
@@ -616,13 +641,14 @@ def check_restored(source: Path, *restored: Path) -> None:
             raise SystemExit(f"restore into {target} holds {got} bytes, expected {expected}")
 
 
-def small_cases(stack: LocalStack, meter: Meter, work: Path, key: dict[str, str], count: int) -> list[Case]:
-    tree = work / "data" / "small"
+def small_cases(bench: Bench, count: int) -> list[Case]:
+    tree = bench.data / "small"
     generate_small_files(tree, count)
     megabytes = tree_bytes(tree) / 1e6
-    ours, restic = Ours(stack, meter, work, "small"), Restic(stack, meter, work, "small", key)
+    ours, restic = bench.tools("small")
     ours.pick(tree)
     restic.pick(tree)
+    time.sleep(1.1)
     label = f"{count} small files"
     return [
         Case(f"first backup, {label}", megabytes, ours.backup(), restic.backup()),
@@ -630,29 +656,23 @@ def small_cases(stack: LocalStack, meter: Meter, work: Path, key: dict[str, str]
     ]
 
 
-def sparse_cases(stack: LocalStack, meter: Meter, work: Path, key: dict[str, str], size: int) -> list[Case]:
-    sparse_dir = work / "data" / "sparse"
+def sparse_cases(bench: Bench, size: int) -> list[Case]:
+    sparse_dir = bench.data / "sparse"
     sparse_dir.mkdir(parents=True)
     with (sparse_dir / "big.sparse").open("wb") as stream:
         stream.truncate(size)
-    ours, restic = Ours(stack, meter, work, "sparse"), Restic(stack, meter, work, "sparse", key)
+    ours, restic = bench.tools("sparse")
     ours.pick(sparse_dir)
     restic.pick(sparse_dir)
     return [Case(f"{size / 2**30:g} GiB sparse file (zeros)", size / 1e6, ours.backup(), restic.backup())]
 
 
-def stream_cases(stack: LocalStack, meter: Meter, work: Path, key: dict[str, str], size: int) -> list[Case]:
+def stream_cases(bench: Bench, size: int) -> list[Case]:
     generator = stream_generator(size)
-    ours, restic = Ours(stack, meter, work, "stream"), Restic(stack, meter, work, "stream", key)
+    ours, restic = bench.tools("stream")
     ours.snapshot_stream(generator)
-    return [
-        Case(
-            f"{size / 2**30:g} GiB generated stream",
-            size / 1e6,
-            ours.backup(),
-            restic.backup_stream(generator),
-        )
-    ]
+    name = f"{size / 2**30:g} GiB generated stream"
+    return [Case(name, size / 1e6, ours.backup(), restic.backup_stream(generator))]
 
 
 def case_json(case: Case) -> dict[str, Any]:
@@ -664,7 +684,7 @@ def case_json(case: Case) -> dict[str, Any]:
     }
 
 
-def print_report(cases: list[Case], args: argparse.Namespace) -> None:
+def print_report(cases: list[Case]) -> None:
     print(f"\nrestic: {subprocess.run(['restic', 'version'], capture_output=True, text=True).stdout.strip()}")
     print(f"command: bench/compare.py {' '.join(sys.argv[1:])}".rstrip())
     for case in cases:
