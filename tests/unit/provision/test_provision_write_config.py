@@ -6,6 +6,7 @@ runnable_scripts), so "written" means "what archive will actually use".
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -70,11 +71,13 @@ def iam_users() -> list[str]:
 
 
 def test_writes_a_config_the_uploader_loads(
-    deployed_package: DeployedPackage, config_dir: Path, systemd_dir: Path
+    deployed_package: DeployedPackage, config_dir: Path, systemd_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert write_config(config_dir, systemd_dir) == 0
 
-    config = load_config(config_dir)
+    with caplog.at_level(logging.WARNING, logger="s3_sysbackup"):
+        config = load_config(config_dir)
+    assert caplog.records == []  # every section and key written is one the uploader knows
     assert config.api.endpoint == API_ENDPOINT
     assert config.api.region == REGION
     assert config.aws.credentials_file == (config_dir / "credentials").resolve()
