@@ -245,3 +245,35 @@ def test_local_invoke_gc_runs_it_and_prints_the_report(short_stack: LocalStack) 
     # The default event is the scheduled one: a real run, not a dry run.
     assert report["complete"] and report["dry_run"] is False and report["skipped"] is None
     assert {"manifests_forgotten", "blobs_condemned", "packs_deleted", "bytes_freed"} <= set(report)
+
+
+def test_packs_end_up_locked_at_least_as_long_as_the_manifest(
+    short_stack: LocalStack, host: LocalHost, tmp_path: Path
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "data.bin").write_bytes(os.urandom(200_000))
+    pick(host, source)
+    time.sleep(1.1)
+    manifest_id = archive(host)
+    short_stack.wait_idle()  # the commit's extension request reached ExtendRetentionFunction
+    listing = json.loads(cli(host.config_dir, "list", "--json").stdout)
+    retain_until = datetime.strptime(
+        next(m["retain_until"] for m in listing if m["manifest_id"] == manifest_id), "%Y-%m-%dT%H:%M:%SZ"
+    ).replace(tzinfo=timezone.utc)
+    table = short_stack.info["tables"]["BlobIndexTable"]
+    items = short_stack.dynamodb.scan(TableName=table)["Items"]
+    packs = [
+        i["pk"]["S"].removeprefix("pack#")
+        for i in items
+        if i["sk"]["S"] == "pack" and i["host"]["S"] == host.name
+    ]
+    assert packs
+    # The commit's request went through RetentionQueue to the extender (wired from the template's SQS event).
+    assert short_stack.daemon_status()["usage"]["ExtendRetentionFunction"]["invocations"] >= 1
+    admin = short_stack.s3_client("admin")
+    for pack_id in packs:
+        head = admin.head_object(Bucket=short_stack.bucket, Key=f"packs/{pack_id}")
+        assert head["ObjectLockMode"] == "GOVERNANCE"
+        # The presigned lock ended before the manifest's (it was signed earlier): the extender lengthened it.
+        assert head["ObjectLockRetainUntilDate"] >= retain_until, pack_id
