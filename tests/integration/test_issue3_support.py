@@ -45,10 +45,11 @@ def api_client(stack: LocalStack, identity: Identity) -> ApiClient:
     )
 
 
-def pick(host: LocalHost, paths: list[Path], cache_dir: Path) -> None:
-    """The host's only picker prints `paths`; its parent cache lives in `cache_dir`."""
+def pick(host: LocalHost, paths: list[Path], cache_dir: Path, workers: int | None = None) -> None:
+    """The host's only picker prints `paths`; parent cache in `cache_dir`; `workers` file readers."""
     conf = host.config_dir / "conf"
-    conf.write_text(conf.read_text().replace("[content]\n", f"[content]\ncache_dir = {cache_dir}\n", 1))
+    settings = f"cache_dir = {cache_dir}\n" + (f"workers = {workers}\n" if workers else "")
+    conf.write_text(conf.read_text().replace("[content]\n", f"[content]\n{settings}", 1))
     picker = host.config_dir / "pickers.d" / "10-picked"
     # printf with %s keeps names as they are; each path is its own argument.
     quoted = " ".join("'" + str(path).replace("'", "'\\''") + "'" for path in paths)
