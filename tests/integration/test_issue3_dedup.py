@@ -137,6 +137,16 @@ def test_a_pack_whose_bytes_lie_never_answers_another_hosts_dedup_check(
     with pytest.raises(ApiError) as refused:
         presign(liar_api, lie)
     assert refused.value.status == 422 and lie.pack_id in str(refused.value.body)
+    # Nor can the liar commit a manifest naming what its pack claimed.
+    snapshot = {
+        "name": "lie", "description": "d", "restore_through": "cat", "size": len(truth),
+        "content": claimed, "exit_status": 0, "error": None,
+    }  # fmt: skip
+    with pytest.raises(ApiError) as refused:
+        liar_api.call("POST", "/manifests", {"parent": None, "root": None, "snapshots": [snapshot]})
+    assert refused.value.status == 422
+    assert claimed in refused.value.body["corrupt"], refused.value.body
+    assert liar_api.list_manifests() == []
 
     # The victim backing up the true bytes uploads them itself and gets them back.
     with quiet_directory() as quiet:
