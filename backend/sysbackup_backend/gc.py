@@ -32,7 +32,6 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -62,7 +61,7 @@ from .index import (
 )
 from .retention_worker import RetentionQueue
 from .store import PackStore, pack_checksum, pack_key
-from .walk import PARALLEL_READS, coalesce_ranges
+from .walk import read_stored_blobs
 
 logger = Logger(child=True)
 
@@ -177,14 +176,10 @@ class IndexSnapshot:
 
 def scan_index(index: BlobIndex) -> IndexSnapshot:
     snapshot = IndexSnapshot()
-    request: dict[str, Any] = {"TableName": index.table_name, "ConsistentRead": True}
-    while True:
-        response = index.client.scan(**request)
-        for item in response.get("Items", []):
+    for page in index.client.get_paginator("scan").paginate(TableName=index.table_name, ConsistentRead=True):
+        for item in page.get("Items", []):
             _file_item(snapshot, item)
-        if "LastEvaluatedKey" not in response:
-            return snapshot
-        request["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+    return snapshot
 
 
 def _file_item(snapshot: IndexSnapshot, item: dict[str, Any]) -> None:
@@ -275,30 +270,16 @@ class Marker:
         return found
 
     def _read(self, locations: dict[str, BlobLocation]) -> dict[str, bytes]:
-        by_pack: dict[str, dict[str, BlobLocation]] = defaultdict(dict)
-        for blob, location in locations.items():
-            by_pack[location.pack_id][blob] = location
-        reads = [
-            (pack_id, start, end, blobs)
-            for pack_id, blobs in by_pack.items()
-            for start, end in coalesce_ranges(blobs.values())
-        ]
         plaintexts: dict[str, bytes] = {}
-        with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_READS, len(reads)))) as pool:
-            spans = pool.map(
-                lambda read: self.store.read_range(pack_key(read[0]), read[1], read[2] - 1), reads
-            )
-            for (_, start, end, blobs), span in zip(reads, spans, strict=True):
-                for blob, location in blobs.items():
-                    if start <= location.offset < end:
-                        stored = memoryview(span)[
-                            location.offset - start : location.offset - start + location.length
-                        ]
-                        try:
-                            plaintexts[blob] = open_blob(location.entry(blob), stored)
-                        except CorruptBlob as error:
-                            raise GcIncomplete(f"live node {blob} is corrupt: {error}") from None
+        for blob, location, stored in read_stored_blobs(self.store, locations):
+            try:
+                plaintexts[blob] = open_blob(location.entry(blob), stored)
+            except CorruptBlob as error:
+                raise GcIncomplete(f"live node {blob} is corrupt: {error}") from None
         return plaintexts
+
+
+# --------------------------------------------------------------------------------------------- the run
 
 
 def _pack_needs(snapshot: IndexSnapshot, live: dict[str, str]) -> dict[str, str]:
@@ -309,9 +290,6 @@ def _pack_needs(snapshot: IndexSnapshot, live: dict[str, str]) -> dict[str, str]
         if until is not None and need.get(item.pack_id, "") < until:
             need[item.pack_id] = until
     return need
-
-
-# --------------------------------------------------------------------------------------------- the run
 
 
 def _utc_now() -> datetime:
@@ -418,18 +396,15 @@ class GarbageCollector:
 
     # ----------------------------------------------------------------------------------- forget
     def _all_summaries(self) -> list[ManifestSummary]:
-        summaries: list[ManifestSummary] = []
-        request: dict[str, Any] = {"TableName": self.catalogue.table_name, "ConsistentRead": True}
-        while True:
-            response = self.catalogue.client.scan(**request)
-            summaries.extend(
-                ManifestSummary.from_item(item)
-                for item in response["Items"]
-                if item["manifest_id"] != HEAD_ID
-            )
-            if "LastEvaluatedKey" not in response:
-                return summaries
-            request["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        pages = self.catalogue.client.get_paginator("scan").paginate(
+            TableName=self.catalogue.table_name, ConsistentRead=True
+        )
+        return [
+            ManifestSummary.from_item(item)
+            for page in pages
+            for item in page.get("Items", [])
+            if item["manifest_id"] != HEAD_ID
+        ]
 
     def _forget(self, report: GcReport, now: datetime, dry_run: bool) -> list[ManifestSummary]:
         """Applies the keep rules per host; returns the manifests that stay."""

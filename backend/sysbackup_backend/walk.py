@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +129,34 @@ def _note_packs(state: WalkState, statuses: Iterable[BlobStatus]) -> None:
         state.packs = sorted(found.union(state.packs))
 
 
+def read_stored_blobs(
+    store: PackStore, locations: dict[str, BlobLocation]
+) -> Iterator[tuple[str, BlobLocation, memoryview]]:
+    """Each blob's stored (still encoded) bytes: one ranged GET per pack per cluster of nearby blobs, the
+    GETs in parallel."""
+    by_pack: dict[str, dict[str, BlobLocation]] = defaultdict(dict)
+    for blob, location in locations.items():
+        by_pack[location.pack_id][blob] = location
+    reads = [
+        (pack_id, start, end, blobs)
+        for pack_id, blobs in by_pack.items()
+        for start, end in coalesce_ranges(blobs.values())
+    ]
+    if not reads:
+        return
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(reads))) as pool:
+        spans = pool.map(lambda read: store.read_range(pack_key(read[0]), read[1], read[2] - 1), reads)
+        for (_, start, end, blobs), span in zip(reads, spans, strict=True):
+            view = memoryview(span)
+            for blob, location in blobs.items():
+                if start <= location.offset < end:
+                    yield (
+                        blob,
+                        location,
+                        view[location.offset - start : location.offset - start + location.length],
+                    )
+
+
 class TreeWalker:
     def __init__(self, index: BlobIndex, store: PackStore, host: str) -> None:
         self.index = index
@@ -230,27 +258,9 @@ class TreeWalker:
 
     def _read_blobs(self, state: WalkState, locations: dict[str, BlobLocation]) -> dict[str, bytes]:
         """Fetch and verify the blobs: one ranged GET per pack (per cluster of nearby blobs), in parallel."""
-        by_pack: dict[str, dict[str, BlobLocation]] = defaultdict(dict)
-        for blob, location in locations.items():
-            by_pack[location.pack_id][blob] = location
-        reads = [
-            (pack_id, start, end, blobs)
-            for pack_id, blobs in by_pack.items()
-            for start, end in coalesce_ranges(blobs.values())
-        ]
         plaintexts: dict[str, bytes] = {}
-        if not reads:
-            return plaintexts
-        with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(reads))) as pool:
-            spans = pool.map(
-                lambda read: self.store.read_range(pack_key(read[0]), read[1], read[2] - 1), reads
-            )
-            for (_, start, end, blobs), span in zip(reads, spans, strict=True):
-                view = memoryview(span)
-                for blob, location in blobs.items():
-                    if start <= location.offset < end:
-                        stored = view[location.offset - start : location.offset - start + location.length]
-                        self._open(state, plaintexts, blob, location, stored)
+        for blob, location, stored in read_stored_blobs(self.store, locations):
+            self._open(state, plaintexts, blob, location, stored)
         return plaintexts
 
     @staticmethod
