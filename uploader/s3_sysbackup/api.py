@@ -11,7 +11,8 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -33,6 +34,9 @@ DOWNLOAD_BATCH = 1000
 CLOCK_SKEW_LIMIT_S = 300.0
 SKEW_MESSAGES = ("signature expired", "requesttimetooskewed", "signature not yet current", "clock")
 JOB_POLL_TIMEOUT_S = 900.0
+# Read-only batches (check, locate) sent at once: 5000 hashes are 5 calls whose round trips (and
+# Lambda's concurrency) overlap; more would mostly queue behind each other.
+PARALLEL_CALLS = 4
 
 
 class ApiError(RuntimeError):
@@ -82,10 +86,14 @@ class ApiClient:
 
     def check_blobs(self, hashes: Iterable[str]) -> set[str]:
         """Which of `hashes` are already stored (verified, or registered by this host)."""
-        stored: set[str] = set()
-        for batch in _batches(sorted(set(hashes)), CHECK_BATCH):
+
+        def check(batch: list[str]) -> list:
             body = self.call("POST", "/blobs/check", {"hashes": batch}, route="POST /blobs/check").body
-            stored.update(_field(body, "stored", list, "POST /blobs/check"))
+            return _field(body, "stored", list, "POST /blobs/check")
+
+        stored: set[str] = set()
+        for found in _each_batch(check, sorted(set(hashes)), CHECK_BATCH):
+            stored.update(found)
         return stored
 
     def presign_packs(self, packs: Sequence[Mapping[str, Any]]) -> tuple[list[dict], set[str]]:
@@ -145,12 +153,15 @@ class ApiClient:
 
     def locate_blobs(self, hashes: Iterable[str], host: str | None = None) -> tuple[dict, dict]:
         """Where each blob is: ({hash: location}, {pack_id: presigned GET url})."""
-        locations: dict[str, dict] = {}
-        urls: dict[str, str] = {}
-        for batch in _batches(sorted(set(hashes)), DOWNLOAD_BATCH):
-            body = self.call(
+
+        def locate(batch: list[str]) -> Any:
+            return self.call(
                 "POST", "/downloads", {"blobs": batch}, query=_host_query(host), route="POST /downloads"
             ).body
+
+        locations: dict[str, dict] = {}
+        urls: dict[str, str] = {}
+        for body in _each_batch(locate, sorted(set(hashes)), DOWNLOAD_BATCH):
             locations.update(_field(body, "locations", dict, "POST /downloads"))
             urls.update(_field(body, "urls", dict, "POST /downloads"))
         return locations, urls
@@ -269,3 +280,13 @@ def _host_query(host: str | None) -> dict[str, str] | None:
 def _batches(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _each_batch(send: Callable[[list], Any], items: list, size: int) -> Iterator[Any]:
+    """`send` each batch of `size`, PARALLEL_CALLS at once; answers in batch order; the first error raises."""
+    batches = list(_batches(items, size))
+    if len(batches) <= 1:
+        yield from (send(batch) for batch in batches)
+        return
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_CALLS, len(batches)), thread_name_prefix="api") as pool:
+        yield from pool.map(send, batches)
