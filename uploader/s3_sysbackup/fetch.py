@@ -27,8 +27,12 @@ logger = logging.getLogger(__name__)
 MERGE_GAP_BYTES = 256 * 1024
 MAX_RANGE_BYTES = 32 * 1024 * 1024
 PARALLEL_GETS = 4
-SPANS_AHEAD = 2 * PARALLEL_GETS  # fetched but not yet consumed: at most 8 x MAX_RANGE_BYTES in memory
-LOCATE_BATCH = 5000  # hashes located per round: bounds memory and keeps presigned URLs fresh
+# Fetched or being fetched, not yet consumed: every GET stays busy while memory holds at most
+# 4 x MAX_RANGE_BYTES (spans rarely exceed a 16 MiB pack: ~64 MiB).
+SPANS_AHEAD = PARALLEL_GETS
+# Hashes located per round: bounds memory and keeps presigned URLs fresh. A pack whose blobs fall in
+# two rounds is read twice (in parts), so rounds are large: 20 POST /downloads calls, 4 at a time.
+LOCATE_BATCH = 20_000
 ENTRY_FIELDS = ("kind", "codec", "offset", "length", "raw_length")
 
 
