@@ -63,6 +63,17 @@ def archive_case(case: str, config_dir: Path, stats_path: Path) -> Measurement:
     )
 
 
+def restore_case(config_dir: Path, target: Path, stats_path: Path) -> Measurement:
+    seconds, rss = run_measured(
+        ["--config-dir", str(config_dir), "restore", "latest", "--target", str(target),
+         "--stats-json", str(stats_path)]
+    )  # fmt: skip
+    stats = json.loads(stats_path.read_text())
+    return Measurement(
+        "restore", seconds, rss, stats.get("bytes_written", 0) / 1e6, flatten(stats.get("requests", {}))
+    )
+
+
 def flatten(requests: dict, prefix: str = "") -> dict[str, int]:
     flat: dict[str, int] = {}
     for key, value in requests.items():
@@ -100,10 +111,7 @@ def main() -> int:
         print(f"tree: {tree} ({megabytes:.1f} MB)")
         measurements.append(archive_case("first backup", config_dir, work / "first.json"))
         measurements.append(archive_case("no-change run", config_dir, work / "nochange.json"))
-        seconds, rss = run_measured(
-            ["--config-dir", str(config_dir), "restore", "latest", "--target", str(target)]
-        )
-        measurements.append(Measurement("restore", seconds, rss, megabytes, {}))
+        measurements.append(restore_case(config_dir, target, work / "restore.json"))
     finally:
         subprocess.run([*CLI, "local", "down", "--state-dir", str(state_dir)], check=False)
         shutil.rmtree(work, ignore_errors=True)

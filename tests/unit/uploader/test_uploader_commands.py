@@ -27,6 +27,16 @@ def test_restore_needs_a_target_or_a_snapshot(tmp_path: Path, capsys: pytest.Cap
     assert "give either --target DIR or --snapshot NAME" in capsys.readouterr().err
 
 
+def test_restore_stats_go_with_a_target_only(tmp_path: Path, capsys: pytest.CaptureFixture):
+    stats = str(tmp_path / "s.json")
+    assert (
+        main(["--config-dir", str(tmp_path), "restore", "latest", "--snapshot", "db", "--stats-json", stats])
+        == 1
+    )
+    assert "--stats-json goes with --target" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+
+
 @pytest.mark.parametrize(
     "command", [["archive", "-q"], ["list"], ["restore", "latest", "--target", "/x"], ["verify"]]
 )

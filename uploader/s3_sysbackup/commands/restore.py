@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
+from ..archiver import write_stats_json
 from ..fetch import BlobFetcher
-from ..restorer import Restorer, resolve_manifest_id
+from ..restorer import Restorer, RestoreResult, resolve_manifest_id
 from ..snapshot_restore import SnapshotRestore, restore_through_command, write_to_file
-from .common import add_host_option, open_session, report_failure
+from .common import Session, add_host_option, open_session, report_failure
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace files already in the target (or the --output FILE)"
     )
+    parser.add_argument(
+        "--stats-json",
+        type=Path,
+        metavar="FILE",
+        help="with --target: write the restore's figures (files, bytes, requests by service) to FILE",
+    )
     add_host_option(parser)
     parser.set_defaults(handler=run)
 
@@ -59,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         fetcher = BlobFetcher(session.api, session.transfer, host=args.host)
         if args.snapshot is not None:
             return _restore_snapshot(args, fetcher, manifest)
+        started = time.monotonic()
         result = Restorer(fetcher, args.target, overwrite=args.overwrite).restore(manifest, args.paths)
+        if args.stats_json is not None:
+            write_stats_json(args.stats_json, _restore_stats(result, session, time.monotonic() - started))
     except (OSError, RuntimeError, ValueError) as error:
         return report_failure("restore", error)
     for warning in result.warnings:
@@ -71,9 +84,23 @@ def run(args: argparse.Namespace) -> int:
     return 2 if result.warnings else 0
 
 
+def _restore_stats(result: RestoreResult, session: Session, elapsed_s: float) -> dict[str, Any]:
+    return {
+        "manifest_id": result.manifest_id,
+        "files": result.files,
+        "dirs": result.dirs,
+        "bytes_written": result.bytes_written,
+        "warnings": result.warnings,
+        "requests": session.counter.as_dict(),
+        "elapsed_s": round(elapsed_s, 3),
+    }
+
+
 def _conflicting_options(args: argparse.Namespace) -> str | None:
     if (args.target is None) == (args.snapshot is None):
         return "give either --target DIR or --snapshot NAME"
+    if args.snapshot is not None and args.stats_json is not None:
+        return "--stats-json goes with --target (a snapshot's figures are on stderr)"
     if args.snapshot is None and (args.output is not None or args.incomplete):
         return "--output and --incomplete go with --snapshot NAME"
     if args.snapshot is not None and args.paths:
