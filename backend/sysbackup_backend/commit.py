@@ -25,6 +25,7 @@ from sysbackup_domain.retention import retain_until as compute_retain_until
 
 from .catalogue import Catalogue, ManifestSummary, TransactionRefused
 from .errors import ApiError, Conflict, NotFound, Unprocessable
+from .gc import epoch_unchanged_check, read_gc_epoch
 from .index import BlobIndex, blob_pk
 from .jobs import JOB_FAILED, JOB_RUNNING, JOB_SUCCEEDED, Job, JobStore
 from .retention_worker import RetentionQueue
@@ -34,8 +35,13 @@ from .walk import Budget, TreeWalker, WalkState
 logger = Logger(child=True)
 
 COMMIT_JOB_KIND = "commit"
-# A DynamoDB transaction holds at most 100 items: HEAD, summary, job, and checks on the anchors.
+# A DynamoDB transaction holds at most 100 items: HEAD, summary, gc epoch, job, and checks on the anchors.
 _MAX_ANCHOR_CHECKS = 90
+_EPOCH_CHECK_INDEX = 2  # after HEAD's update and the summary's put
+
+
+class GcRaced(Exception):
+    """gc began condemning after this walk started: the walk may have trusted a blob gc then condemned."""
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,7 @@ class Committer:
             raise Conflict(
                 f"parent {request.parent!r} is not the current head of host {host!r}", current=head
             )
-        state = WalkState.start(
-            request.root, (snapshot.content for snapshot in request.snapshots if snapshot.content is not None)
-        )
-        TreeWalker(self.index, self.store, host).run(state, budget)
-        if not state.done:
-            job = self.jobs.create(COMMIT_JOB_KIND, host, dict(body), state.to_bytes())  # type: ignore[call-overload]
-            return CommitOutcome(202, {"job_id": job.job_id, "state": JOB_RUNNING})
-        if state.problem_count:
-            raise _problems_error(state.problems())
-        return self._commit(host, request, state, job=None)
+        return self._walk_and_commit(host, request, dict(body), self._fresh_state(request), None, budget)  # type: ignore[call-overload]
 
     def resume(self, host: str, job_id: str, budget: Budget) -> CommitOutcome:
         """GET /jobs/{id}: continue the walk for another budget; a finished job answers what it ended with."""
@@ -103,16 +100,56 @@ class Committer:
             return self._finished_outcome(job)
         request = self._parse(job.request)
         state = WalkState.from_bytes(job.progress)
-        TreeWalker(self.index, self.store, host).run(state, budget)
-        if not state.done:
+        return self._walk_and_commit(host, request, job.request, state, job, budget)
+
+    def _fresh_state(self, request: CommitRequest) -> WalkState:
+        """A walk from the top, stamped with gc's epoch (-1 while gc is condemning: it may not commit)."""
+        state = WalkState.start(
+            request.root, (snapshot.content for snapshot in request.snapshots if snapshot.content is not None)
+        )
+        epoch = read_gc_epoch(self.index)
+        state.gc_epoch = epoch.number if epoch.stable(self.clock()) else -1
+        return state
+
+    def _walk_and_commit(
+        self,
+        host: str,
+        request: CommitRequest,
+        body: dict[str, Any],
+        state: WalkState,
+        job: Job | None,
+        budget: Budget,
+    ) -> CommitOutcome:
+        """Walk, then commit; a walk gc overtook (it condemned meanwhile) starts again from the top."""
+        while True:
+            TreeWalker(self.index, self.store, host).run(state, budget)
+            if not state.done:
+                return self._defer(host, body, state, job)
+            if state.problem_count:
+                return self._refuse(job, _problems_error(state.problems()))
+            try:
+                return self._commit(host, request, state, job)
+            except GcRaced:
+                logger.info("gc condemned blobs during the walk; walking again", extra={"host": host})
+                state = self._fresh_state(request)
+                if state.gc_epoch < 0 or budget.expired():
+                    return self._defer(host, body, state, job)
+            except ApiError as error:
+                return self._refuse(job, error)
+
+    def _defer(self, host: str, body: dict[str, Any], state: WalkState, job: Job | None) -> CommitOutcome:
+        """202: the walk goes on in the next call (a job is made on the first deferral)."""
+        if job is None:
+            job = self.jobs.create(COMMIT_JOB_KIND, host, body, state.to_bytes())
+        else:
             self.jobs.save_progress(job, state.to_bytes())
-            return CommitOutcome(202, {"job_id": job.job_id, "state": JOB_RUNNING})
-        if state.problem_count:
-            return self._fail_job(job, _problems_error(state.problems()))
-        try:
-            return self._commit(host, request, state, job)
-        except ApiError as error:
-            return self._fail_job(job, error)
+        return CommitOutcome(202, {"job_id": job.job_id, "state": JOB_RUNNING})
+
+    def _refuse(self, job: Job | None, error: ApiError) -> CommitOutcome:
+        """A refusal: raised for a direct POST, recorded as the job's outcome for a job."""
+        if job is None:
+            raise error
+        return self._fail_job(job, error)
 
     def _parse(self, body: object) -> CommitRequest:
         try:
@@ -121,6 +158,8 @@ class Committer:
             raise Unprocessable(f"malformed manifest: {error}") from None
 
     def _commit(self, host: str, request: CommitRequest, state: WalkState, job: Job | None) -> CommitOutcome:
+        if state.gc_epoch < 0:
+            raise GcRaced()  # the walk began while gc was condemning: what it saw may be stale
         now = self.clock()
         try:
             until = compute_retain_until(now, self.policy, request.days_retained)
@@ -143,7 +182,8 @@ class Committer:
             key=key,
         )
         result = {"manifest_id": manifest.id, "retain_until": iso_utc(until)}
-        extra = self._anchor_checks(state)
+        # First extra item (transaction index 2): gc has not begun condemning since the walk started.
+        extra = [epoch_unchanged_check(self.index, state.gc_epoch), *self._anchor_checks(state)]
         if job is not None:
             extra.append(self.jobs.finish_item(job, JOB_SUCCEEDED, {"status": 201, "body": result}))
         try:
@@ -155,6 +195,8 @@ class Committer:
         except TransactionRefused as refused:
             if job is not None and (outcome := self._if_finished_elsewhere(job)) is not None:
                 return outcome
+            if refused.reasons[_EPOCH_CHECK_INDEX : _EPOCH_CHECK_INDEX + 1] == ["ConditionalCheckFailed"]:
+                raise GcRaced() from None
             raise Unprocessable(
                 "a blob the manifest references was condemned while committing", reasons=refused.reasons
             ) from None

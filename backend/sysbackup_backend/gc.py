@@ -152,6 +152,46 @@ class GcReport:
         return dict(self.__dict__)
 
 
+# --------------------------------------------------------------------------------------------- gc epoch
+
+EPOCH_KEY = {"pk": "gc#epoch", "sk": "epoch"}
+
+
+@dataclass(frozen=True)
+class GcEpoch:
+    """A counter in BlobIndexTable that gc makes odd while it condemns and even again after.
+
+    A commit records the (even) epoch its walk started in and its transaction checks it is unchanged: a walk
+    that may have seen a blob before gc condemned it never commits; it walks again (closed marks of condemned
+    blobs are gone, so the new walk sees them). An odd epoch past `condemning_until` is a crashed run's.
+    """
+
+    number: int
+    condemning_until: str | None
+
+    def stable(self, now: datetime) -> bool:
+        return self.number % 2 == 0 or (self.condemning_until or "") < iso_utc(now)
+
+
+def read_gc_epoch(index: BlobIndex) -> GcEpoch:
+    response = index.client.get_item(TableName=index.table_name, Key=EPOCH_KEY, ConsistentRead=True)
+    item = response.get("Item") or {}
+    return GcEpoch(int(item.get("number", 0)), item.get("condemning_until"))
+
+
+def epoch_unchanged_check(index: BlobIndex, number: int) -> dict[str, Any]:
+    """A transaction item that fails if gc has opened a condemning window since `number` was read."""
+    if number == 0:
+        condition: dict[str, Any] = {"ConditionExpression": "attribute_not_exists(pk)"}
+    else:
+        condition = {
+            "ConditionExpression": "#number = :number",
+            "ExpressionAttributeNames": {"#number": "number"},
+            "ExpressionAttributeValues": {":number": number},
+        }
+    return {"ConditionCheck": {"TableName": index.table_name, "Key": dict(EPOCH_KEY), **condition}}
+
+
 # --------------------------------------------------------------------------------------------- index scan
 
 
@@ -344,15 +384,22 @@ class GarbageCollector:
         marker = Marker(self.index, self.store, deadline)
         self._mark_all(marker, live_manifests)
         snapshot = scan_index(self.index)
-        # Manifests committed since the listing reference blobs the scan may show as unreachable.
-        known = {(m.host, m.manifest_id) for m in live_manifests} | {
-            (host, manifest_id) for host, ids in report.forgotten.items() for manifest_id in ids
-        }
-        late = [m for m in self._all_summaries() if (m.host, m.manifest_id) not in known]
-        self._mark_all(marker, late)
-        report.trees_read = marker.trees_read
-        report.blobs_live = len(marker.live)
-        self._sweep_items(report, snapshot, marker.live, started, dry_run)
+        if not dry_run:
+            self._open_condemning_window(started)
+        try:
+            # Commits that landed before the window opened are catalogued now: mark them too. Later ones
+            # are refused by their transaction's epoch check and walk again after the window.
+            known = {(m.host, m.manifest_id) for m in live_manifests} | {
+                (host, manifest_id) for host, ids in report.forgotten.items() for manifest_id in ids
+            }
+            late = [m for m in self._all_summaries() if (m.host, m.manifest_id) not in known]
+            self._mark_all(marker, late)
+            report.trees_read = marker.trees_read
+            report.blobs_live = len(marker.live)
+            self._sweep_items(report, snapshot, marker.live, started, dry_run)
+        finally:
+            if not dry_run:
+                self._close_condemning_window()
         self._delete_dead_packs(report, snapshot, marker.live, started, dry_run)
         repacked = self._repack(report, snapshot, marker.live, started, dry_run)
         # A repacked pack's live blobs have moved (the new pack is locked as they need): never extend it.
@@ -393,6 +440,40 @@ class GarbageCollector:
         except ClientError as error:
             if not is_condition_failure(error):
                 raise
+
+    # ----------------------------------------------------------------------------------- epoch
+    def _open_condemning_window(self, now: datetime) -> None:
+        """Make the epoch odd (a crashed run's odd one moves on by two): no commit walked before lands."""
+        current = read_gc_epoch(self.index)
+        opened = current.number + (2 if current.number % 2 else 1)
+        self._set_epoch(current.number, opened, iso_utc(now + timedelta(seconds=LEASE_SECONDS)))
+
+    def _close_condemning_window(self) -> None:
+        current = read_gc_epoch(self.index)
+        self._set_epoch(current.number, current.number + 1, None)
+
+    def _set_epoch(self, expected: int, number: int, condemning_until: str | None) -> None:
+        """Conditional on `expected`: only the lease holder moves the epoch, so a failure here is a bug."""
+        values: dict[str, Any] = {":number": number}
+        update = "SET #number = :number"
+        if condemning_until is None:
+            update += " REMOVE condemning_until"
+        else:
+            update += ", condemning_until = :until"
+            values[":until"] = condemning_until
+        if expected == 0:
+            condition = "attribute_not_exists(#number) OR #number = :expected"
+        else:
+            condition = "#number = :expected"
+        values[":expected"] = expected
+        self.index.client.update_item(
+            TableName=self.index.table_name,
+            Key=dict(EPOCH_KEY),
+            UpdateExpression=update,
+            ConditionExpression=condition,
+            ExpressionAttributeNames={"#number": "number"},
+            ExpressionAttributeValues=values,
+        )
 
     # ----------------------------------------------------------------------------------- forget
     def _all_summaries(self) -> list[ManifestSummary]:

@@ -53,6 +53,8 @@ class WalkState:
     # Packs holding the blobs this walk looked up (not those under closed subtrees): their locks must
     # cover the new manifest's retain_until (the commit asks the retention worker to extend them).
     packs: list[str] = field(default_factory=list)
+    # gc's epoch when the walk began (gc.GcEpoch); -1 if gc was condemning then (such a walk never commits).
+    gc_epoch: int = -1
 
     @classmethod
     def start(cls, root: str | None, stream_indexes: Iterable[str]) -> WalkState:
@@ -88,6 +90,7 @@ class WalkState:
             "anchors": self.anchors,
             "trees_read": self.trees_read,
             "packs": self.packs,
+            "gc_epoch": self.gc_epoch,
         }
         return zstandard.ZstdCompressor(level=3).compress(json.dumps(document).encode("ascii"))
 

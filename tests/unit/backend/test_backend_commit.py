@@ -391,7 +391,7 @@ def test_no_change_commit_of_a_wide_tree_costs_a_handful_of_requests(backend: Se
         "alpha", commit_body(blob_hash(root), parent=first.body["manifest_id"]), Budget(PLENTY)
     )
     assert second.status_code == 201
-    # HEAD, the root's index items, its pack's state, the manifest PUT, the transaction.
+    # HEAD, gc's epoch, the root's index items, its pack's state, the manifest PUT, the transaction.
     assert sorted(counter.calls) == sorted(
-        ["GetItem", "BatchGetItem", "BatchGetItem", "PutObject", "TransactWriteItems"]
+        ["GetItem", "GetItem", "BatchGetItem", "BatchGetItem", "PutObject", "TransactWriteItems"]
     )

@@ -13,9 +13,9 @@ import pytest
 from sysbackup_backend.api import Services
 from sysbackup_backend.commit import Committer
 from sysbackup_backend.errors import Unprocessable
-from sysbackup_backend.gc import LEASE_ID, GarbageCollector, GcReport
+from sysbackup_backend.gc import LEASE_ID, GarbageCollector, GcReport, read_gc_epoch
 from sysbackup_backend.index import blob_pk, closed_sk, host_sk
-from sysbackup_backend.walk import Budget
+from sysbackup_backend.walk import Budget, TreeWalker
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.keep import GcPolicy, KeepRules
 from sysbackup_domain.manifest import decode_manifest, decode_stream_index
@@ -368,3 +368,51 @@ def test_a_mostly_dead_pack_is_repacked_then_collected(backend: Services) -> Non
     third = collector(backend, REAL_NOW + 6 * GRACE).run()
     assert third.deleted_packs == [old_pack] and third.bytes_freed > 20_000
     assert restorable(backend, "alpha", m2)
+
+
+def pending_commit(
+    services: Services, host: str, files: dict[str, bytes]
+) -> tuple[Committer, Any, Any, dict[str, Any]]:
+    """A commit whose walk has run (seeing every blob stored) but whose transaction has not."""
+    upload(services, host, [("data", body) for body in files.values()])
+    root = tree_bytes([file_entry(name, [blob_hash(body)]) for name, body in files.items()])
+    upload(services, host, [("tree", root)])
+    committer = Committer(services.index, services.store, services.catalogue, services.jobs, POLICY)
+    body = {"parent": services.catalogue.head(host), "root": blob_hash(root), "snapshots": []}
+    request = committer._parse(body)
+    state = committer._fresh_state(request)
+    TreeWalker(services.index, services.store, host).run(state, Budget(60))
+    assert state.done and not state.problem_count
+    return committer, request, state, body
+
+
+def test_a_commit_whose_walk_gc_overtook_walks_again_and_is_refused(backend: Services) -> None:
+    backup(backend, "alpha", {"x": b"committed " * 20}, REAL_NOW - timedelta(days=40))
+    committer, request, state, _ = pending_commit(backend, "alpha", {"orphan": b"not yet referenced " * 9})
+    # gc runs between the walk and the transaction, and condemns the blob the walk found stored.
+    assert collector(backend, REAL_NOW + 2 * GRACE).run().blobs_condemned >= 1
+    with pytest.raises(Unprocessable) as refused:
+        committer._walk_and_commit("alpha", request, {}, state, None, Budget(60))
+    assert refused.value.details["condemned"]
+
+
+def test_a_walk_begun_while_gc_condemns_waits_for_the_window_to_close(backend: Services) -> None:
+    gc = collector(backend, REAL_NOW)
+    gc._open_condemning_window(REAL_NOW)
+    committer, request, state, body = pending_commit(backend, "alpha", {"f": b"during the window " * 9})
+    assert state.gc_epoch == -1
+    deferred = committer._walk_and_commit("alpha", request, body, state, None, Budget(60))
+    assert deferred.status_code == 202
+    gc._close_condemning_window()
+    assert committer.resume("alpha", deferred.body["job_id"], Budget(60)).status_code == 201
+
+
+def test_a_crashed_runs_window_does_not_block_commits_once_it_expired(backend: Services) -> None:
+    collector(backend, REAL_NOW).run()  # epoch 2
+    collector(backend, REAL_NOW - timedelta(hours=1))._open_condemning_window(REAL_NOW - timedelta(hours=1))
+    _, _, state, _ = pending_commit(backend, "alpha", {"f": b"after a crash " * 9})
+    assert state.gc_epoch == 3
+    # the next run moves an odd epoch on by two: it stays a window, and commits walked in 3 are refused
+    after = collector(backend, REAL_NOW + timedelta(hours=1))
+    after._open_condemning_window(REAL_NOW + timedelta(hours=1))
+    assert read_gc_epoch(backend.index).number == 5
