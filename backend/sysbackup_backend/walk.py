@@ -30,6 +30,9 @@ from .store import PackStore, pack_key
 TREE = "tree"
 STREAM = "stream"
 NODES_PER_STEP = 300
+# Data children looked up per step: 300 directories of 1000 files each would be 600k index keys in one
+# step, past the API's time limit; nodes beyond this go back on the stack for the next step.
+DATA_CHECKS_PER_STEP = 10_000
 # How many problem blobs a failed commit reports; past that the walk stops (the host has work to do anyway).
 MAX_REPORTED_PROBLEMS = 1000
 # Pack reads of one step run in parallel: a step over many packs stays a second or two, not many.
@@ -182,7 +185,9 @@ class TreeWalker:
             return
         newly_closed: list[str] = []
         to_read = self._classify(state, batch, newly_closed)
-        children = self._decode(state, batch, self._read_blobs(state, to_read))
+        children = self._defer_beyond_limit(
+            state, batch, self._decode(state, batch, self._read_blobs(state, to_read))
+        )
         data_status = self._check_data(state, {blob for data, _ in children.values() for blob in data})
         for blob, (data, subtrees) in children.items():
             blocked = sum(1 for child in data if not data_status[child].stored)
@@ -193,6 +198,26 @@ class TreeWalker:
                 self._close(state, blob, newly_closed)
         if newly_closed:
             self.index.record_closed(self.host, newly_closed)
+
+    @staticmethod
+    def _defer_beyond_limit(
+        state: WalkState,
+        batch: dict[str, tuple[str, list[str | None]]],
+        children: dict[str, tuple[set[str], set[str]]],
+    ) -> dict[str, tuple[set[str], set[str]]]:
+        """This step's nodes up to DATA_CHECKS_PER_STEP data children (at least one node); the rest are
+        pushed back as they were popped, to be read again next step (a tree read costs less than a
+        walk that outlasts its call)."""
+        kept: dict[str, tuple[set[str], set[str]]] = {}
+        checks = 0
+        for blob, (data, subtrees) in children.items():
+            if kept and checks + len(data) > DATA_CHECKS_PER_STEP:
+                kind, parents = batch[blob]
+                state.stack.extend([blob, kind, parent] for parent in parents)
+                continue
+            kept[blob] = (data, subtrees)
+            checks += len(data)
+        return kept
 
     def _pop_batch(self, state: WalkState) -> dict[str, tuple[str, list[str | None]]]:
         """The next distinct nodes to visit, each with the parents that reference it."""
