@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import compileall
 import configparser
 import json
 import math
@@ -525,6 +526,13 @@ def format_dynamodb_detail(case: Case) -> str:
 ALL_CASES = ("tree", "restore", "small", "sparse", "stream")
 
 
+def precompile() -> None:
+    """Bytecode for our packages, as an installed package has: with PYTHONDONTWRITEBYTECODE set (as it
+    is here) every CLI run would otherwise compile its sources again, a cost restic's binary never pays."""
+    for package in ("uploader", "domain", "backend", "devstack", "functions"):
+        compileall.compile_dir(REPO / package, quiet=1)
+
+
 def ensure_restic() -> None:
     if shutil.which("restic"):
         return
@@ -583,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     if only - set(ALL_CASES):
         raise SystemExit(f"unknown cases {sorted(only - set(ALL_CASES))}; choose from {ALL_CASES}")
     ensure_restic()
+    precompile()
     work = args.work or Path(tempfile.mkdtemp(prefix="s3sb-compare-"))
     work.mkdir(parents=True, exist_ok=True)
     data = stable_data_root()
