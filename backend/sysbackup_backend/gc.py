@@ -69,6 +69,8 @@ LEASE_ID = "gc#lease"
 # Longer than GcFunction's timeout: a lease outlives its run only when the run crashed.
 LEASE_SECONDS = 20 * 60
 NODES_PER_STEP = 500
+# The report lists at most this many deleted pack ids (it is a Lambda result: 6 MB at most); counts are exact.
+MAX_LISTED_PACKS = 1000
 TREE = "tree"
 STREAM = "stream"
 
@@ -631,7 +633,8 @@ class GarbageCollector:
                 self._drop_condemned_item(item)
             self._drop_pack_item(pack_id)
             report.packs_deleted += 1
-            report.deleted_packs.append(pack_id)
+            if len(report.deleted_packs) < MAX_LISTED_PACKS:
+                report.deleted_packs.append(pack_id)
             if not items:
                 report.orphan_packs_deleted += 1
             logger.info("pack deleted", extra={"pack_id": pack_id, "bytes": freed, "versions": deleted})
