@@ -12,13 +12,17 @@ One run (GcFunction, on a schedule, under GcRole):
 4. Sweep, phase one: index items of blobs nobody reaches, older than the grace period (younger ones may
    belong to a backup in flight), get `condemned_at`, and the closed marks of those blobs are deleted:
    a condemned blob never answers dedup and a commit walking onto it is refused. Live blobs that were
-   condemned earlier (a commit raced a previous run) lose `condemned_at` again.
-   Manifests committed while the run marked are marked too before anything is condemned.
+   condemned earlier lose `condemned_at` again. Condemning happens inside a window of gc's epoch (odd while
+   open): manifests committed before it opened are re-listed and marked first, and a commit whose walk began
+   before it closed fails its transaction's epoch check and walks again (see GcEpoch).
 5. Sweep, phase two: a pack that no live item points to, whose items were all condemned at least the grace
    period ago (or that no item ever pointed to: an orphan of a crashed run older than the grace period),
    is deleted version by version once its lock has lapsed (GOVERNANCE locks are bypassed only if the policy
    says so; COMPLIANCE locks are waited for). Its condemned items and its pack item go after it.
-6. Locks: live packs whose recorded lock ends before their manifests' latest retain_until are sent to the
+6. Repack: a live pack whose live blobs are a small share of its blob bytes, every other item of which is
+   condemned, is rewritten: its live blobs go into a new pack (locked, If-None-Match, like a host's upload),
+   their items move to it, and the old pack, now only condemned items, goes in a later run (phase two).
+7. Locks: live packs whose recorded lock ends before their manifests' latest retain_until are sent to the
    retention worker (RetentionQueue).
 
 `dry_run` computes and reports all of it and writes nothing. Every step is idempotent and conditional, so
