@@ -183,15 +183,7 @@ class MotoRecording:
 
     def new_requests(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
         """(service, operation, JSON body) of every request recorded since the last call."""
-        if not self.path.exists():
-            return
-        with self.path.open("rb") as stream:
-            stream.seek(self.offset)
-            data = stream.read()
-        complete = data[: data.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        for line in complete.splitlines():
-            entry = json.loads(line)
+        for entry in self._new_entries():
             target = {k.lower(): v for k, v in entry["headers"].items()}.get("x-amz-target", "")
             if "." not in target:
                 continue
@@ -205,6 +197,30 @@ class MotoRecording:
                 body = {}
             service = "dynamodb" if prefix.startswith("DynamoDB") else "sqs" if "SQS" in prefix else prefix
             yield service, operation, body
+
+    def _new_entries(self) -> Iterator[dict[str, Any]]:
+        """Recorded entries past the offset. moto's threads append each entry and its newline in two
+        writes, so lines interleave: entries are decoded one JSON object after another instead. (The
+        file is ASCII: json.dumps escapes the rest, so characters and bytes count alike.)"""
+        if not self.path.exists():
+            return
+        start = self.offset
+        with self.path.open("rb") as stream:
+            stream.seek(start)
+            text = stream.read().decode("ascii", "replace")
+        decoder = json.JSONDecoder()
+        position = 0
+        while True:
+            while position < len(text) and text[position].isspace():
+                position += 1
+            if position >= len(text):
+                break
+            try:
+                entry, position = decoder.raw_decode(text, position)
+            except ValueError:
+                break  # an entry still being written: read it next time
+            self.offset = start + position
+            yield entry
 
 
 @dataclass
