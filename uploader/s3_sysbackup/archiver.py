@@ -32,7 +32,7 @@ from .cache import ArchiveLock, CachedFile, FileState, ParentCache, host_state_d
 from .config import Config
 from .heap import pin_mmap_threshold
 from .listing import newest
-from .metadata import acl_text, encode_xattrs, group_name, hardlink_id, user_name
+from .metadata import Stat, acl_text, encode_xattrs, group_name, hardlink_id, user_name
 from .net import RequestCounter
 from .pickers import run_pickers
 from .sink import BlobSink, PackShipper, fault_point
@@ -58,13 +58,13 @@ class MissingBlobs(RuntimeError):
     """The backend refused the commit because blobs this host thought stored are gone."""
 
 
-@dataclass
+@dataclass(slots=True)  # one per file
 class FileOutcome:
     """What reading (or reusing) one regular file produced."""
 
     content: tuple[str, ...]
     state: FileState  # the stat the content belongs to (what the cache records)
-    st: os.stat_result  # metadata for the tree entry
+    st: Stat  # metadata for the tree entry
     bytes_read: int = 0
     reused: bool = False
     cacheable: bool = True  # False for an inconsistent read: the next run must read it again
@@ -298,8 +298,10 @@ class Archiver:
                 warnings.append(
                     f"{node.path!r} changed while being read (twice); this copy may be inconsistent"
                 )
-                return FileOutcome(tuple(content), FileState.of(after), after, bytes_read, cacheable=False)
-        return FileOutcome(tuple(content), FileState.of(after), after, bytes_read=bytes_read)
+                return FileOutcome(
+                    tuple(content), FileState.of(after), Stat.of(after), bytes_read, cacheable=False
+                )
+        return FileOutcome(tuple(content), FileState.of(after), Stat.of(after), bytes_read=bytes_read)
 
     # -- trees ------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .metadata import Stat
+
 DB_NAME = "cache.sqlite"
 LOCK_NAME = "archive.lock"
 # A file modified this close to (or after) the previous scan may have changed again within the
@@ -39,7 +41,7 @@ class CacheLockedError(RuntimeError):
     """Another archive run of this host holds the lock."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per file
 class FileState:
     size: int
     mtime_ns: int
@@ -47,11 +49,11 @@ class FileState:
     inode: int
 
     @classmethod
-    def of(cls, st: os.stat_result) -> FileState:
+    def of(cls, st: Stat | os.stat_result) -> FileState:
         return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CachedFile:
     state: FileState
     content: tuple[str, ...]

@@ -10,6 +10,7 @@ import pwd
 import stat
 import struct
 from functools import lru_cache
+from typing import NamedTuple
 
 ACL_ACCESS_XATTR = "system.posix_acl_access"
 ACL_DEFAULT_XATTR = "system.posix_acl_default"
@@ -21,6 +22,37 @@ _ACL_ENTRY = struct.Struct("<HHI")
 _ACL_VERSION = 2
 _ACL_TAGS = {0x01: "user", 0x02: "user", 0x04: "group", 0x08: "group", 0x10: "mask", 0x20: "other"}
 _ACL_QUALIFIED = frozenset({0x02, 0x08})  # ACL_USER, ACL_GROUP carry an id
+
+
+class Stat(NamedTuple):
+    """The lstat fields a backup uses, under os.stat_result's names. An os.stat_result takes ~670 bytes
+    (float times, unused fields); this ~250: a 100k-file walk holds 40 MB less."""
+
+    st_mode: int
+    st_ino: int
+    st_dev: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    st_rdev: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Stat:
+        return cls(
+            st.st_mode,
+            st.st_ino,
+            st.st_dev,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_rdev,
+        )
 
 
 def entry_type(mode: int) -> str | None:
@@ -55,7 +87,7 @@ def group_name(gid: int) -> str | None:
         return None
 
 
-def hardlink_id(st: os.stat_result) -> str | None:
+def hardlink_id(st: Stat | os.stat_result) -> str | None:
     """`"<dev>:<ino>"` for a non-directory with more than one name, so restore can re-link them."""
     if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
         return f"{st.st_dev}:{st.st_ino}"

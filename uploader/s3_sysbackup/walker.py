@@ -13,14 +13,14 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .metadata import entry_type, read_xattrs
+from .metadata import Stat, entry_type, read_xattrs
 
 
-@dataclass
+@dataclass(slots=True)  # one per file: no per-instance __dict__
 class Node:
     name: str  # "" for the root
     path: str
-    stat: os.stat_result
+    stat: Stat
     type: str
     target: str | None = None  # symlinks
     xattrs: dict[str, bytes] = field(default_factory=dict)
@@ -139,7 +139,7 @@ def _make_node(name: str, path: str, st: os.stat_result, warnings: list[str]) ->
     if kind is None:
         warnings.append(f"skipped {path!r}: unsupported file type {stat.S_IFMT(st.st_mode):o}")
         return None
-    node = Node(name=name, path=path, stat=st, type=kind)
+    node = Node(name=name, path=path, stat=Stat.of(st), type=kind)
     if kind == "dir":
         node.children = {}
     try:
