@@ -124,9 +124,12 @@ class Usage:
 
 
 def scrape_s3_requests(metrics_url: str) -> dict[str, Counter[str]]:
-    """bucket -> request type -> count, from SeaweedFS's Prometheus text."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
+        return parse_s3_requests(response.read().decode())
+
+
+def parse_s3_requests(text: str) -> dict[str, Counter[str]]:
+    """bucket -> request type -> count (any status), from SeaweedFS's Prometheus text."""
     counts: dict[str, Counter[str]] = {}
     for line in text.splitlines():
         if not line.startswith("SeaweedFS_s3_request_total{"):
