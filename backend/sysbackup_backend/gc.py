@@ -139,6 +139,7 @@ class GcReport:
     blobs_live: int = 0
     blobs_condemned: int = 0
     blobs_revived: int = 0
+    redundant_claims_dropped: int = 0
     closed_marks_dropped: int = 0
     packs_live: int = 0
     packs_deleted: int = 0
@@ -338,6 +339,17 @@ def _pack_needs(snapshot: IndexSnapshot, live: dict[str, str]) -> dict[str, str]
     return need
 
 
+def _redundant_claim(item: BlobItem, verified_in: dict[str, str], young: str) -> bool:
+    """A host's old claim on a copy in another pack than the blob's verified one: every lookup prefers the
+    verified copy, so the claim only keeps a redundant pack alive (two hosts uploaded the same blob)."""
+    return (
+        item.sk.startswith("host#")
+        and verified_in.get(item.blob, item.pack_id) != item.pack_id
+        and bool(item.stamp)
+        and item.stamp <= young
+    )
+
+
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -391,7 +403,7 @@ class GarbageCollector:
         self._mark_all(marker, live_manifests)
         snapshot = scan_index(self.index)
         if not dry_run:
-            self._open_condemning_window(started)
+            self._open_condemning_window(self.clock())
         try:
             # Commits that landed before the window opened are catalogued now: mark them too. Later ones
             # are refused by their transaction's epoch check and walk again after the window.
@@ -402,11 +414,12 @@ class GarbageCollector:
             self._mark_all(marker, late)
             report.trees_read = marker.trees_read
             report.blobs_live = len(marker.live)
-            self._sweep_items(report, snapshot, marker.live, started, dry_run)
+            settling = self._sweep_items(report, snapshot, marker.live, started, dry_run)
         finally:
             if not dry_run:
                 self._close_condemning_window()
-        self._delete_dead_packs(report, snapshot, marker.live, started, dry_run)
+        # Packs that just lost claims wait a run: an item the scan did not see might still point to them.
+        self._delete_dead_packs(report, snapshot, marker.live, started, dry_run, settling)
         repacked = self._repack(report, snapshot, marker.live, started, dry_run)
         # A repacked pack's live blobs have moved (the new pack is locked as they need): never extend it.
         self._request_locks(report, snapshot, marker.live, dry_run, skip=repacked)
@@ -541,12 +554,22 @@ class GarbageCollector:
     # ----------------------------------------------------------------------------------- phase one
     def _sweep_items(
         self, report: GcReport, snapshot: IndexSnapshot, live: dict[str, str], now: datetime, dry_run: bool
-    ) -> None:
+    ) -> set[str]:
+        """Condemn, revive, drop redundant claims; returns the packs whose claims were dropped."""
         young = iso_utc(now - self.policy.grace)
         condemned_blobs: set[str] = set()
+        verified_in = {
+            item.blob: item.pack_id
+            for item in snapshot.blob_items
+            if item.sk == VERIFIED_SK and item.condemned_at is None
+        }
+        redundant: list[BlobItem] = []
         for item in snapshot.blob_items:
             if item.blob in live:
-                if item.condemned_at is not None:
+                if _redundant_claim(item, verified_in, young):
+                    if dry_run or self._drop_claim(item):
+                        redundant.append(item)
+                elif item.condemned_at is not None:
                     report.blobs_revived += 1
                     if not dry_run:
                         self._revive(item)
@@ -560,6 +583,10 @@ class GarbageCollector:
             condemned_blobs.add(item.blob)
             if not dry_run:
                 self._condemn(item, now)
+        # The later steps see the index as it is now: a dropped claim no longer keeps its pack alive.
+        report.redundant_claims_dropped = len(redundant)
+        dropped = {(item.blob, item.sk) for item in redundant}
+        snapshot.blob_items = [item for item in snapshot.blob_items if (item.blob, item.sk) not in dropped]
         for blob in sorted(condemned_blobs):
             for sort_key in snapshot.closed.get(blob, []):
                 report.closed_marks_dropped += 1
@@ -567,6 +594,22 @@ class GarbageCollector:
                     self.index.client.delete_item(
                         TableName=self.index.table_name, Key={"pk": blob_pk(blob), "sk": sort_key}
                     )
+        return {item.pack_id for item in redundant}
+
+    def _drop_claim(self, item: BlobItem) -> bool:
+        """Conditional on the claim being unchanged since the scan (a re-registration keeps it)."""
+        try:
+            self.index.client.delete_item(
+                TableName=self.index.table_name,
+                Key={"pk": blob_pk(item.blob), "sk": item.sk},
+                ConditionExpression="pack_id = :pack AND registered_at = :stamp",
+                ExpressionAttributeValues={":pack": item.pack_id, ":stamp": item.stamp},
+            )
+        except ClientError as error:
+            if not is_condition_failure(error):
+                raise
+            return False
+        return True
 
     def _condemn(self, item: BlobItem, now: datetime) -> None:
         """Conditional on the item being unchanged since the scan (a re-registration wins)."""
@@ -618,9 +661,17 @@ class GarbageCollector:
             yield pack_id, items
 
     def _delete_dead_packs(
-        self, report: GcReport, snapshot: IndexSnapshot, live: dict[str, str], now: datetime, dry_run: bool
+        self,
+        report: GcReport,
+        snapshot: IndexSnapshot,
+        live: dict[str, str],
+        now: datetime,
+        dry_run: bool,
+        settling: set[str],
     ) -> None:
         for pack_id, items in self._dead_packs(snapshot, live, now):
+            if pack_id in settling:
+                continue
             if dry_run:
                 report.packs_deleted += 1
                 report.bytes_freed += int(snapshot.packs[pack_id].get("size", 0))

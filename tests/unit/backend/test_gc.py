@@ -19,7 +19,7 @@ from sysbackup_backend.walk import Budget, TreeWalker
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.keep import GcPolicy, KeepRules
 from sysbackup_domain.manifest import decode_manifest, decode_stream_index
-from sysbackup_domain.packs import open_blob
+from sysbackup_domain.packs import PackWriter, open_blob, parse_trailer
 from sysbackup_domain.retention import RetentionPolicy, iso_utc
 from sysbackup_domain.tree import decode_tree
 from sysbackup_testkit import BUCKET, build_pack, file_entry, put_pack_object, tree_bytes
@@ -416,3 +416,28 @@ def test_a_crashed_runs_window_does_not_block_commits_once_it_expired(backend: S
     after = collector(backend, REAL_NOW + timedelta(hours=1))
     after._open_condemning_window(REAL_NOW + timedelta(hours=1))
     assert read_gc_epoch(backend.index).number == 5
+
+
+def test_a_second_hosts_copy_of_a_verified_blob_is_collected(backend: Services) -> None:
+    """alpha and beta uploaded the same file before either was verified; the verified copy serves both."""
+    shared = b"the same file on two hosts, uploaded twice " * 40
+    backup(backend, "alpha", {"s": shared}, REAL_NOW - timedelta(days=2))
+    alpha_pack = item(backend, blob_pk(blob_hash(shared)), host_sk("alpha"))["pack_id"]  # type: ignore[index]
+    backend.index.record_verified(alpha_pack, parse_trailer(backend.store.read(f"packs/{alpha_pack}")))
+    # beta's copy: the same blob stored uncompressed, so another pack
+    writer = PackWriter()
+    writer.add_stored(blob_hash(shared), "data", "none", shared, len(shared))
+    data, entries = writer.finish()
+    beta_pack = hashlib.sha256(data).hexdigest()
+    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{beta_pack}", Body=data)
+    backend.index.record_presigned(beta_pack, "beta", len(data), iso_utc(REAL_NOW))
+    backend.index.register_pack("beta", beta_pack, entries)
+    b1 = backup(backend, "beta", {"s": shared}, REAL_NOW - timedelta(days=2))
+
+    first = collector(backend, REAL_NOW + 2 * GRACE).run()
+    assert first.redundant_claims_dropped == 1 and first.blobs_condemned == 0
+    assert backend.index.locate("beta", [blob_hash(shared)])[blob_hash(shared)].pack_id == alpha_pack
+    assert restorable(backend, "beta", b1)
+    second = collector(backend, REAL_NOW + 4 * GRACE).run()
+    assert second.deleted_packs == [beta_pack] and second.orphan_packs_deleted == 1, second.to_json()
+    assert restorable(backend, "beta", b1)
