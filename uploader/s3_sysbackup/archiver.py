@@ -196,9 +196,10 @@ class Archiver:
         fault_point("mid-commit")
         cache.record_commit(
             manifest_id,
-            ((node_path, o.state, o.content) for node_path, o in outcomes.items() if o.cacheable),
+            ((path, o.state, o.content) for path, o in outcomes.items() if o.cacheable and not o.reused),
             scan_started_ns,
             referenced,
+            kept=(path for path, o in outcomes.items() if o.cacheable and o.reused),
         )
         report = dict(manifest_stats)
         report.update(

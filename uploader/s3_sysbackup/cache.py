@@ -169,29 +169,27 @@ class ParentCache:
         files: Iterable[tuple[str, FileState, tuple[str, ...]]],
         scanned_ns: int,
         stored: Iterable[str],
+        kept: Iterable[str] = (),
     ) -> None:
-        """Replace the cache with a committed run's view, atomically; `stored` = what it references."""
+        """Make the cache a committed run's view, atomically: `files` are the rows it read, `kept` the
+        paths whose rows it reused as they are, every other row goes; `stored` = what it references.
+
+        Only differences are written: a no-change run of 100k files rewrites nothing."""
+        rows = [
+            (os.fsencode(path), s.size, s.mtime_ns, s.ctime_ns, s.inode, json.dumps(list(c)), scanned_ns)
+            for path, s, c in files
+        ]
+        wanted_paths = {os.fsencode(path) for path in kept}.union(row[0] for row in rows)
+        wanted_hashes = set(stored)
         with self._transaction():
-            self.db.execute("DELETE FROM files")
-            self.db.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (
-                        os.fsencode(path),
-                        s.size,
-                        s.mtime_ns,
-                        s.ctime_ns,
-                        s.inode,
-                        json.dumps(list(c)),
-                        scanned_ns,
-                    )
-                    for path, s, c in files
-                ),
-            )
+            gone = [row for row in self.db.execute("SELECT path FROM files") if row[0] not in wanted_paths]
+            self.db.executemany("DELETE FROM files WHERE path = ?", gone)
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             # Only what this manifest references: those blobs live as long as it is retained,
             # while anything older may have been collected since.
-            self.db.execute("DELETE FROM stored")
-            self.db.executemany("INSERT OR IGNORE INTO stored VALUES (?)", ((h,) for h in stored))
+            had = {row[0] for row in self.db.execute("SELECT hash FROM stored")}
+            self.db.executemany("DELETE FROM stored WHERE hash = ?", ((h,) for h in had - wanted_hashes))
+            self.db.executemany("INSERT INTO stored VALUES (?)", ((h,) for h in wanted_hashes - had))
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('parent', ?)", (manifest_id,))
             self.db.execute("DELETE FROM meta WHERE key = 'inflight_run'")
 

@@ -91,3 +91,24 @@ def test_each_host_config_has_its_own_state(tmp_path: Path):
     assert web != host_state_dir(tmp_path, "https://other-api", tmp_path / "web")
     with ArchiveLock(web), ArchiveLock(host_state_dir(tmp_path, "https://api", tmp_path / "db")):
         pass  # different hosts may archive at the same time
+
+
+def test_record_commit_keeps_reused_rows_as_they_were(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    other = FileState(20, STATE.mtime_ns, STATE.ctime_ns, 43)
+    cache.record_commit(
+        "m1",
+        [("/kept", STATE, ("1" * 64,)), ("/reread", STATE, ()), ("/gone", STATE, ())],
+        SCANNED,
+        {"1" * 64},
+    )
+    later = SCANNED + 10 * SECOND
+    cache.record_commit("m2", [("/reread", other, ("2" * 64,))], later, {"1" * 64, "2" * 64}, kept=["/kept"])
+    kept, reread = cache.lookup("/kept"), cache.lookup("/reread")
+    assert kept == CachedFile(STATE, ("1" * 64,), SCANNED)  # untouched, read-time included
+    assert reread == CachedFile(other, ("2" * 64,), later)
+    assert cache.lookup("/gone") is None
+    assert cache.all_stored() == {"1" * 64, "2" * 64}
+    cache.record_commit("m3", [], later, {"2" * 64}, kept=["/reread"])
+    assert cache.lookup("/kept") is None and cache.all_stored() == {"2" * 64}
+    assert cache.parent_manifest == "m3"
