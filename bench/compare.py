@@ -29,6 +29,7 @@ import argparse
 import base64
 import compileall
 import configparser
+import itertools
 import json
 import math
 import os
@@ -617,29 +618,34 @@ def main(argv: list[str] | None = None) -> int:
     datasets = ["tree", "small", "sparse", "stream"]
     stack = LocalStack.start(work / "stack", work / "ours-default")
     cases: list[Case] = []
+    print_header()
     try:
         meter = Meter(stack)
         bench = Bench(stack, meter, work, data, restic_user(stack, [f"restic-{d}" for d in datasets]))
+        planned: list[Iterator[Case]] = []
         if only & {"tree", "restore"}:
-            cases += tree_cases(bench, args.tree, "restore" in only)
+            planned.append(tree_cases(bench, args.tree, "restore" in only))
         if "small" in only:
-            cases += small_cases(bench, args.small_files)
+            planned.append(small_cases(bench, args.small_files))
         if "sparse" in only:
-            cases += sparse_cases(bench, int(args.sparse_gib * 2**30))
+            planned.append(sparse_cases(bench, int(args.sparse_gib * 2**30)))
         if "stream" in only:
-            cases += stream_cases(bench, int(args.stream_gib * 2**30))
+            planned.append(stream_cases(bench, int(args.stream_gib * 2**30)))
+        for case in itertools.chain.from_iterable(planned):
+            cases.append(case)
+            print_case(case)  # as it comes: a long run that fails late keeps what it measured
+            if args.json:
+                args.json.write_text(json.dumps([case_json(c) for c in cases], indent=2) + "\n")
     finally:
         stack.stop()
         shutil.rmtree(data, ignore_errors=True)
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print_report(cases)
-    if args.json:
-        args.json.write_text(json.dumps([case_json(c) for c in cases], indent=2) + "\n")
+    print("\nprices (USD):", ", ".join(f"{name} {price:.3g}" for name, price in PRICES.items()))
     return 0
 
 
-def tree_cases(bench: Bench, source: Path, with_restore: bool) -> list[Case]:
+def tree_cases(bench: Bench, source: Path, with_restore: bool) -> Iterator[Case]:
     tree = bench.data / "tree"
     copy_tree(source, tree)
     megabytes = tree_bytes(tree) / 1e6
@@ -648,17 +654,16 @@ def tree_cases(bench: Bench, source: Path, with_restore: bool) -> list[Case]:
     restic.pick(tree)
     time.sleep(1.1)  # past the parent cache's racy window: files copied just now are settled
     label = f"stdlib tree {source.name}"
-    cases = [Case(f"first backup, {label}", megabytes, ours.backup(), restic.backup())]
-    cases.append(Case(f"no-change run, {label}", megabytes, ours.backup(), restic.backup()))
+    yield Case(f"first backup, {label}", megabytes, ours.backup(), restic.backup())
+    yield Case(f"no-change run, {label}", megabytes, ours.backup(), restic.backup())
     change_one_file(tree)
-    cases.append(Case(f"one-file change, {label}", megabytes, ours.backup(), restic.backup()))
+    yield Case(f"one-file change, {label}", megabytes, ours.backup(), restic.backup())
     if with_restore:
         ours_target, restic_target = bench.work / "restored-ours", bench.work / "restored-restic"
         ours_run = ours.restore(ours_target)
         restic_run = restic.restore(restic_target)
         check_restored(tree, ours_target, restic_target)
-        cases.append(Case(f"restore, {label}", megabytes, ours_run, restic_run))
-    return cases
+        yield Case(f"restore, {label}", megabytes, ours_run, restic_run)
 
 
 def check_restored(source: Path, *restored: Path) -> None:
@@ -671,7 +676,7 @@ def check_restored(source: Path, *restored: Path) -> None:
             raise SystemExit(f"restore into {target} holds {got} bytes, expected {expected}")
 
 
-def small_cases(bench: Bench, count: int) -> list[Case]:
+def small_cases(bench: Bench, count: int) -> Iterator[Case]:
     tree = bench.data / "small"
     generate_small_files(tree, count)
     megabytes = tree_bytes(tree) / 1e6
@@ -680,13 +685,11 @@ def small_cases(bench: Bench, count: int) -> list[Case]:
     restic.pick(tree)
     time.sleep(1.1)
     label = f"{count} small files"
-    return [
-        Case(f"first backup, {label}", megabytes, ours.backup(), restic.backup()),
-        Case(f"no-change run, {label}", megabytes, ours.backup(), restic.backup()),
-    ]
+    yield Case(f"first backup, {label}", megabytes, ours.backup(), restic.backup())
+    yield Case(f"no-change run, {label}", megabytes, ours.backup(), restic.backup())
 
 
-def sparse_cases(bench: Bench, size: int) -> list[Case]:
+def sparse_cases(bench: Bench, size: int) -> Iterator[Case]:
     sparse_dir = bench.data / "sparse"
     sparse_dir.mkdir(parents=True)
     with (sparse_dir / "big.sparse").open("wb") as stream:
@@ -694,15 +697,15 @@ def sparse_cases(bench: Bench, size: int) -> list[Case]:
     ours, restic = bench.tools("sparse")
     ours.pick(sparse_dir)
     restic.pick(sparse_dir)
-    return [Case(f"{size / 2**30:g} GiB sparse file (zeros)", size / 1e6, ours.backup(), restic.backup())]
+    yield Case(f"{size / 2**30:g} GiB sparse file (zeros)", size / 1e6, ours.backup(), restic.backup())
 
 
-def stream_cases(bench: Bench, size: int) -> list[Case]:
+def stream_cases(bench: Bench, size: int) -> Iterator[Case]:
     generator = stream_generator(size)
     ours, restic = bench.tools("stream")
     ours.snapshot_stream(generator)
     name = f"{size / 2**30:g} GiB generated stream"
-    return [Case(name, size / 1e6, ours.backup(), restic.backup_stream(generator))]
+    yield Case(name, size / 1e6, ours.backup(), restic.backup_stream(generator))
 
 
 def case_json(case: Case) -> dict[str, Any]:
@@ -714,15 +717,13 @@ def case_json(case: Case) -> dict[str, Any]:
     }
 
 
-def print_report(cases: list[Case]) -> None:
-    print(f"\nrestic: {subprocess.run(['restic', 'version'], capture_output=True, text=True).stdout.strip()}")
-    print(f"command: bench/compare.py {' '.join(sys.argv[1:])}".rstrip())
-    for case in cases:
-        print()
-        print(format_case(case))
-        print()
-        print(format_dynamodb_detail(case))
-    print("\nprices (USD):", ", ".join(f"{name} {price:.3g}" for name, price in PRICES.items()))
+def print_header() -> None:
+    version = subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.strip()
+    print(f"restic: {version}\ncommand: bench/compare.py {' '.join(sys.argv[1:])}".rstrip(), flush=True)
+
+
+def print_case(case: Case) -> None:
+    print(f"\n{format_case(case)}\n\n{format_dynamodb_detail(case)}", flush=True)
 
 
 if __name__ == "__main__":
