@@ -299,15 +299,19 @@ class Run:
 def run_measured(
     command: list[str], env: dict[str, str] | None = None, stdin: Any = None
 ) -> tuple[float, float]:
-    """Run one process; (wall seconds, its peak RSS in MiB, its waited-for children included)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdin=stdin, stdout=subprocess.DEVNULL)
-    _, status, rusage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0, 2):  # 2: ours committed with warnings
-        raise SystemExit(f"{' '.join(command[:4])} ... failed with status {code}")
-    return elapsed, rusage.ru_maxrss / 1024
+    """Run one process; (wall seconds, its peak RSS in MiB, its waited-for children included).
+
+    Linux carries a process's RSS high-water mark across fork and exec, so a child of this ~100 MB
+    process would never report less than ~100 MB: GNU time, a small process, forks the command."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as report:
+        started = time.perf_counter()
+        measured = ["/usr/bin/time", "-f", "%M", "-o", report.name, *command]
+        process = subprocess.run(measured, env=env, stdin=stdin, stdout=subprocess.DEVNULL, check=False)
+        elapsed = time.perf_counter() - started
+        if process.returncode not in (0, 2):  # 2: ours committed with warnings
+            raise SystemExit(f"{' '.join(command[:4])} ... failed with status {process.returncode}")
+        peak_kib = int(report.read().split()[-1])  # GNU time notes a non-zero status on a line before
+    return elapsed, peak_kib / 1024
 
 
 def bucket_bytes(s3: Any, bucket: str) -> int:
@@ -553,6 +557,13 @@ def precompile() -> None:
         compileall.compile_dir(REPO / package, quiet=1)
 
 
+def ensure_tools() -> None:
+    if not Path("/usr/bin/time").exists():
+        print("GNU time missing: apt-get install -y time", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "time"], check=True)
+    ensure_restic()
+
+
 def ensure_restic() -> None:
     if shutil.which("restic"):
         return
@@ -610,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     if only - set(ALL_CASES):
         raise SystemExit(f"unknown cases {sorted(only - set(ALL_CASES))}; choose from {ALL_CASES}")
-    ensure_restic()
+    ensure_tools()
     precompile()
     work = args.work or Path(tempfile.mkdtemp(prefix="s3sb-compare-"))
     work.mkdir(parents=True, exist_ok=True)
