@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,10 +11,71 @@ from typing import Any
 
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
+from sysbackup_domain.manifest import is_manifest_id
 
-from .errors import Conflict
+from .errors import BadRequest, Conflict
 
 HEAD_ID = "HEAD"
+# A summary's stats are capped: `GET /manifests` answers up to MAX_PAGE_LIMIT summaries through Lambda's
+# 6 MB response, and a host may send up to 2 MiB of stats. The full stats stay in the manifest document.
+SUMMARY_STATS_BYTES = 4096
+SUMMARY_STRING_CHARS = 256
+STATS_TRUNCATED_KEY = "truncated"
+DEFAULT_PAGE_LIMIT = 100
+MAX_PAGE_LIMIT = 1000
+
+
+def summary_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """`stats` itself when small; else its scalar top-level fields (short strings) within the cap.
+
+    The uploader reads figures (`files`, `bytes`, ...) and `run_id` from a summary, all scalars.
+    """
+    if len(json.dumps(stats, sort_keys=True)) <= SUMMARY_STATS_BYTES:
+        return stats
+    kept: dict[str, Any] = {STATS_TRUNCATED_KEY: True}
+    size = len(json.dumps(kept))
+    for key in sorted(stats):
+        value = stats[key]
+        if isinstance(value, str) and len(value) > SUMMARY_STRING_CHARS:
+            continue
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            continue
+        field_size = len(json.dumps({key: value})) + 1
+        if size + field_size > SUMMARY_STATS_BYTES:
+            continue
+        kept[key] = value
+        size += field_size
+    return kept
+
+
+def page_token(host: str, manifest_id: str) -> str:
+    """An opaque token for the page after `manifest_id`; it names the host it was issued for."""
+    raw = json.dumps({"host": host, "after": manifest_id}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def manifest_after(token: str, host: str) -> str:
+    """The manifest id a token from `page_token(host, ...)` continues after; BadRequest otherwise."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        fields = json.loads(raw)
+    except (binascii.Error, ValueError):
+        raise BadRequest("malformed `next` token") from None
+    if not isinstance(fields, dict) or set(fields) != {"host", "after"}:
+        raise BadRequest("malformed `next` token")
+    if fields["host"] != host:
+        # Paging is within the partition of `host` anyway; a token from another listing is a client bug.
+        raise BadRequest("the `next` token belongs to another host's listing")
+    after = fields["after"]
+    if not isinstance(after, str) or not is_manifest_id(after):
+        raise BadRequest("malformed `next` token")
+    return after
+
+
+@dataclass(frozen=True)
+class SummaryPage:
+    summaries: list[ManifestSummary]
+    next_after: str | None  # the last summary's id when more may follow
 
 
 @dataclass(frozen=True)
@@ -35,7 +98,7 @@ class ManifestSummary:
             "parent": self.parent,
             "root": self.root,
             "retain_until": self.retain_until,
-            "stats_json": json.dumps(self.stats, sort_keys=True),
+            "stats_json": json.dumps(summary_stats(self.stats), sort_keys=True),
             "key": self.key,
         }
 
@@ -59,7 +122,7 @@ class ManifestSummary:
             "parent": self.parent,
             "root": self.root,
             "retain_until": self.retain_until,
-            "stats": self.stats,
+            "stats": summary_stats(self.stats),
         }
 
 
@@ -109,6 +172,24 @@ class Catalogue:
             if "LastEvaluatedKey" not in response:
                 return summaries
             query["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def page(self, host: str, limit: int, after: str | None = None) -> SummaryPage:
+        """Up to `limit` of the host's manifests, newest first, older than `after` if given."""
+        upper = after if after is not None else HEAD_ID  # ids are digits first, so all sort below HEAD
+        summaries: list[ManifestSummary] = []
+        query: dict[str, Any] = {
+            "TableName": self.table_name,
+            "KeyConditionExpression": Key("host").eq(host) & Key("manifest_id").lt(upper),
+            "ScanIndexForward": False,
+        }
+        while len(summaries) < limit:
+            # DynamoDB may stop a page early (1 MB read); keep reading until `limit` or the end.
+            response = self.client.query(**query, Limit=limit - len(summaries))
+            summaries.extend(ManifestSummary.from_item(item) for item in response["Items"])
+            if "LastEvaluatedKey" not in response:
+                return SummaryPage(summaries, None)
+            query["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return SummaryPage(summaries, summaries[-1].manifest_id if summaries else None)
 
     def commit(
         self, summary: ManifestSummary, parent: str | None, extra_items: Sequence[dict[str, Any]] = ()

@@ -17,8 +17,9 @@ from sysbackup_backend.api import (
     walk_budget,
     writing_host,
 )
+from sysbackup_backend.catalogue import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, manifest_after, page_token
 from sysbackup_backend.commit import CommitOutcome
-from sysbackup_backend.errors import NotFound
+from sysbackup_backend.errors import BadRequest, NotFound
 from sysbackup_backend.identity import target_host
 from sysbackup_domain.manifest import is_manifest_id
 
@@ -59,11 +60,30 @@ def _read_host() -> str:
     return target_host(request_caller(app), app.current_event.get_query_string_value("host"))
 
 
+def _page_limit() -> int:
+    text = app.current_event.get_query_string_value("limit")
+    if text is None:
+        return DEFAULT_PAGE_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE_LIMIT:
+        raise BadRequest(f"`limit` must be an integer from 1 to {MAX_PAGE_LIMIT}")
+    return int(text)
+
+
 @app.get("/manifests")
 @tracer.capture_method
 def list_manifests() -> dict[str, Any]:
+    """One page of summaries, newest first (a host's list can outgrow Lambda's 6 MB response)."""
     host = _read_host()
-    return {"manifests": [summary.to_json() for summary in services().catalogue.list(host)]}
+    limit = _page_limit()
+    token = app.current_event.get_query_string_value("next")
+    after = manifest_after(token, host) if token is not None else None
+    catalogue = services().catalogue
+    page = catalogue.page(host, limit, after)
+    return {
+        "manifests": [summary.to_json() for summary in page.summaries],
+        "next": page_token(host, page.next_after) if page.next_after else None,
+        "head": catalogue.head(host),
+    }
 
 
 @app.get("/manifests/<manifest_id>")

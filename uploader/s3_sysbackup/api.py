@@ -37,6 +37,8 @@ JOB_POLL_TIMEOUT_S = 900.0
 # Read-only batches (check, locate) sent at once: 5000 hashes are 5 calls whose round trips (and
 # Lambda's concurrency) overlap; more would mostly queue behind each other.
 PARALLEL_CALLS = 4
+LIST_PAGE_LIMIT = 1000  # GET /manifests's largest page: summaries are capped at ~4 KiB each
+HEAD_PAGE_LIMIT = 10  # the head is the newest manifest or one of the few committed in its second
 
 
 class ApiError(RuntimeError):
@@ -144,8 +146,44 @@ class ApiClient:
             delay = min(delay * 1.5, 5.0)
 
     def list_manifests(self, host: str | None = None) -> list[dict]:
-        body = self.call("GET", "/manifests", query=_host_query(host), route="GET /manifests").body
-        return _field(body, "manifests", list, "GET /manifests")
+        """Every manifest summary of the host, newest first, page after page."""
+        summaries: list[dict] = []
+        token: str | None = None
+        while True:
+            page = self.manifest_page(host, LIST_PAGE_LIMIT, token)
+            summaries.extend(_field(page, "manifests", list, "GET /manifests"))
+            token = page.get("next")
+            if not token:
+                return summaries
+
+    def latest_manifest(self, host: str | None = None) -> dict | None:
+        """The summary of the host's head (None before its first commit); usually one request.
+
+        The head is nearly always the newest id, but two commits in one second sort by their
+        random suffix, so the page is searched for the head's id and followed until it is found.
+        """
+        token: str | None = None
+        while True:
+            page = self.manifest_page(host, HEAD_PAGE_LIMIT, token)
+            head = page.get("head")
+            if head is None:
+                return None
+            for summary in _field(page, "manifests", list, "GET /manifests"):
+                if summary.get("manifest_id") == head:
+                    return summary
+            token = page.get("next")
+            if not token:
+                raise ApiError("GET /manifests", 200, f"the head {head!r} is not among the listed manifests")
+
+    def manifest_page(self, host: str | None, limit: int, token: str | None = None) -> dict:
+        """One page of GET /manifests: {manifests (newest first), next, head}."""
+        query = {**(_host_query(host) or {}), "limit": str(limit)}
+        if token:
+            query["next"] = token
+        body = self.call("GET", "/manifests", query=query, route="GET /manifests").body
+        if not isinstance(body, dict):
+            raise ApiError("GET /manifests", 200, f"unexpected answer {body!r:.200}")
+        return body
 
     def get_manifest(self, manifest_id: str, host: str | None = None) -> dict:
         path = f"/manifests/{quote(manifest_id, safe='')}"

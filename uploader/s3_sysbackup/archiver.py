@@ -31,7 +31,6 @@ from .api import ApiClient, ApiError
 from .cache import ArchiveLock, CachedFile, FileState, ParentCache, host_state_dir
 from .config import Config
 from .heap import pin_mmap_threshold
-from .listing import newest
 from .metadata import Stat, acl_text, encode_xattrs, group_name, hardlink_id, user_name
 from .net import RequestCounter
 from .pickers import run_pickers
@@ -389,7 +388,7 @@ class Archiver:
         raise CommitConflict(_conflict_message(parent, self._head()))
 
     def _head(self) -> dict | None:
-        return newest(self.api.list_manifests())
+        return self.api.latest_manifest()
 
     def _manifest_stats(self, stats: RunStats, shipper: PackShipper, run_id: str, warnings: int) -> dict:
         # Integers only: the manifest is canonical JSON and some readers refuse floats.

@@ -26,7 +26,6 @@ from sysbackup_domain.tree import TreeEntry
 from .api import ApiClient
 from .fetch import LOCATE_BATCH, BlobFetcher, stream_chunks, walk_trees
 from .heap import pin_mmap_threshold
-from .listing import newest
 from .metadata import decode_xattrs
 
 logger = logging.getLogger(__name__)
@@ -51,10 +50,10 @@ class RestoreResult:
 
 
 def resolve_manifest_id(api: ApiClient, wanted: str, host: str | None) -> str:
-    """`latest` -> the newest manifest's id; anything else is returned as given."""
+    """`latest` -> the head manifest's id (one short page); anything else is returned as given."""
     if wanted != "latest":
         return wanted
-    head = newest(api.list_manifests(host=host))
+    head = api.latest_manifest(host=host)
     if head is None:
         raise RestoreError("there are no manifests for this host yet")
     return str(head["manifest_id"])

@@ -178,3 +178,52 @@ def test_presigned_put_treats_412_as_already_stored(server: ScriptedServer):
         is False
     )
     assert transfer.counter.as_dict() == {"s3": {"put": 2}}
+
+
+def test_list_follows_next_tokens_and_keeps_the_host(server: ScriptedServer):
+    newer, older = {"manifest_id": "20260102T000000Z-00000000"}, {"manifest_id": "20260101T000000Z-00000000"}
+    server.script = [
+        (200, {"manifests": [newer], "next": "tok-1", "head": newer["manifest_id"]}, {}),
+        (200, {"manifests": [older], "next": None, "head": newer["manifest_id"]}, {}),
+    ]
+    assert client(server).list_manifests(host="web-1") == [newer, older]
+    first, second = (path for _, path, _ in server.seen)
+    assert first == "/manifests?host=web-1&limit=1000"
+    assert second == "/manifests?host=web-1&limit=1000&next=tok-1"
+
+
+def test_latest_is_the_head_from_one_page(server: ScriptedServer):
+    # Two commits in one second: the newest id is not the head; the head is still found on the page.
+    head, same_second = (
+        {"manifest_id": "20260101T000000Z-00000001"},
+        {"manifest_id": "20260101T000000Z-ffffffff"},
+    )
+    server.script = [
+        (200, {"manifests": [same_second, head], "next": "tok", "head": head["manifest_id"]}, {})
+    ]
+    api = client(server)
+    assert api.latest_manifest() == head
+    assert api.counter.as_dict()["api"]["GET /manifests"] == 1
+
+
+def test_latest_follows_pages_until_the_head_and_none_without_one(server: ScriptedServer):
+    head = {"manifest_id": "20260101T000000Z-00000001"}
+    server.script = [
+        (
+            200,
+            {
+                "manifests": [{"manifest_id": "20260101T000000Z-ffffffff"}],
+                "next": "tok",
+                "head": "20260101T000000Z-00000001",
+            },
+            {},
+        ),
+        (200, {"manifests": [head], "next": None, "head": head["manifest_id"]}, {}),
+        (200, {"manifests": [], "next": None, "head": None}, {}),
+        (200, {"manifests": [], "next": None, "head": head["manifest_id"]}, {}),
+    ]
+    api = client(server)
+    assert api.latest_manifest() == head
+    assert api.latest_manifest() is None
+    with pytest.raises(ApiError, match="not among"):
+        api.latest_manifest()

@@ -105,6 +105,13 @@ class FakeBackend:
 
     def list_manifests(self, host: str | None = None) -> list[dict]:
         self._count("GET /manifests")
+        return self.list_manifests_uncounted()
+
+    def latest_manifest(self, host: str | None = None) -> dict | None:
+        self._count("GET /manifests")
+        return next((m for m in self.list_manifests_uncounted() if m["manifest_id"] == self.head), None)
+
+    def list_manifests_uncounted(self) -> list[dict]:
         return [
             {key: m[key] for key in ("created", "parent", "root", "retain_until", "stats")}
             | {"manifest_id": mid}
