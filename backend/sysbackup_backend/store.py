@@ -10,6 +10,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from botocore.exceptions import ClientError
+from sysbackup_domain.errors import InvalidDocument
+from sysbackup_domain.packs import (
+    TRAILER_TAIL_BYTES,
+    PackEntry,
+    parse_trailer_bytes,
+    trailer_length_from_tail,
+)
 
 PACKS_PREFIX = "packs/"
 MANIFESTS_PREFIX = "manifests/"
@@ -125,6 +132,18 @@ class PackStore:
         if len(data) != end - start + 1:
             raise OSError(f"short ranged read of {key}: wanted {end - start + 1} bytes, got {len(data)}")
         return data
+
+    def read_pack_trailer(self, pack_id: str, size: int) -> list[PackEntry]:
+        """A pack's validated trailer entries from two ranged GETs; InvalidDocument if it has none."""
+        if size <= TRAILER_TAIL_BYTES:
+            raise InvalidDocument(f"pack of {size} bytes is too short to hold a trailer")
+        key = pack_key(pack_id)
+        trailer_end = size - TRAILER_TAIL_BYTES
+        trailer_length = trailer_length_from_tail(self.read_range(key, trailer_end, size - 1))
+        if trailer_length > trailer_end:
+            raise InvalidDocument(f"trailer length {trailer_length} exceeds the pack ({size} bytes)")
+        trailer = self.read_range(key, trailer_end - trailer_length, trailer_end - 1)
+        return parse_trailer_bytes(trailer, size)
 
     def read(self, key: str) -> bytes:
         response = self.client.get_object(Bucket=self.bucket, Key=key)

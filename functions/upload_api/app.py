@@ -10,9 +10,10 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field, StringConstraints
+from sysbackup_backend.adopt import adopt_packs, already_stored_for
 from sysbackup_backend.api import register_error_handlers, services, writing_host
 from sysbackup_backend.errors import Conflict, Unprocessable
-from sysbackup_backend.index import PACK_CORRUPT, PACK_REGISTERED, PACK_VERIFIED
+from sysbackup_backend.index import PACK_CORRUPT
 from sysbackup_backend.store import pack_checksum
 from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.packs import MAX_PACK_BYTES, TRAILER_TAIL_BYTES, PackEntry
@@ -21,6 +22,8 @@ from sysbackup_domain.retention import iso_utc, retain_until
 MAX_CHECK_HASHES = 1000
 MAX_PACKS_PER_CALL = 100
 MAX_ENTRIES_PER_PACK = 20_000
+# Each adopted pack costs a HEAD, two ranged GETs and up to MAX_ENTRIES_PER_PACK index writes.
+MAX_PACKS_PER_ADOPT = 25
 HEAD_PARALLELISM = 8
 
 logger = Logger()
@@ -55,6 +58,10 @@ class RegisterRequest(BaseModel):
     packs: list[PackToRegister] = Field(min_length=1, max_length=MAX_PACKS_PER_CALL)
 
 
+class AdoptRequest(BaseModel):
+    packs: list[BlobHash] = Field(min_length=1, max_length=MAX_PACKS_PER_ADOPT)
+
+
 @app.post("/blobs/check")
 @tracer.capture_method
 def check_blobs(request: CheckRequest) -> dict[str, Any]:
@@ -63,18 +70,6 @@ def check_blobs(request: CheckRequest) -> dict[str, Any]:
     metrics.add_metric(name="BlobsChecked", unit=MetricUnit.Count, value=len(request.hashes))
     metrics.add_metric(name="BlobsAlreadyStored", unit=MetricUnit.Count, value=len(stored))
     return {"stored": sorted(stored)}
-
-
-def _stored_for(host: str, pack: dict[str, Any] | None) -> bool:
-    """Whether this host need not upload nor register the pack: verified, or registered by this host.
-
-    Another host's unverified registration does not count (its claims are its own): the caller gets
-    a URL (its PUT is a 412, the object being there) and registers the pack as its own claim.
-    """
-    if pack is None:
-        return False
-    state = pack.get("state")
-    return state == PACK_VERIFIED or (state == PACK_REGISTERED and host in pack.get("hosts", set()))
 
 
 @app.post("/packs/presign")
@@ -92,7 +87,7 @@ def presign_packs(request: PresignRequest) -> dict[str, Any]:
     lock_until = retain_until(datetime.now(timezone.utc), settings.retention, None)
     registered, uploads = [], []
     for pack_id, size in packs.items():
-        if _stored_for(host, known.get(pack_id)):
+        if already_stored_for(host, known.get(pack_id)):
             registered.append(pack_id)
             continue
         backend.index.record_presigned(pack_id, host, size, iso_utc(lock_until))
@@ -154,6 +149,19 @@ def register_packs(request: RegisterRequest) -> dict[str, Any]:
         backend.index.register_pack(host, pack_id, entries)
     metrics.add_metric(name="PacksRegistered", unit=MetricUnit.Count, value=len(to_register))
     return {"registered": [pack_id for pack_id, _ in to_register]}
+
+
+@app.post("/packs/adopt")
+@tracer.capture_method
+def adopt_unregistered_packs(request: AdoptRequest) -> dict[str, Any]:
+    """Register, from their trailers, packs this host PUT in a run that crashed before registering them."""
+    host = writing_host(app)
+    backend = services()
+    outcome = adopt_packs(backend.index, backend.store, host, request.packs, MAX_ENTRIES_PER_PACK)
+    if outcome.skipped:
+        logger.info("packs not adopted", extra={"skipped": outcome.skipped})
+    metrics.add_metric(name="PacksAdopted", unit=MetricUnit.Count, value=len(outcome.adopted))
+    return outcome.to_json()
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)

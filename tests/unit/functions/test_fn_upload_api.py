@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -203,4 +205,93 @@ def test_register_body_limits(upload_api: Any) -> None:
 
 def test_the_restore_role_cannot_upload(upload_api: Any) -> None:
     event = http_event("POST", "/blobs/check", {"hashes": []}, caller_arn=restore_arn())
+    assert upload_api.lambda_handler(event, FakeLambdaContext())["statusCode"] == 403
+
+
+# --- POST /packs/adopt: packs a crashed run PUT but never registered ------------------------------------
+
+
+def test_adopt_registers_a_put_pack_from_its_own_trailer(upload_api: Any, backend: Services) -> None:
+    pack = _presign_and_upload(upload_api, backend, [("data", b"put before the crash"), ("tree", b"{}")])
+    hashes = sorted(entry.hash for entry in pack.entries)
+    assert call(upload_api, "/blobs/check", {"hashes": hashes})[1]["stored"] == []
+
+    status, body = call(upload_api, "/packs/adopt", {"packs": [pack.pack_id]})
+
+    assert (status, body) == (200, {"adopted": [pack.pack_id], "registered": [], "skipped": {}})
+    assert call(upload_api, "/blobs/check", {"hashes": hashes})[1]["stored"] == hashes
+    assert call(upload_api, "/blobs/check", {"hashes": hashes}, host="beta")[1]["stored"] == []
+    item = backend.index.get_pack(pack.pack_id)
+    assert item["state"] == "registered" and item["hosts"] == {"alpha"}
+    assert item["blob_count"] == 2
+    location = backend.index.locate("alpha", [blob_hash(b"put before the crash")])
+    assert (
+        location[blob_hash(b"put before the crash")].entry(blob_hash(b"put before the crash")) in pack.entries
+    )
+    # Adopting again changes nothing and says the pack is already the caller's.
+    assert call(upload_api, "/packs/adopt", {"packs": [pack.pack_id]})[1]["registered"] == [pack.pack_id]
+
+
+def test_adopt_skips_what_it_must_not_register(upload_api: Any, backend: Services) -> None:
+    not_uploaded = build_pack([("data", b"presigned, never PUT")])
+    call(
+        upload_api,
+        "/packs/presign",
+        {"packs": [{"sha256": not_uploaded.pack_id, "size": len(not_uploaded.data)}]},
+    )
+    never_presigned = build_pack([("data", b"PUT without a presign")])
+    put_pack_object(backend, never_presigned)
+    betas = build_pack([("data", b"beta's crashed pack")])
+    call(
+        upload_api,
+        "/packs/presign",
+        {"packs": [{"sha256": betas.pack_id, "size": len(betas.data)}]},
+        host="beta",
+    )
+    put_pack_object(backend, betas)
+    promised = build_pack([("data", b"promised bytes")])
+    call(upload_api, "/packs/presign", {"packs": [{"sha256": promised.pack_id, "size": len(promised.data)}]})
+    impostor = build_pack([("data", b"other bytes")])
+    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{promised.pack_id}", Body=impostor.data)
+    ids = [not_uploaded.pack_id, never_presigned.pack_id, betas.pack_id, promised.pack_id]
+
+    status, body = call(upload_api, "/packs/adopt", {"packs": ids})
+
+    assert status == 200 and body["adopted"] == [] and body["registered"] == []
+    assert body["skipped"] == {
+        not_uploaded.pack_id: "not uploaded",
+        never_presigned.pack_id: "never presigned",
+        betas.pack_id: "presigned by another host",
+        promised.pack_id: "the object does not match its presigned size and SHA-256",
+    }
+    every_blob = [
+        entry.hash for pack in (not_uploaded, never_presigned, betas, promised) for entry in pack.entries
+    ]
+    assert call(upload_api, "/blobs/check", {"hashes": every_blob})[1]["stored"] == []
+    assert backend.index.get_pack(betas.pack_id)["state"] == "presigned"
+
+
+def test_adopt_skips_a_pack_whose_trailer_is_invalid(upload_api: Any, backend: Services) -> None:
+    # A matching checksum but bytes that are not a pack: the presign pinned this size and SHA-256.
+    garbage = b"not a pack at all, no trailer here" * 10
+    pack_id = hashlib.sha256(garbage).hexdigest()
+    call(upload_api, "/packs/presign", {"packs": [{"sha256": pack_id, "size": len(garbage)}]})
+    backend.store.client.put_object(
+        Bucket=BUCKET,
+        Key=f"packs/{pack_id}",
+        Body=garbage,
+        ChecksumAlgorithm="SHA256",
+        ChecksumSHA256=base64.b64encode(bytes.fromhex(pack_id)).decode(),
+    )
+    status, body = call(upload_api, "/packs/adopt", {"packs": [pack_id]})
+    assert status == 200 and body["adopted"] == []
+    assert body["skipped"][pack_id].startswith("invalid trailer: not a pack")
+    assert backend.index.get_pack(pack_id)["state"] == "presigned"
+
+
+def test_adopt_body_limits_and_the_restore_role(upload_api: Any) -> None:
+    for body in ({"packs": []}, {"packs": ["a" * 64] * 26}, {"packs": ["NOT-A-HASH"]}, {}):
+        status, answer = call(upload_api, "/packs/adopt", body)
+        assert status == 422 and answer["message"].startswith("invalid request"), body
+    event = http_event("POST", "/packs/adopt", {"packs": ["a" * 64]}, caller_arn=restore_arn())
     assert upload_api.lambda_handler(event, FakeLambdaContext())["statusCode"] == 403
