@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_BATCH = 1000  # POST /blobs/check limit
 PRESIGN_BATCH = 100  # POST /packs/presign limit
+ADOPT_BATCH = 25  # POST /packs/adopt limit
 DOWNLOAD_BATCH = 1000
 # SigV4 allows 15 minutes of skew; beyond a few minutes we call it out even if the server has not yet.
 CLOCK_SKEW_LIMIT_S = 300.0
@@ -114,6 +115,18 @@ class ApiClient:
             body = self.call("POST", "/packs/register", {"packs": batch}, route="POST /packs/register").body
             registered.extend(_field(body, "registered", list, "POST /packs/register"))
         return registered
+
+    def adopt_packs(self, pack_ids: Sequence[str]) -> dict[str, Any]:
+        """POST /packs/adopt: register packs a crashed run PUT but never registered.
+
+        Returns {"adopted": [...], "registered": [...], "skipped": {pack_id: reason}} over all batches."""
+        outcome: dict[str, Any] = {"adopted": [], "registered": [], "skipped": {}}
+        for batch in _batches(list(pack_ids), ADOPT_BATCH):
+            body = self.call("POST", "/packs/adopt", {"packs": batch}, route="POST /packs/adopt").body
+            outcome["adopted"].extend(_field(body, "adopted", list, "POST /packs/adopt"))
+            outcome["registered"].extend(_field(body, "registered", list, "POST /packs/adopt"))
+            outcome["skipped"].update(_field(body, "skipped", dict, "POST /packs/adopt"))
+        return outcome
 
     def commit_manifest(self, request: Mapping[str, Any]) -> dict:
         """POST /manifests; a 202 is polled until the job ends. Returns {manifest_id, retain_until}."""

@@ -27,7 +27,7 @@ from sysbackup_domain.chunking import FILE_CHUNKING, chunk_file
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, MAX_WARNINGS_BYTES, SnapshotRecord
 from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 
-from .api import ApiClient, ApiError
+from .api import ApiClient, ApiError, ApiUnavailable
 from .cache import ArchiveLock, CachedFile, FileState, ParentCache, host_state_dir
 from .config import Config
 from .heap import pin_mmap_threshold
@@ -156,7 +156,8 @@ class Archiver:
         stats = RunStats()
         warnings: list[str] = []
         progress = Progress(not self.options.quiet)
-        shipper = PackShipper(self.api, self.transfer)
+        self._adopt_unfinished_packs(cache)
+        shipper = PackShipper(self.api, self.transfer, before_put=cache.add_unfinished_packs)
         sink = BlobSink(self.api, shipper, known_stored=cache.all_stored())
 
         picked = run_pickers(self.config.pickers_dir, self.config.content.picker_timeout_s)
@@ -208,6 +209,27 @@ class Archiver:
             requests=self.counter.as_dict(),
         )
         return ArchiveResult(manifest_id, root or "", warnings, report)
+
+    def _adopt_unfinished_packs(self, cache: ParentCache) -> None:
+        """After a crash, have the backend register the packs the crashed run PUT but never registered.
+
+        Their blobs then count as stored and are not sent again (a re-run packs blobs in another order,
+        so it cannot rebuild the same packs). Only an optimisation: if it fails, the data goes up again.
+        """
+        pack_ids = cache.unfinished_packs()
+        if not pack_ids:
+            return  # the previous run finished: nothing to adopt, no request
+        try:
+            outcome = self.api.adopt_packs(pack_ids)
+        except (ApiError, ApiUnavailable) as error:
+            logger.warning("could not adopt an unfinished run's packs (their data goes again): %s", error)
+            return
+        logger.info(
+            "unfinished run: %d packs adopted, %d already registered, %d not adopted",
+            len(outcome["adopted"]),
+            len(outcome["registered"]),
+            len(outcome["skipped"]),
+        )
 
     @staticmethod
     def _count_snapshot_bytes(stats: RunStats, progress: Progress, count: int) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ class ParentCache:
         self.path = cache_dir / DB_NAME
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self._lock = threading.Lock()  # packs are recorded from the shipping threads
         self._create_schema()
         if self._meta("scope") != scope or self._meta("schema") != SCHEMA_VERSION:
             self.clear()
@@ -120,6 +122,7 @@ class ParentCache:
                 path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
                 inode INTEGER, content TEXT, scanned_ns INTEGER);
             CREATE TABLE IF NOT EXISTS stored (hash TEXT PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS unfinished_packs (pack_id TEXT PRIMARY KEY);
             """
         )
 
@@ -133,6 +136,10 @@ class ParentCache:
     def inflight_run(self) -> str | None:
         """The run id of a commit that was sent but whose outcome this cache never recorded."""
         return self._meta("inflight_run")
+
+    def unfinished_packs(self) -> list[str]:
+        """Packs a run presigned (and may have PUT) since the last recorded commit: a run crashed."""
+        return [row[0] for row in self.db.execute("SELECT pack_id FROM unfinished_packs ORDER BY pack_id")]
 
     def lookup(self, path: str) -> CachedFile | None:
         row = self.db.execute(
@@ -159,6 +166,12 @@ class ParentCache:
         return {row[0] for row in self.db.execute("SELECT hash FROM stored")}
 
     # -- writing ----------------------------------------------------------------------------
+
+    def add_unfinished_packs(self, pack_ids: Iterable[str]) -> None:
+        """Remember packs about to be PUT, before the PUT: a crash before their registration leaves
+        them in the bucket unregistered, and the next run adopts them instead of sending the data again."""
+        with self._lock, self._transaction():
+            self.db.executemany("INSERT OR IGNORE INTO unfinished_packs VALUES (?)", ((i,) for i in pack_ids))
 
     def mark_inflight(self, run_id: str) -> None:
         self._set_meta({"inflight_run": run_id})
@@ -192,6 +205,7 @@ class ParentCache:
             self.db.executemany("INSERT INTO stored VALUES (?)", ((h,) for h in wanted_hashes - had))
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('parent', ?)", (manifest_id,))
             self.db.execute("DELETE FROM meta WHERE key = 'inflight_run'")
+            self.db.execute("DELETE FROM unfinished_packs")  # the run finished: its packs are registered
 
     def adopt_parent(self, manifest_id: str) -> None:
         """Take `manifest_id` as the parent (our own crashed commit turned out to have landed)."""
@@ -207,7 +221,7 @@ class ParentCache:
 
     def clear(self) -> None:
         with self._transaction():
-            for table in ("files", "stored", "meta"):
+            for table in ("files", "stored", "meta", "unfinished_packs"):
                 self.db.execute(f"DELETE FROM {table}")
 
     def _meta(self, key: str) -> str | None:

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -73,10 +74,18 @@ class _Pending:
 class PackShipper:
     """Uploads a batch of sealed packs: one presign call, parallel PUTs, one register call."""
 
-    def __init__(self, api: ApiClient, transfer: Transfer, parallel_puts: int = PARALLEL_PUTS) -> None:
+    def __init__(
+        self,
+        api: ApiClient,
+        transfer: Transfer,
+        parallel_puts: int = PARALLEL_PUTS,
+        before_put: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        """`before_put` gets the ids of packs about to be PUT (the cache records them for adoption)."""
         self.api = api
         self.transfer = transfer
         self.parallel_puts = parallel_puts
+        self.before_put = before_put
         self.counts = ShipCounts()
 
     def ship(self, packs: list[SealedPack]) -> None:
@@ -87,6 +96,8 @@ class PackShipper:
         missing = [p.sha256 for p in to_send if p.sha256 not in upload_for]
         if missing:
             raise RuntimeError(f"POST /packs/presign returned no upload for packs {missing}")
+        if to_send and self.before_put is not None:
+            self.before_put([p.sha256 for p in to_send])
         with ThreadPoolExecutor(max_workers=self.parallel_puts, thread_name_prefix="put") as pool:
             results = list(pool.map(lambda p: self._put(p, upload_for[p.sha256]), to_send))
         fault_point("after-pack-put")

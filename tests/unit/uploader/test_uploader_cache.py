@@ -112,3 +112,18 @@ def test_record_commit_keeps_reused_rows_as_they_were(tmp_path: Path):
     cache.record_commit("m3", [], later, {"2" * 64}, kept=["/reread"])
     assert cache.lookup("/kept") is None and cache.all_stored() == {"2" * 64}
     assert cache.parent_manifest == "m3"
+
+
+def test_unfinished_packs_outlive_a_crash_and_go_with_the_next_commit(tmp_path: Path):
+    crashed = ParentCache(tmp_path, scope="https://api.one")
+    assert crashed.unfinished_packs() == []  # a fresh cache: nothing to adopt, no request
+    crashed.add_unfinished_packs(["b" * 64, "a" * 64])
+    crashed.add_unfinished_packs(["a" * 64])
+    crashed.close()  # the process dies here
+
+    rerun = ParentCache(tmp_path, scope="https://api.one")
+    assert rerun.unfinished_packs() == ["a" * 64, "b" * 64]
+    rerun.record_commit("m1", [], SCANNED, ())
+    assert rerun.unfinished_packs() == []
+    rerun.add_unfinished_packs(["c" * 64])
+    assert ParentCache(tmp_path, scope="https://api.two").unfinished_packs() == []  # another stack

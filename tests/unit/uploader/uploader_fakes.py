@@ -29,6 +29,7 @@ class FakeBackend:
     counter: RequestCounter = field(default_factory=RequestCounter)
     packs: dict[str, bytes] = field(default_factory=dict)  # pack_id -> bytes (what S3 holds)
     registered: set[str] = field(default_factory=set)
+    presigned: set[str] = field(default_factory=set)
     blobs: dict[str, tuple[str, PackEntry]] = field(default_factory=dict)
     manifests: dict[str, dict] = field(default_factory=dict)
     head: str | None = None
@@ -49,6 +50,7 @@ class FakeBackend:
             if pack_id in self.registered:
                 registered.add(pack_id)
                 continue
+            self.presigned.add(pack_id)
             uploads.append(
                 {
                     "pack_id": pack_id,
@@ -76,6 +78,24 @@ class FakeBackend:
             self.registered.add(pack_id)
             done.append(pack_id)
         return done
+
+    def adopt_packs(self, pack_ids: Sequence[str]) -> dict[str, Any]:
+        """Register presigned, uploaded, unregistered packs from their own trailers."""
+        self._count("POST /packs/adopt")
+        outcome: dict[str, Any] = {"adopted": [], "registered": [], "skipped": {}}
+        for pack_id in pack_ids:
+            if pack_id in self.registered:
+                outcome["registered"].append(pack_id)
+            elif pack_id not in self.presigned:
+                outcome["skipped"][pack_id] = "never presigned"
+            elif pack_id not in self.packs:
+                outcome["skipped"][pack_id] = "not uploaded"
+            else:
+                for entry in verify_pack(self.packs[pack_id]):
+                    self.blobs[entry.hash] = (pack_id, entry)
+                self.registered.add(pack_id)
+                outcome["adopted"].append(pack_id)
+        return outcome
 
     def commit_manifest(self, body: Mapping[str, Any]) -> dict:
         self._count("POST /manifests")
