@@ -11,15 +11,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.packs import PackEntry
+from sysbackup_domain.retention import parse_iso_utc
 
 from .index import PACK_CORRUPT, PACK_PRESIGNED, PACK_REGISTERED, PACK_VERIFIED, BlobIndex
 from .store import PackStore, pack_checksum
 
 READ_PARALLELISM = 8
+# gc deletes a never-registered pack once its item is older than the grace period (8 days by default);
+# adopting only well inside that window keeps an adoption from racing gc's deletion of the same pack.
+ADOPT_WITHIN = timedelta(days=3)
 
 
 @dataclass
@@ -88,7 +93,17 @@ def _refusal(host: str, item: dict[str, Any] | None) -> str | None:
         return "presigned by another host"
     if item.get("state") not in (PACK_PRESIGNED, PACK_REGISTERED):
         return f"in state {item.get('state')!r}"
+    if not _presigned_recently(item):
+        return "presigned too long ago (gc may be collecting it)"
     return None
+
+
+def _presigned_recently(item: dict[str, Any]) -> bool:
+    try:
+        created = parse_iso_utc(item.get("created_at"))  # type: ignore[arg-type]
+    except ValueError:
+        return False  # no readable time: not provably young
+    return datetime.now(timezone.utc) - created <= ADOPT_WITHIN
 
 
 def _read_entries(store: PackStore, pack_id: str, size: int) -> tuple[list[PackEntry], str | None]:

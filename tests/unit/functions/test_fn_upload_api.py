@@ -295,3 +295,17 @@ def test_adopt_body_limits_and_the_restore_role(upload_api: Any) -> None:
         assert status == 422 and answer["message"].startswith("invalid request"), body
     event = http_event("POST", "/packs/adopt", {"packs": ["a" * 64]}, caller_arn=restore_arn())
     assert upload_api.lambda_handler(event, FakeLambdaContext())["statusCode"] == 403
+
+
+def test_adopt_skips_a_pack_presigned_too_long_ago(upload_api: Any, backend: Services) -> None:
+    # gc may delete a never-registered pack after its grace period: adoption stays well inside it.
+    pack = _presign_and_upload(upload_api, backend, [("data", b"crashed a week ago")])
+    backend.index.client.update_item(
+        TableName=backend.index.table_name,
+        Key={"pk": f"pack#{pack.pack_id}", "sk": "pack"},
+        UpdateExpression="SET created_at = :old",
+        ExpressionAttributeValues={":old": "2020-01-01T00:00:00Z"},
+    )
+    status, body = call(upload_api, "/packs/adopt", {"packs": [pack.pack_id]})
+    assert status == 200 and body["adopted"] == []
+    assert "too long ago" in body["skipped"][pack.pack_id]
