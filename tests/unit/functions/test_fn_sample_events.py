@@ -17,6 +17,7 @@ API_EVENTS = {
     "upload_api-blobs-check.json": ("upload_api", 200),
     "upload_api-packs-presign.json": ("upload_api", 200),
     "upload_api-packs-register.json": ("upload_api", 409),  # never presigned in this empty stack
+    "upload_api-packs-adopt.json": ("upload_api", 200),  # skipped: never presigned in this empty stack
     "manifest_api-manifests-create.json": ("manifest_api", 409),  # its parent is not this host's head
     "manifest_api-manifests-get.json": ("manifest_api", 404),
     "manifest_api-manifests-list.json": ("manifest_api", 200),
