@@ -259,6 +259,6 @@ def test_only_the_restore_principal_reads_another_hosts_manifests(
     as_itself = send(signed("GET", url, b"", *as_host(host_config.identity)))
 
     assert as_restore.status_code == 200, as_restore.text
-    assert as_restore.json() == {"manifests": []}
+    assert as_restore.json() == {"manifests": [], "next": None, "head": None}
     assert as_other_host.status_code == 403, as_other_host.text
     assert as_itself.status_code == 200, as_itself.text
