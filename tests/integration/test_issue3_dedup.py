@@ -195,8 +195,8 @@ def test_hosts_cannot_list_read_or_commit_over_each_other(
     assert status_of(lambda: my_api.call("POST", "/manifests", over)) == 409
     moved = my_api.call("POST", "/manifests", {**over, "parent": my_summary["manifest_id"]}).body
     # (The list is newest id first; two commits in one second sort by their random suffix.)
-    mine = {my_summary["manifest_id"], moved["manifest_id"]}
-    assert {m["manifest_id"] for m in my_api.list_manifests()} == mine
+    my_ids = {my_summary["manifest_id"], moved["manifest_id"]}
+    assert {m["manifest_id"] for m in my_api.list_manifests()} == my_ids
     assert my_api.latest_manifest()["manifest_id"] == moved["manifest_id"]  # type: ignore[index]
     assert their_api.list_manifests() == [their_summary]  # untouched
 
