@@ -18,7 +18,7 @@ from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.packs import PackEntry
 from sysbackup_domain.retention import parse_iso_utc
 
-from .index import PACK_CORRUPT, PACK_PRESIGNED, PACK_REGISTERED, PACK_VERIFIED, BlobIndex
+from .index import PACK_CORRUPT, PACK_PRESIGNED, PACK_REGISTERED, PACK_VERIFIED, BlobIndex, PackCollecting
 from .store import PackStore, pack_checksum
 
 READ_PARALLELISM = 8
@@ -79,7 +79,11 @@ def adopt_packs(
         if reason is not None:
             outcome.skipped[pack_id] = reason
             continue
-        index.register_pack(host, pack_id, entries)
+        try:
+            index.register_pack(host, pack_id, entries)
+        except PackCollecting:
+            outcome.skipped[pack_id] = "being collected by gc"
+            continue
         outcome.adopted.append(pack_id)
     return outcome
 

@@ -18,7 +18,10 @@ One run (GcFunction, on a schedule, under GcRole):
 5. Sweep, phase two: a pack that no live item points to, whose items were all condemned at least the grace
    period ago (or that no item ever pointed to: an orphan of a crashed run older than the grace period),
    is deleted version by version once its lock has lapsed (GOVERNANCE locks are bypassed only if the policy
-   says so; COMPLIANCE locks are waited for). Its condemned items and its pack item go after it.
+   says so; COMPLIANCE locks are waited for). Its condemned items and its pack item go after it. First its
+   pack item moves to `deleting`, conditional on nothing having been indexed into it since the scan (its
+   `version`); register, adopt and the verifier refuse a `deleting` pack, so no claim lands on a pack as
+   it goes (a still-locked pack goes back to its state).
 6. Repack: a live pack whose live blobs are a small share of its blob bytes, every other item of which is
    condemned, is rewritten: its live blobs go into a new pack (locked, If-None-Match, like a host's upload),
    their items move to it, and the old pack, now only condemned items, goes in a later run (phase two).
@@ -53,6 +56,7 @@ from .catalogue import HEAD_ID, Catalogue, ManifestSummary
 from .dynamo import batch_get, is_condition_failure
 from .errors import SettingsError
 from .index import (
+    PACK_DELETING,
     PACK_PRESIGNED,
     PACK_REGISTERED,
     PACK_SK,
@@ -676,13 +680,19 @@ class GarbageCollector:
                 report.packs_deleted += 1
                 report.bytes_freed += int(snapshot.packs[pack_id].get("size", 0))
                 continue
+            seen = snapshot.packs[pack_id]
+            if not self._begin_deleting(pack_id, seen, now):
+                logger.info("pack indexed into since the scan: kept", extra={"pack_id": pack_id})
+                continue
             if not self._still_condemned(items):
+                self._stop_deleting(pack_id)
                 continue
             deleted, freed, waiting = self._delete_versions(pack_key(pack_id))
             report.pack_versions_deleted += deleted
             report.bytes_freed += freed
             if waiting:
                 report.packs_waiting_for_lock += 1
+                self._stop_deleting(pack_id)
                 continue
             for item in items:
                 self._drop_condemned_item(item)
@@ -693,6 +703,66 @@ class GarbageCollector:
             if not items:
                 report.orphan_packs_deleted += 1
             logger.info("pack deleted", extra={"pack_id": pack_id, "bytes": freed, "versions": deleted})
+
+    def _begin_deleting(self, pack_id: str, seen: dict[str, Any], now: datetime) -> bool:
+        """Move the pack item to `deleting` if nothing was indexed into the pack since the scan saw it.
+
+        From then on register, adopt and the verifier refuse the pack (BlobIndex.claim_pack), and claims on
+        it do not count as stored. `version` equal to the scan's means no writer announced itself since;
+        `indexed_at` older than the grace period means none that announced itself before is still writing
+        items the scan may have missed (a scan is not a snapshot). A crashed run's `deleting` is resumed.
+        """
+        names = {"#state": "state", "#version": "version"}
+        values: dict[str, Any] = {
+            ":deleting": PACK_DELETING,
+            ":now": iso_utc(self.clock()),
+            ":ripe": iso_utc(now - self.policy.grace),
+            ":before": seen.get("state") or PACK_REGISTERED,
+        }
+        conditions = ["attribute_exists(pk)", "(attribute_not_exists(indexed_at) OR indexed_at < :ripe)"]
+        if "version" in seen:
+            conditions.append("#version = :version")
+            values[":version"] = seen["version"]
+        else:
+            conditions.append("attribute_not_exists(#version)")
+        if "state" in seen:
+            conditions.append("#state = :seen_state")
+            values[":seen_state"] = seen["state"]
+        try:
+            self.index.client.update_item(
+                TableName=self.index.table_name,
+                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
+                UpdateExpression=(
+                    "SET #state = :deleting, deleting_at = :now,"
+                    " state_before_deleting = if_not_exists(state_before_deleting, :before)"
+                ),
+                ConditionExpression=" AND ".join(conditions),
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as error:
+            if not is_condition_failure(error):
+                raise
+            return False
+        return True
+
+    def _stop_deleting(self, pack_id: str) -> None:
+        """The pack stays (a version is still locked, or an item changed): back to its state before."""
+        try:
+            self.index.client.update_item(
+                TableName=self.index.table_name,
+                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
+                UpdateExpression=(
+                    "SET #state = if_not_exists(state_before_deleting, :registered)"
+                    " REMOVE deleting_at, state_before_deleting"
+                ),
+                ConditionExpression="#state = :deleting",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={":deleting": PACK_DELETING, ":registered": PACK_REGISTERED},
+            )
+        except ClientError as error:
+            if not is_condition_failure(error):
+                raise
 
     def _still_condemned(self, items: list[BlobItem]) -> bool:
         """Re-read the items right before deleting: a re-registration since the scan keeps the pack."""
@@ -853,6 +923,7 @@ class Repacker:
         self._put(new_pack, data, lock_until)
         self.index.record_presigned(new_pack, "gc", len(data), iso_utc(lock_until))
         self._mark_registered(new_pack, len(entries))
+        self.index.claim_pack(new_pack)  # like any writer indexing into a pack (see GarbageCollector)
         by_hash = {entry.hash: entry for entry in entries}
         for item in live_items:
             self._move(item, new_pack, by_hash[item.blob])

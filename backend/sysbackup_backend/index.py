@@ -19,7 +19,17 @@ PACK_PRESIGNED = "presigned"
 PACK_REGISTERED = "registered"
 PACK_VERIFIED = "verified"
 PACK_CORRUPT = "corrupt"
+# gc is deleting the pack's object versions: nothing may be indexed into it any more (see claim_pack).
+PACK_DELETING = "deleting"
 _LOCATION_FIELDS = ("pack_id", "offset", "length", "raw_length", "codec", "kind")
+
+
+class PackCollecting(Exception):
+    """gc is deleting this pack: the caller must store its blobs again, in another pack."""
+
+    def __init__(self, pack_id: str) -> None:
+        super().__init__(f"pack {pack_id} is being collected by gc; send its blobs again in a new pack")
+        self.pack_id = pack_id
 
 
 def blob_pk(blob: str) -> str:
@@ -147,9 +157,11 @@ class BlobIndex:
         return self._flag_corrupt_packs(statuses)
 
     def _flag_corrupt_packs(self, statuses: dict[str, BlobStatus]) -> dict[str, BlobStatus]:
-        """Unverified claims whose pack the verifier found corrupt do not count as stored.
+        """Unverified claims whose pack the verifier found corrupt do not count as stored, nor (as condemned)
+        claims on a pack gc is deleting.
 
-        (A claim is indexed before the verifier has looked; verified items only ever come from good packs.)
+        (A claim is indexed before the verifier has looked; verified items only ever come from good packs.
+        gc deletes a pack only once every item on it is condemned, so a verified item there is condemned.)
         """
         claimed_packs = {
             status.location.pack_id
@@ -158,19 +170,20 @@ class BlobIndex:
         }
         if not claimed_packs:
             return statuses
-        corrupt = {
-            pack_id
-            for pack_id, item in self.get_packs(claimed_packs).items()
-            if item.get("state") == PACK_CORRUPT
-        }
-        return {
-            blob: replace(status, in_corrupt_pack=True)
-            if status.location is not None
-            and status.location.pack_id in corrupt
-            and not status.location.verified
-            else status
-            for blob, status in statuses.items()
-        }
+        states = {pack_id: item.get("state") for pack_id, item in self.get_packs(claimed_packs).items()}
+        flagged: dict[str, BlobStatus] = {}
+        for blob, status in statuses.items():
+            state = (
+                states.get(status.location.pack_id)
+                if status.location and not status.location.verified
+                else None
+            )
+            if state == PACK_CORRUPT:
+                status = replace(status, in_corrupt_pack=True)
+            elif state == PACK_DELETING:
+                status = replace(status, condemned=True)
+            flagged[blob] = status
+        return flagged
 
     def stored_for(self, host: str, hashes: Iterable[str]) -> set[str]:
         """Hashes that are verified, or claimed by this same host; never condemned ones."""
@@ -218,8 +231,35 @@ class BlobIndex:
             if not is_condition_failure(error):
                 raise
 
+    def claim_pack(self, pack_id: str, must_exist: bool = True) -> None:
+        """Announce, on the pack item, that blob items are about to be indexed into the pack.
+
+        Bumps `version` and stamps `indexed_at` unless gc has moved the pack to `deleting`
+        (PackCollecting then). gc moves it there only if `version` is what its index scan saw and
+        `indexed_at` is older than the grace period, so any writer that announced itself either
+        finished long before the scan (its items were scanned) or makes gc keep the pack.
+        """
+        exists = "attribute_exists(pk) AND " if must_exist else ""
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
+                UpdateExpression="SET indexed_at = :now ADD version :one",
+                ConditionExpression=f"{exists}(attribute_not_exists(#state) OR #state <> :deleting)",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={":now": _now_iso(), ":one": 1, ":deleting": PACK_DELETING},
+            )
+        except ClientError as error:
+            if not is_condition_failure(error):
+                raise
+            raise PackCollecting(pack_id) from None
+
     def register_pack(self, host: str, pack_id: str, entries: Sequence[PackEntry]) -> None:
-        """Index the pack's blobs as this host's (unverified) claims, then mark the pack registered."""
+        """Index the pack's blobs as this host's (unverified) claims, then mark the pack registered.
+
+        Raises PackCollecting (indexing nothing) if gc is deleting the pack.
+        """
+        self.claim_pack(pack_id)
         batch_put(
             self.client,
             self.table_name,
@@ -267,7 +307,9 @@ class BlobIndex:
         A blob already verified (in any pack) keeps its location: the first verified copy wins. Two verifiers
         racing on the same blob both write true locations, so a plain batch write after a batch read is safe.
         A condemned verified item is replaced: the blob is stored again, in this pack.
+        Raises PackCollecting (indexing nothing) if gc is deleting the pack.
         """
+        self.claim_pack(pack_id, must_exist=False)  # an index rebuild verifies packs that have no item yet
         existing = {
             item["pk"].removeprefix("blob#")
             for item in batch_get(
@@ -293,24 +335,33 @@ class BlobIndex:
             TableName=self.table_name,
             Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
             UpdateExpression="SET #state = :verified, verified_at = :now, blob_count = :count",
+            ConditionExpression="attribute_not_exists(#state) OR #state <> :deleting",
             ExpressionAttributeNames={"#state": "state"},
             ExpressionAttributeValues={
                 ":verified": PACK_VERIFIED,
                 ":now": _now_iso(),
                 ":count": len(entries),
+                ":deleting": PACK_DELETING,
             },
         )
         return len(fresh)
 
     def record_corrupt(self, pack_id: str, reason: str) -> None:
-        self.client.update_item(
-            TableName=self.table_name,
-            Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
-            UpdateExpression="SET #state = :corrupt, corrupt_reason = :reason, corrupt_at = :now",
-            ExpressionAttributeNames={"#state": "state"},
-            ExpressionAttributeValues={
-                ":corrupt": PACK_CORRUPT,
-                ":reason": reason[:1000],
-                ":now": _now_iso(),
-            },
-        )
+        """Mark the pack corrupt (a pack gc is deleting stays `deleting`: it is going anyway)."""
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
+                UpdateExpression="SET #state = :corrupt, corrupt_reason = :reason, corrupt_at = :now",
+                ConditionExpression="attribute_not_exists(#state) OR #state <> :deleting",
+                ExpressionAttributeNames={"#state": "state"},
+                ExpressionAttributeValues={
+                    ":corrupt": PACK_CORRUPT,
+                    ":reason": reason[:1000],
+                    ":now": _now_iso(),
+                    ":deleting": PACK_DELETING,
+                },
+            )
+        except ClientError as error:
+            if not is_condition_failure(error):
+                raise

@@ -17,7 +17,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 from sysbackup_backend.api import services
-from sysbackup_backend.index import PACK_CORRUPT, PACK_VERIFIED
+from sysbackup_backend.index import PACK_CORRUPT, PACK_DELETING, PACK_VERIFIED, PackCollecting
 from sysbackup_backend.store import PACKS_PREFIX, pack_key
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
 from sysbackup_domain.hashing import is_blob_hash
@@ -87,7 +87,11 @@ def verify_landed_pack(pack_id: str) -> str:
         )
         metrics.add_metric(name="PacksCorrupt", unit=MetricUnit.Count, value=1)
         return PACK_CORRUPT
-    fresh = backend.index.record_verified(pack_id, entries)
+    try:
+        fresh = backend.index.record_verified(pack_id, entries)
+    except PackCollecting:  # gc is deleting it: nothing may be indexed into it
+        logger.info("pack is being collected by gc; not indexed", extra={"pack_id": pack_id})
+        return PACK_DELETING
     metrics.add_metric(name="PacksVerified", unit=MetricUnit.Count, value=1)
     metrics.add_metric(name="BlobsVerified", unit=MetricUnit.Count, value=fresh)
     logger.info("pack verified", extra={"pack_id": pack_id, "blobs": len(entries), "new_blobs": fresh})
