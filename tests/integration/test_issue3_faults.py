@@ -95,17 +95,23 @@ def test_a_rerun_after_registration_sends_no_pack_again(
     assert_restores_exactly(host_config, source, tmp_path / "restored")
 
 
+def crash_after_pack_put(stack: LocalStack, host: LocalHost, tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """An archive run that crashes after its PUTs; the packs it left presigned, PUT and unregistered."""
+    crashed = archive(host, tmp_path / "crashed.json", fault="after-pack-put")
+    assert crashed.returncode == 1 and "injected fault at after-pack-put" in crashed.process.stderr
+    put_not_registered = packs_of(stack, host.name)
+    assert put_not_registered
+    for pack_id, item in put_not_registered.items():
+        assert item["state"] == "presigned" and "hosts" not in item, item
+        assert len(object_versions(stack, f"packs/{pack_id}")) == 1  # the bytes did land
+    return put_not_registered
+
+
 def test_a_rerun_after_a_pack_put_adopts_it_and_sends_no_data_again(
     stack: LocalStack, host_config: LocalHost, source: Path, tmp_path: Path
 ) -> None:
     with stack.deliveries_held():
-        crashed = archive(host_config, tmp_path / "crashed.json", fault="after-pack-put")
-        assert crashed.returncode == 1 and "injected fault at after-pack-put" in crashed.process.stderr
-        put_not_registered = packs_of(stack, host_config.name)
-        assert put_not_registered
-        for pack_id, item in put_not_registered.items():
-            assert item["state"] == "presigned" and "hosts" not in item, item
-            assert len(object_versions(stack, f"packs/{pack_id}")) == 1  # the bytes did land
+        put_not_registered = crash_after_pack_put(stack, host_config, tmp_path)
 
         rerun = archive(host_config, tmp_path / "rerun.json")
 
@@ -137,10 +143,7 @@ def test_a_pack_put_and_never_registered_stays_visible_as_an_orphan(
 ) -> None:
     """The host lost its cache after the crash (reinstalled): nothing adopts the pack; gc must see it."""
     with stack.deliveries_held():
-        crashed = archive(host_config, tmp_path / "crashed.json", fault="after-pack-put")
-        assert crashed.returncode == 1
-        orphans = set(packs_of(stack, host_config.name))
-        assert orphans
+        orphans = set(crash_after_pack_put(stack, host_config, tmp_path))
         shutil.rmtree(tmp_path / "cache")
         (source / "data.bin").write_bytes(os.urandom(3 * MIB))
         time.sleep(1.1)

@@ -206,18 +206,23 @@ def test_crash_after_register_then_rerun_sends_nothing_again(
     assert not set(transfer.puts[len(registered_by_crash) :]) & registered_by_crash
 
 
+def crash_once(run_archive, monkeypatch: pytest.MonkeyPatch, fault: str, **options) -> None:
+    """One archive run that crashes at `fault` (S3SB_FAULT), leaving the environment clean after."""
+    monkeypatch.setenv(FAULT_ENV, fault)
+    with pytest.raises(InjectedFault):
+        run_archive(**options)
+    monkeypatch.delenv(FAULT_ENV)
+
+
 def test_crash_after_pack_put_then_rerun_uploads_no_byte_twice(
     run_archive, make_config, config_dir, host_root, backend, transfer, monkeypatch
 ):
     build_sample_tree(host_root)
     pick(config_dir, "/data")
-    monkeypatch.setenv(FAULT_ENV, "after-pack-put")
-    with pytest.raises(InjectedFault):
-        run_archive(config=make_config(workers=4))
+    crash_once(run_archive, monkeypatch, "after-pack-put", config=make_config(workers=4))
     put_by_crash = set(backend.packs)
     assert put_by_crash and not backend.registered
     crashed_blobs = {entry.hash for pack_id in put_by_crash for entry in verify_pack(backend.packs[pack_id])}
-    monkeypatch.delenv(FAULT_ENV)
     puts_before = len(transfer.puts)
 
     # Parallel readers: the re-run's packs need not be byte-identical; the crashed ones are adopted instead.
@@ -239,10 +244,7 @@ def test_adoption_failing_only_costs_the_bytes_again(
 ):
     build_sample_tree(host_root)
     pick(config_dir, "/data")
-    monkeypatch.setenv(FAULT_ENV, "after-pack-put")
-    with pytest.raises(InjectedFault):
-        run_archive()
-    monkeypatch.delenv(FAULT_ENV)
+    crash_once(run_archive, monkeypatch, "after-pack-put")
 
     def refuse(pack_ids):
         raise ApiError("POST /packs/adopt", 404, "no such route (an older backend)")
