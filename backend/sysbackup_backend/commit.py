@@ -207,14 +207,27 @@ class Committer:
     def _request_pack_locks(self, state: WalkState, until: datetime, manifest_id: str) -> None:
         """Ask the retention worker to lock the walked packs as long as the manifest (after the commit).
 
-        A failure here does not undo a committed manifest: gc requests every live pack's missing lock too.
+        Packs whose recorded lock already covers `until` are left out (a fresh run's packs, locked at presign
+        a fold window past the default, need nothing). A failure here does not undo a committed manifest:
+        gc requests every live pack's missing lock too.
         """
         if self.retention_queue is None or not state.packs:
             return
         try:
-            self.retention_queue.request(state.packs, until, manifest_id)
+            short = self._packs_locked_short_of(state.packs, until)
+            if short:
+                self.retention_queue.request(short, until, manifest_id)
         except Exception:  # the manifest is committed; gc's lock check is the backstop
             logger.exception("could not request pack lock extensions", extra={"manifest_id": manifest_id})
+
+    def _packs_locked_short_of(self, pack_ids: list[str], until: datetime) -> list[str]:
+        """The packs whose recorded lock (`retain_until` of the pack item) ends before `until`."""
+        recorded = self.index.get_packs(pack_ids)
+        return [
+            pack_id
+            for pack_id in pack_ids
+            if str(recorded.get(pack_id, {}).get("retain_until", "")) < iso_utc(until)
+        ]
 
     def _anchor_checks(self, state: WalkState) -> list[dict[str, Any]]:
         """Condition checks that the root and stream indexes are still not condemned when HEAD moves."""

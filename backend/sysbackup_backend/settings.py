@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 
 from sysbackup_domain.retention import LOCK_MODES, RetentionPolicy
@@ -14,6 +15,8 @@ from .errors import SettingsError
 DEFAULT_UPLOAD_URL_EXPIRY_SECONDS = 900
 # Downloads are fetched right after the call; a short life limits what a leaked URL exposes.
 DEFAULT_DOWNLOAD_URL_EXPIRY_SECONDS = 300
+# How far past the need a pack lock goes (template parameter FoldWindowSeconds): see sysbackup_domain.keep.
+DEFAULT_FOLD_WINDOW_SECONDS = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Settings:
     upload_url_expiry_seconds: int
     download_url_expiry_seconds: int
     restore_principal_arns: frozenset[str]
+    # A presigned pack is locked this far past the default retain_until, so the commit that follows
+    # (within the window) finds its lock sufficient and asks the extender nothing.
+    fold_window: timedelta = timedelta(seconds=DEFAULT_FOLD_WINDOW_SECONDS)
 
 
 def _required(env: Mapping[str, str], name: str) -> str:
@@ -48,6 +54,19 @@ def _positive_int(env: Mapping[str, str], name: str, default: int | None = None)
     if value <= 0:
         raise SettingsError(f"environment variable {name} must be positive, got {value}")
     return value
+
+
+def _non_negative_seconds(env: Mapping[str, str], name: str, default: int) -> timedelta:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return timedelta(seconds=default)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"environment variable {name} must be an integer, got {raw!r}") from None
+    if value < 0:
+        raise SettingsError(f"environment variable {name} must not be negative, got {value}")
+    return timedelta(seconds=value)
 
 
 def _test_retention_seconds(env: Mapping[str, str]) -> int | None:
@@ -92,6 +111,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             env, "DOWNLOAD_URL_EXPIRY_SECONDS", DEFAULT_DOWNLOAD_URL_EXPIRY_SECONDS
         ),
         restore_principal_arns=restore_arns,
+        fold_window=_non_negative_seconds(env, "FOLD_WINDOW_SECONDS", DEFAULT_FOLD_WINDOW_SECONDS),
     )
 
 

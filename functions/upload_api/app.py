@@ -1,5 +1,6 @@
 """Upload API: which blobs are stored, presigned pack uploads, pack registration."""
 
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Annotated, Any
@@ -13,7 +14,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from sysbackup_backend.adopt import adopt_packs, already_stored_for
 from sysbackup_backend.api import register_error_handlers, services, writing_host
 from sysbackup_backend.errors import Conflict, Unprocessable
-from sysbackup_backend.index import PACK_CORRUPT
+from sysbackup_backend.index import PACK_CORRUPT, PACK_DELETING, PackCollecting
 from sysbackup_backend.store import pack_checksum
 from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.packs import MAX_PACK_BYTES, TRAILER_TAIL_BYTES, PackEntry
@@ -83,8 +84,10 @@ def presign_packs(request: PresignRequest) -> dict[str, Any]:
     corrupt = sorted(pack_id for pack_id, item in known.items() if item.get("state") == PACK_CORRUPT)
     if corrupt:
         raise Unprocessable("these packs were found corrupt; build new packs", corrupt=corrupt)
-    # Packs are locked for the stack's default period; the lock extender stretches it for longer manifests.
-    lock_until = retain_until(datetime.now(timezone.utc), settings.retention, None)
+    _refuse_collecting(pack_id for pack_id, item in known.items() if item.get("state") == PACK_DELETING)
+    # Locked for the stack's default period plus the fold window: the commit that follows finds the lock
+    # sufficient (no extension message); the extender stretches it only for longer or later manifests.
+    lock_until = retain_until(datetime.now(timezone.utc), settings.retention, None) + settings.fold_window
     registered, uploads = [], []
     for pack_id, size in packs.items():
         if already_stored_for(host, known.get(pack_id)):
@@ -105,6 +108,17 @@ def presign_packs(request: PresignRequest) -> dict[str, Any]:
         )
     metrics.add_metric(name="PacksPresigned", unit=MetricUnit.Count, value=len(uploads))
     return {"uploads": uploads, "registered": registered}
+
+
+def _refuse_collecting(pack_ids: Iterable[str], **details: Any) -> None:
+    """409 naming the packs gc is deleting: the host sends their blobs again in new packs."""
+    collecting = sorted(pack_ids)
+    if collecting:
+        raise Conflict(
+            "these packs are being collected by gc; send their blobs again in new packs",
+            collecting=collecting,
+            **details,
+        )
 
 
 def _validated_entries(pack: PackToRegister, pack_size: int) -> list[PackEntry]:
@@ -139,16 +153,23 @@ def register_packs(request: RegisterRequest) -> dict[str, Any]:
             raise Conflict(f"pack {pack.pack_id} was never presigned")
         if item.get("state") == PACK_CORRUPT:
             raise Unprocessable(f"pack {pack.pack_id} was found corrupt")
+        _refuse_collecting([pack.pack_id] if item.get("state") == PACK_DELETING else [])
         head = heads[pack.pack_id]
         if head is None:
             raise Conflict(f"pack {pack.pack_id} has not been uploaded")
         if head.size != int(item["size"]) or head.checksum_sha256 != pack_checksum(pack.pack_id):
             raise Unprocessable(f"pack {pack.pack_id} in the bucket does not match its size and SHA-256")
         to_register.append((pack.pack_id, _validated_entries(pack, head.size)))
+    registered, collecting = [], []
     for pack_id, entries in to_register:
-        backend.index.register_pack(host, pack_id, entries)
-    metrics.add_metric(name="PacksRegistered", unit=MetricUnit.Count, value=len(to_register))
-    return {"registered": [pack_id for pack_id, _ in to_register]}
+        try:
+            backend.index.register_pack(host, pack_id, entries)
+            registered.append(pack_id)
+        except PackCollecting:  # gc began deleting it after the checks above
+            collecting.append(pack_id)
+    metrics.add_metric(name="PacksRegistered", unit=MetricUnit.Count, value=len(registered))
+    _refuse_collecting(collecting, registered=registered)
+    return {"registered": registered}
 
 
 @app.post("/packs/adopt")
