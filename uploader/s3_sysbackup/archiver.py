@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -164,6 +165,7 @@ class Archiver:
         warnings.extend(picked.warnings)
         walked = walk(picked.paths, self.options.root_path)
         warnings.extend(walked.warnings)
+        memo: dict[str, tuple[str, str]] = {}  # directory trees, for the next run (see _build_trees)
         referenced: set[str] = set()  # every blob the manifest will need, for the next run's cache
 
         def add_snapshot_blob(kind: str, plaintext: bytes) -> str:
@@ -173,7 +175,12 @@ class Archiver:
 
         try:
             outcomes = self._read_files(walked.root, cache, sink, stats, warnings, progress)
-            root = self._build_trees(walked.root, outcomes, sink, stats, referenced) if picked.paths else None
+            memo = cache.tree_memo()
+            root = (
+                self._build_trees(walked.root, outcomes, sink, stats, referenced, memo)
+                if picked.paths
+                else None
+            )
             snapshots, snapshot_warnings = take_snapshots(
                 self.config.snapshots_dir,
                 self.config.content.snapshot_timeout_s,
@@ -200,6 +207,7 @@ class Archiver:
             scan_started_ns,
             referenced,
             kept=(path for path, o in outcomes.items() if o.cacheable and o.reused),
+            trees=memo,
         )
         report = dict(manifest_stats)
         report.update(
@@ -334,10 +342,14 @@ class Archiver:
         sink: BlobSink,
         stats: RunStats,
         referenced: set[str],
+        memo: dict[str, tuple[str, str]],
     ) -> str:
         """Encode every directory bottom-up (children before parents); returns the root tree hash.
 
-        Adds every tree and file content hash to `referenced`.
+        Adds every tree and file content hash to `referenced`. A directory whose tree would be made
+        from exactly what the last committed run made it from (`memo`: path -> (signature, tree)),
+        and whose tree the parent manifest holds, reuses that tree unencoded; `memo` is replaced by
+        this run's signatures for the next run.
         """
         order: list[Node] = []
         stack = [root]
@@ -345,19 +357,35 @@ class Archiver:
             node = stack.pop()
             order.append(node)
             stack.extend(child for child in (node.children or {}).values() if child.is_dir)
+        previous, memo_now = dict(memo), memo
+        memo_now.clear()
         subtree_of: dict[int, str] = {}
         for directory in reversed(order):  # a pre-order list reversed puts children first
-            entries = []
-            for child in (directory.children or {}).values():
-                entry = _tree_entry(child, outcomes.get(child.path), subtree_of.get(id(child)))
-                if entry is not None:
-                    entries.append(entry)
-                    referenced.update(entry.content)
-                    stats.files += child.type == "file"
-                    stats.bytes_total += entry.size or 0
-                    stats.dirs += child.type == "dir"
-            subtree_of[id(directory)] = sink.add_plaintext("tree", encode_tree(Tree(tuple(entries))))
-            referenced.add(subtree_of[id(directory)])
+            children = [
+                (child, outcomes.get(child.path))
+                for child in (directory.children or {}).values()
+                if child.type != "file" or child.path in outcomes  # a skipped file has no entry
+            ]
+            signature = _tree_signature(children, subtree_of)
+            remembered = previous.get(directory.path)
+            if remembered is not None and remembered[0] == signature and sink.is_known_stored(remembered[1]):
+                tree = remembered[1]
+            else:
+                entries = [
+                    _tree_entry(child, outcome, subtree_of.get(id(child))) for child, outcome in children
+                ]
+                tree = sink.add_plaintext(
+                    "tree", encode_tree(Tree(tuple(e for e in entries if e is not None)))
+                )
+            for child, outcome in children:
+                if outcome is not None:
+                    referenced.update(outcome.content)
+                    stats.bytes_total += outcome.state.size
+                stats.files += child.type == "file"
+                stats.dirs += child.type == "dir"
+            subtree_of[id(directory)] = tree
+            memo_now[directory.path] = (signature, tree)
+            referenced.add(tree)
         return subtree_of[id(root)]
 
     # -- commit -----------------------------------------------------------------------------
@@ -492,6 +520,31 @@ def _fallback(previous: FileOutcome | None, warnings: list[str], problem: str) -
         return previous
     warnings.append(f"{problem}; skipped (no previous version)")
     return None
+
+
+# Bump when what a tree entry is made of (or how trees are encoded) changes: remembered trees then miss.
+TREE_MEMO_VERSION = "1"
+
+
+def _tree_signature(children: list[tuple[Node, FileOutcome | None]], subtree_of: dict[int, str]) -> str:
+    """A digest of everything the directory's tree entries are made from (see _tree_entry)."""
+    parts = []
+    for child, outcome in children:
+        st = outcome.st if outcome is not None else child.stat
+        parts.append(
+            (
+                child.name,
+                child.type,
+                tuple(st),
+                user_name(st.st_uid),
+                group_name(st.st_gid),
+                (outcome.state.size, outcome.content) if outcome is not None else None,
+                subtree_of.get(id(child)),
+                child.target,
+                sorted(child.xattrs.items()),
+            )
+        )
+    return hashlib.sha256(repr((TREE_MEMO_VERSION, parts)).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _tree_entry(node: Node, outcome: FileOutcome | None, subtree: str | None) -> TreeEntry | None:

@@ -123,6 +123,7 @@ class ParentCache:
                 inode INTEGER, content TEXT, scanned_ns INTEGER);
             CREATE TABLE IF NOT EXISTS stored (hash TEXT PRIMARY KEY);
             CREATE TABLE IF NOT EXISTS unfinished_packs (pack_id TEXT PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS trees (path BLOB PRIMARY KEY, signature TEXT, tree TEXT);
             """
         )
 
@@ -150,6 +151,13 @@ class ParentCache:
             return None
         size, mtime_ns, ctime_ns, inode, content, scanned_ns = row
         return CachedFile(FileState(size, mtime_ns, ctime_ns, inode), tuple(json.loads(content)), scanned_ns)
+
+    def tree_memo(self) -> dict[str, tuple[str, str]]:
+        """Directory path -> (signature, tree hash) as the last committed run built them."""
+        return {
+            os.fsdecode(path): (signature, tree)
+            for path, signature, tree in self.db.execute("SELECT path, signature, tree FROM trees")
+        }
 
     def known_stored(self, hashes: Iterable[str]) -> set[str]:
         wanted = list(set(hashes))
@@ -183,9 +191,11 @@ class ParentCache:
         scanned_ns: int,
         stored: Iterable[str],
         kept: Iterable[str] = (),
+        trees: dict[str, tuple[str, str]] | None = None,
     ) -> None:
         """Make the cache a committed run's view, atomically: `files` are the rows it read, `kept` the
-        paths whose rows it reused as they are, every other row goes; `stored` = what it references.
+        paths whose rows it reused as they are, every other row goes; `stored` = what it references;
+        `trees`: directory path -> (signature of what its tree was made from, tree hash).
 
         Only differences are written: a no-change run of 100k files rewrites nothing."""
         rows = [
@@ -203,6 +213,12 @@ class ParentCache:
             had = {row[0] for row in self.db.execute("SELECT hash FROM stored")}
             self.db.executemany("DELETE FROM stored WHERE hash = ?", ((h,) for h in had - wanted_hashes))
             self.db.executemany("INSERT INTO stored VALUES (?)", ((h,) for h in wanted_hashes - had))
+            if trees is not None:
+                self.db.execute("DELETE FROM trees")
+                self.db.executemany(
+                    "INSERT INTO trees VALUES (?, ?, ?)",
+                    ((os.fsencode(path), signature, tree) for path, (signature, tree) in trees.items()),
+                )
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('parent', ?)", (manifest_id,))
             self.db.execute("DELETE FROM meta WHERE key = 'inflight_run'")
             self.db.execute("DELETE FROM unfinished_packs")  # the run finished: its packs are registered
@@ -216,12 +232,13 @@ class ParentCache:
     def forget_content(self) -> None:
         """Drop file and stored-hash knowledge (the backend says blobs we thought stored are gone)."""
         with self._transaction():
+            self.db.execute("DELETE FROM trees")
             self.db.execute("DELETE FROM files")
             self.db.execute("DELETE FROM stored")
 
     def clear(self) -> None:
         with self._transaction():
-            for table in ("files", "stored", "meta", "unfinished_packs"):
+            for table in ("files", "stored", "meta", "unfinished_packs", "trees"):
                 self.db.execute(f"DELETE FROM {table}")
 
     def _meta(self, key: str) -> str | None:

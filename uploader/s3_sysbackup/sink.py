@@ -144,6 +144,10 @@ class BlobSink:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="ship")
     )
 
+    def is_known_stored(self, digest: str) -> bool:
+        """True if the parent manifest references the blob (so it is stored, and stays so while retained)."""
+        return digest in self.known_stored
+
     def needs(self, digest: str) -> bool:
         """False if the blob is known stored or already on its way: no need to compress it."""
         with self._lock:
