@@ -111,6 +111,19 @@ class BlobStatus:
         return self.location is not None and not self.condemned and not self.in_corrupt_pack
 
 
+def _preferred_item(verified: dict[str, Any] | None, claim: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The item a lookup answers from: the verified copy, else the host's own claim; an uncondemned one first.
+
+    A host that sends a condemned blob again (in a new pack, or registering the same pack again) has a fresh
+    claim while the verified item stays condemned until the verifier re-reads a pack holding it: the blob is
+    stored for that host meanwhile, from its claim.
+    """
+    for item in (verified, claim):
+        if item is not None and "condemned_at" not in item:
+            return item
+    return verified or claim
+
+
 def _location_item(blob: str, sk: str, entry: PackEntry, pack_id: str, stamp_field: str) -> dict[str, Any]:
     return {
         "pk": blob_pk(blob),
@@ -147,10 +160,10 @@ class BlobIndex:
                 items.get(host_sk(host)),
                 items.get(closed_sk(host)),
             )
-            source = verified or claim
+            source = _preferred_item(verified, claim)
             statuses[blob] = BlobStatus(
                 location=BlobLocation.from_item(source) if source else None,
-                condemned=any("condemned_at" in item for item in (verified, claim) if item),
+                condemned=source is not None and "condemned_at" in source,
                 closed=closed is not None and "condemned_at" not in closed,
                 source_sk=source["sk"] if source else None,
             )

@@ -39,8 +39,24 @@ def test_condemned_blob_is_never_stored(backend: Services) -> None:
     store_claimed(backend, "alpha", [("data", b"old content")])
     blob = blob_hash(b"old content")
     _condemn(backend, blob, "verified")
+    _condemn(backend, blob, host_sk("alpha"))
     assert backend.index.stored_for("alpha", [blob]) == set()
+    assert backend.index.stored_for("beta", [blob]) == set()
     assert backend.index.lookup("alpha", [blob])[blob].condemned
+
+
+def test_a_host_sending_a_condemned_blob_again_has_it_stored_before_the_verifier_runs(
+    backend: Services,
+) -> None:
+    """The verified item stays condemned until the verifier re-reads a pack holding the blob; the host's
+    fresh claim (a new pack, registered) stores it for that host meanwhile, so its commit goes through."""
+    store_verified(backend, [("data", b"collected, then needed again")])
+    blob = blob_hash(b"collected, then needed again")
+    _condemn(backend, blob, "verified")
+    again = store_claimed(backend, "alpha", [("data", b"collected, then needed again"), ("data", b"other")])
+    assert backend.index.stored_for("alpha", [blob]) == {blob}
+    assert backend.index.locate("alpha", [blob])[blob].pack_id == again.pack_id
+    assert backend.index.stored_for("beta", [blob]) == set()  # others wait for the verifier
 
 
 def test_unknown_hashes_are_not_stored(backend: Services) -> None:
