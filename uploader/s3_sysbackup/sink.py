@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from sysbackup_domain.compression import compress_if_worth
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.packs import TARGET_PACK_BYTES, PackEntry, PackWriter
 
-from .api import CHECK_BATCH, ApiClient
+from .api import CHECK_BATCH, ApiClient, ApiError
 from .transfer import Transfer
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ FAULT_ENV = "S3SB_FAULT"
 PENDING_LIMIT_BYTES = 16 * 1024 * 1024
 PACKS_PER_BATCH = 1
 PARALLEL_PUTS = 4
+# Waits before sending again packs gc is deleting (POST /packs/presign or /packs/register answered 409
+# with `collecting`): its deletion of one pack takes seconds; a crashed gc run's is finished by the next.
+COLLECTING_WAITS_S = (5, 15, 45)
 
 
 class InjectedFault(RuntimeError):
@@ -77,6 +81,8 @@ class _Pending:
 class PackShipper:
     """Uploads a batch of sealed packs: one presign call, parallel PUTs, one register call."""
 
+    sleep = staticmethod(time.sleep)  # between sends of packs gc is collecting
+
     def __init__(
         self,
         api: ApiClient,
@@ -92,6 +98,21 @@ class PackShipper:
         self.counts = ShipCounts()
 
     def ship(self, packs: list[SealedPack]) -> None:
+        """Presign, PUT and register `packs`; waits out gc deleting an identical old pack (409 collecting)."""
+        for wait_s in (*COLLECTING_WAITS_S, None):
+            try:
+                self._ship_once(packs)
+                return
+            except ApiError as error:
+                collecting = error.body.get("collecting") if isinstance(error.body, dict) else None
+                if error.status != 409 or not collecting or wait_s is None:
+                    raise
+                # gc is deleting an old pack byte-identical to ours: once it is gone (seconds), presign
+                # makes a fresh one and our PUT lands; meanwhile the backend takes no claim on it.
+                logger.warning("gc is collecting packs %s; sending them again in %d s", collecting, wait_s)
+                self.sleep(wait_s)
+
+    def _ship_once(self, packs: list[SealedPack]) -> None:
         uploads, registered = self.api.presign_packs([{"sha256": p.sha256, "size": p.size} for p in packs])
         upload_for = {upload.get("pack_id"): upload for upload in uploads}
         # A re-run after a crash: packs registered by the crashed run are not sent again.
@@ -104,10 +125,11 @@ class PackShipper:
         with ThreadPoolExecutor(max_workers=self.parallel_puts, thread_name_prefix="put") as pool:
             results = list(pool.map(lambda p: self._put(p, upload_for[p.sha256]), to_send))
         fault_point("after-pack-put")
-        if to_send:
-            self.api.register_packs(
-                [{"pack_id": p.sha256, "blobs": [e.to_json() for e in p.entries]} for p in to_send]
-            )
+        # Packs presign calls registered are registered again too: this run sends only blobs the backend
+        # said it lacks, so their claims there were condemned by gc; a fresh claim stores them again.
+        self.api.register_packs(
+            [{"pack_id": p.sha256, "blobs": [e.to_json() for e in p.entries]} for p in packs]
+        )
         fault_point("after-register")
         for pack, uploaded in zip(to_send, results, strict=True):
             self.counts.packs += 1
