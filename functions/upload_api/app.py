@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from sysbackup_backend.adopt import adopt_packs, already_stored_for
 from sysbackup_backend.api import register_error_handlers, services, writing_host
 from sysbackup_backend.errors import Conflict, Unprocessable
-from sysbackup_backend.index import PACK_CORRUPT, PACK_DELETING, PackCollecting
+from sysbackup_backend.index import PACK_CORRUPT, PACK_DELETING, BlobIndex, PackCollecting
 from sysbackup_backend.store import pack_checksum
 from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.packs import MAX_PACK_BYTES, TRAILER_TAIL_BYTES, PackEntry
@@ -88,10 +88,13 @@ def presign_packs(request: PresignRequest) -> dict[str, Any]:
     # Locked for the stack's default period plus the fold window: the commit that follows finds the lock
     # sufficient (no extension message); the extender stretches it only for longer or later manifests.
     lock_until = retain_until(datetime.now(timezone.utc), settings.retention, None) + settings.fold_window
-    registered, uploads = [], []
+    registered, uploads, collecting = [], [], []
     for pack_id, size in packs.items():
         if already_stored_for(host, known.get(pack_id)):
             registered.append(pack_id)
+            continue
+        if pack_id in known and not _claimed(backend.index, pack_id):
+            collecting.append(pack_id)
             continue
         backend.index.record_presigned(pack_id, host, size, iso_utc(lock_until))
         upload = backend.store.presign_pack_put(
@@ -106,8 +109,19 @@ def presign_packs(request: PresignRequest) -> dict[str, Any]:
                 "expires_at": iso_utc(upload.expires_at),
             }
         )
+    _refuse_collecting(collecting)
     metrics.add_metric(name="PacksPresigned", unit=MetricUnit.Count, value=len(uploads))
     return {"uploads": uploads, "registered": registered}
+
+
+def _claimed(index: BlobIndex, pack_id: str) -> bool:
+    """Announce a coming registration on an existing pack item, so gc keeps the pack; False if gc is
+    already deleting it (the caller's PUT would answer 412 and its registration be refused)."""
+    try:
+        index.claim_pack(pack_id)
+    except PackCollecting:
+        return False
+    return True
 
 
 def _refuse_collecting(pack_ids: Iterable[str], **details: Any) -> None:

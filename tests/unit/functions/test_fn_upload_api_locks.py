@@ -24,6 +24,8 @@ from sysbackup_testkit import (
     tree_bytes,
     user_arn,
 )
+from test_gc import GRACE, REAL_NOW, collector
+from test_gc_register_race import condemned_orphan, inject_before
 
 DAYS_RETAINED = 30  # the testkit stack's default
 FOLD_WINDOW = timedelta(days=7)  # FOLD_WINDOW_SECONDS unset: the settings' default
@@ -136,3 +138,25 @@ def test_presign_and_register_refuse_a_pack_gc_is_deleting(upload_api: Any, back
     assert status == 200 and pack.pack_id in body["skipped"]
     blob = blob_hash(b"collected while a host sends it again " * 10)
     assert call(upload_api, "/blobs/check", {"hashes": [blob]})[1]["stored"] == []
+
+
+def test_a_presign_after_gcs_scan_keeps_the_pack_it_presigned(
+    upload_api: Any, backend: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host presigns an old dead pack (byte-identical to its own) just before gc would delete it: its PUT
+    answers 412 and it registers next, so gc must keep the pack."""
+    orphan, _ = condemned_orphan(backend)
+    gc = collector(backend, REAL_NOW + 4 * GRACE)
+    size = backend.index.get_pack(orphan)["size"]  # type: ignore[index]
+    answers: list[int] = []
+    inject_before(
+        monkeypatch,
+        gc,
+        "_delete_dead_packs",
+        lambda: answers.append(
+            call(upload_api, "/packs/presign", {"packs": [{"sha256": orphan, "size": int(size)}]}, "beta")[0]
+        ),
+    )
+    report = gc.run()
+    assert answers == [200]
+    assert report.packs_deleted == 0 and backend.store.head_pack(orphan) is not None
