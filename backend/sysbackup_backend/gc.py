@@ -673,7 +673,10 @@ class GarbageCollector:
         dry_run: bool,
         settling: set[str],
     ) -> None:
-        for pack_id, items in self._dead_packs(snapshot, live, now):
+        dead = dict(self._dead_packs(snapshot, live, now))
+        if not dry_run:
+            self._release_stale_deletions(snapshot, set(dead) - settling)
+        for pack_id, items in dead.items():
             if pack_id in settling:
                 continue
             if dry_run:
@@ -703,6 +706,13 @@ class GarbageCollector:
             if not items:
                 report.orphan_packs_deleted += 1
             logger.info("pack deleted", extra={"pack_id": pack_id, "bytes": freed, "versions": deleted})
+
+    def _release_stale_deletions(self, snapshot: IndexSnapshot, deleting_now: set[str]) -> None:
+        """A crashed run's `deleting` pack that is no longer dead goes back to its state (else it would refuse
+        registrations for good); one still dead is deleted by this run."""
+        for pack_id, pack_item in snapshot.packs.items():
+            if pack_item.get("state") == PACK_DELETING and pack_id not in deleting_now:
+                self._stop_deleting(pack_id)
 
     def _begin_deleting(self, pack_id: str, seen: dict[str, Any], now: datetime) -> bool:
         """Move the pack item to `deleting` if nothing was indexed into the pack since the scan saw it.

@@ -14,7 +14,7 @@ from sysbackup_backend.api import Services
 from sysbackup_backend.commit import Committer
 from sysbackup_backend.errors import Unprocessable
 from sysbackup_backend.gc import GarbageCollector
-from sysbackup_backend.index import PACK_DELETING, PackCollecting
+from sysbackup_backend.index import PACK_DELETING, PACK_SK, PackCollecting, pack_pk
 from sysbackup_backend.walk import Budget
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.packs import PackEntry, parse_trailer
@@ -142,3 +142,31 @@ def test_a_dead_pack_still_locked_goes_back_to_its_state(backend: Services) -> N
     assert backend.index.get_pack(locked)["state"] == state  # type: ignore[index]
     # and it is deleted once gc may bypass the lock
     assert collector(backend, REAL_NOW + 4 * GRACE, bypass=True).run().deleted_packs == [locked]
+
+
+def crash_while_deleting(services: Services, pack_id: str) -> None:
+    """What a gc run that crashed between `_begin_deleting` and the pack's removal leaves behind."""
+    services.index.client.update_item(
+        TableName=services.index.table_name,
+        Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
+        UpdateExpression="SET state_before_deleting = #state, #state = :deleting",
+        ExpressionAttributeNames={"#state": "state"},
+        ExpressionAttributeValues={":deleting": PACK_DELETING},
+    )
+
+
+def test_a_crashed_runs_deletion_is_finished_or_released_by_the_next_run(backend: Services) -> None:
+    orphan, _ = condemned_orphan(backend)
+    not_dead = upload(backend, "alpha", [("data", b"condemned by the next run at the earliest " * 10)])
+    state = backend.index.get_pack(not_dead)["state"]  # type: ignore[index]
+    crash_while_deleting(backend, orphan)
+    crash_while_deleting(backend, not_dead)
+
+    report = collector(backend, REAL_NOW + 4 * GRACE).run()
+
+    assert report.deleted_packs == [orphan] and not pack_exists(backend, orphan)
+    assert backend.index.get_pack(not_dead)["state"] == state  # type: ignore[index]
+    assert (
+        try_register(backend, "alpha", not_dead, parse_trailer(backend.store.read(f"packs/{not_dead}")))
+        == "registered"
+    )
