@@ -723,11 +723,12 @@ def test_translation_runs_without_aws_credentials(monkeypatch: pytest.MonkeyPatc
     assert "BackupBucket" in translate(load_sam_template())["Resources"]
 
 
-def test_alarms_exist_only_with_an_address_and_watch_the_dead_letters(resources: dict[str, Any]) -> None:
+def test_alarms_always_exist_and_watch_the_dead_letters(resources: dict[str, Any]) -> None:
+    """Alarms are promised by default: no alarm, nor the topic, depends on AlarmEmail being set."""
     alarms = {logical_id: r for logical_id, r in resources.items() if r["Type"] == "AWS::CloudWatch::Alarm"}
     assert alarms
-    for alarm in alarms.values():
-        assert alarm["Condition"] == "HasAlarmEmail"
+    for logical_id, alarm in alarms.items():
+        assert "Condition" not in alarm, f"{logical_id} exists only under {alarm['Condition']}"
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": "AlarmTopic"}]
     watched = {
         render(dimension["Value"])
@@ -735,4 +736,6 @@ def test_alarms_exist_only_with_an_address_and_watch_the_dead_letters(resources:
         for dimension in alarm["Properties"]["Dimensions"]
     }
     assert "${PackLandedDeadLetterQueue.QueueName}" in watched
-    assert resources["AlarmTopic"]["Condition"] == "HasAlarmEmail"
+    assert "${RetentionDeadLetterQueue.QueueName}" in watched
+    assert "Condition" not in resources["AlarmTopic"]
+    assert "Condition" not in resources["StaleHostsFunction"]

@@ -116,26 +116,58 @@ def test_every_scheduled_function_has_an_errors_alarm(
         assert f"${{{function}}}" in watched, f"{function} failures would go unnoticed"
 
 
+def topic_subscriptions(resources: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        logical_id: body
+        for logical_id, body in of_type(resources, "AWS::SNS::Subscription").items()
+        if render(body["Properties"]["TopicArn"]) == "${AlarmTopic}"
+    }
+
+
 def test_alarms_notify_the_topic_the_admin_address_subscribes_to(resources: dict[str, Any]) -> None:
     for alarm in of_type(resources, "AWS::CloudWatch::Alarm").values():
         assert [render(action) for action in alarm["Properties"]["AlarmActions"]] == ["${AlarmTopic}"]
-    (subscription,) = resources["AlarmTopic"]["Properties"]["Subscription"]
-    assert subscription == {"Protocol": "email", "Endpoint": {"Ref": "AlarmEmail"}}
+    # No inline subscription: it would tie the address to the topic's own existence.
+    assert "Subscription" not in resources["AlarmTopic"].get("Properties", {})
+    ((logical_id, subscription),) = topic_subscriptions(resources).items()
+    assert subscription["Condition"] == "HasAlarmEmail", logical_id
+    properties = subscription["Properties"]
+    assert (properties["Protocol"], properties["Endpoint"]) == ("email", {"Ref": "AlarmEmail"})
 
 
-def test_whatever_uses_the_topic_exists_exactly_when_the_topic_does(
+def test_the_subscription_condition_is_an_address_being_given(
+    sam_template: dict[str, Any], cfn: dict[str, Any]
+) -> None:
+    expected = {"Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmEmail"}, ""]}]}
+    assert cfn["Conditions"]["HasAlarmEmail"] == expected
+    assert sam_template["Parameters"]["AlarmEmail"]["Default"] == ""
+
+
+def test_topic_alarms_stale_host_check_and_export_exist_without_an_address(
     cfn: dict[str, Any], resources: dict[str, Any]
 ) -> None:
-    """The topic exists only with an address; a resource naming it without that condition fails to deploy."""
-    topic_condition = resources["AlarmTopic"].get("Condition")
-    assert topic_condition == "HasAlarmEmail"
-    users = [
-        (logical_id, body.get("Condition"))
+    """Only the e-mail subscription depends on AlarmEmail; the topic and whatever uses it always exist."""
+    assert "Condition" not in resources["AlarmTopic"]
+    assert "Condition" not in cfn["Outputs"]["AlarmTopicArn"]
+    users = {
+        logical_id: body.get("Condition")
         for logical_id, body in {**resources, **cfn["Outputs"]}.items()
         if "AlarmTopic" in set(references(body.get("Properties", body.get("Value"))))
-    ]
-    assert ("StaleHostsFunction", topic_condition) in users
-    assert all(condition == topic_condition for _, condition in users), users
+    }
+    subscriptions = set(topic_subscriptions(resources))
+    assert {"StaleHostsFunction", "AlarmTopicArn", *subscriptions} <= set(users)
+    assert len(of_type(resources, "AWS::CloudWatch::Alarm")) >= 5
+    unconditional = {
+        logical_id: condition for logical_id, condition in users.items() if logical_id not in subscriptions
+    }
+    assert all(condition is None for condition in unconditional.values()), unconditional
+    # Nor do the stale-host check's generated parts (role, schedule rule, permission, log group).
+    conditional = {
+        logical_id
+        for logical_id, body in {**resources, **cfn["Outputs"]}.items()
+        if body.get("Condition") == "HasAlarmEmail"
+    }
+    assert conditional == subscriptions
 
 
 # ---------------------------------------------------------------- stale-host check
