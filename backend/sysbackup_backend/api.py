@@ -6,11 +6,12 @@ import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from pydantic import StringConstraints
 
 from .catalogue import Catalogue
 from .clients import dynamodb_client, s3_client, sqs_client
@@ -27,6 +28,9 @@ from .walk import Budget
 # API Gateway gives up on an integration after 29 s; leave room for the commit's writes and the response.
 WALK_BUDGET_SECONDS = 20.0
 WALK_RESERVE_SECONDS = 6.0
+
+# A blob or pack hash in a request body: lowercase hex SHA-256.
+BlobHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """Restore API: where blobs are, with short-lived presigned GET URLs for their packs."""
 
-from typing import Annotated, Any
+from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, Field, StringConstraints
-from sysbackup_backend.api import register_error_handlers, request_caller, services
+from pydantic import BaseModel, Field
+from sysbackup_backend.api import BlobHash, register_error_handlers, request_caller, services
 from sysbackup_backend.identity import target_host
 from sysbackup_backend.store import pack_key
 
@@ -19,8 +19,6 @@ tracer = Tracer()
 metrics = Metrics()  # namespace from POWERTOOLS_METRICS_NAMESPACE (template Globals)
 app = APIGatewayHttpResolver(enable_validation=True)
 register_error_handlers(app, logger)
-
-BlobHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class DownloadRequest(BaseModel):

@@ -3,16 +3,16 @@
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field
 from sysbackup_backend.adopt import adopt_packs, already_stored_for
-from sysbackup_backend.api import register_error_handlers, services, writing_host
+from sysbackup_backend.api import BlobHash, register_error_handlers, services, writing_host
 from sysbackup_backend.errors import Conflict, Unprocessable
 from sysbackup_backend.index import PACK_CORRUPT, PACK_DELETING, BlobIndex, PackCollecting
 from sysbackup_backend.store import pack_checksum
@@ -32,8 +32,6 @@ tracer = Tracer()
 metrics = Metrics()  # namespace from POWERTOOLS_METRICS_NAMESPACE (template Globals)
 app = APIGatewayHttpResolver(enable_validation=True)
 register_error_handlers(app, logger)
-
-BlobHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class CheckRequest(BaseModel):
