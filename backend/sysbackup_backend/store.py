@@ -135,6 +135,10 @@ class PackStore:
 
     def read_pack_trailer(self, pack_id: str, size: int) -> list[PackEntry]:
         """A pack's validated trailer entries from two ranged GETs; InvalidDocument if it has none."""
+        return parse_trailer_bytes(self.read_pack_trailer_bytes(pack_id, size), size)
+
+    def read_pack_trailer_bytes(self, pack_id: str, size: int) -> bytes:
+        """A pack's raw trailer (tail excluded) from two ranged GETs; InvalidDocument if it has none."""
         if size <= TRAILER_TAIL_BYTES:
             raise InvalidDocument(f"pack of {size} bytes is too short to hold a trailer")
         key = pack_key(pack_id)
@@ -142,8 +146,7 @@ class PackStore:
         trailer_length = trailer_length_from_tail(self.read_range(key, trailer_end, size - 1))
         if trailer_length > trailer_end:
             raise InvalidDocument(f"trailer length {trailer_length} exceeds the pack ({size} bytes)")
-        trailer = self.read_range(key, trailer_end - trailer_length, trailer_end - 1)
-        return parse_trailer_bytes(trailer, size)
+        return self.read_range(key, trailer_end - trailer_length, trailer_end - 1)
 
     def read(self, key: str) -> bytes:
         response = self.client.get_object(Bucket=self.bucket, Key=key)

@@ -25,7 +25,6 @@ from sysbackup_domain.packs import (
     TRAILER_TAIL_BYTES,
     PackEntry,
     parse_trailer_bytes,
-    trailer_length_from_tail,
     verify_pack,
 )
 
@@ -71,16 +70,9 @@ def list_packs(s3: Any, bucket: str, report: RebuildReport) -> Iterator[PackObje
 
 def read_trailer(store: PackStore, pack: PackObject) -> tuple[list[PackEntry], int]:
     """The pack's validated entries from two ranged GETs; (entries, bytes read)."""
-    if pack.size <= TRAILER_TAIL_BYTES:
-        raise InvalidDocument(f"pack of {pack.size} bytes is too short to hold a trailer")
-    key = pack_key(pack.pack_id)
-    tail = store.read_range(key, pack.size - TRAILER_TAIL_BYTES, pack.size - 1)
-    trailer_length = trailer_length_from_tail(tail)
-    trailer_end = pack.size - TRAILER_TAIL_BYTES
-    if trailer_length > trailer_end:
-        raise InvalidDocument(f"trailer length {trailer_length} exceeds the pack ({pack.size} bytes)")
-    trailer = store.read_range(key, trailer_end - trailer_length, trailer_end - 1)
-    return parse_trailer_bytes(trailer, pack.size), len(tail) + len(trailer)
+    trailer = store.read_pack_trailer_bytes(pack.pack_id, pack.size)
+    # read_range refuses short reads, so the tail read was exactly TRAILER_TAIL_BYTES.
+    return parse_trailer_bytes(trailer, pack.size), TRAILER_TAIL_BYTES + len(trailer)
 
 
 def read_and_verify(store: PackStore, pack: PackObject) -> tuple[list[PackEntry], int]:
