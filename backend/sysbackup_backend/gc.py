@@ -68,6 +68,7 @@ from .index import (
     pack_pk,
 )
 from .retention_worker import RetentionQueue
+from .settings import non_negative_int
 from .store import PackStore, pack_checksum, pack_key
 from .walk import read_stored_blobs
 
@@ -90,19 +91,6 @@ class GcIncomplete(Exception):
 # --------------------------------------------------------------------------------------------- settings
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = str(env.get(name, "")).strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"environment variable {name} must be an integer, got {raw!r}") from None
-    if value < 0:
-        raise SettingsError(f"environment variable {name} must not be negative, got {value}")
-    return value
-
-
 def policy_from_environment(env: Mapping[str, str]) -> GcPolicy:
     """GcPolicy from the template's parameters (KEEP_*, MINIMUM_REDUNDANCY, GRACE/FOLD seconds, ...)."""
     ratio_raw = str(env.get("REPACK_LIVE_RATIO", "")).strip() or "0.25"
@@ -110,15 +98,15 @@ def policy_from_environment(env: Mapping[str, str]) -> GcPolicy:
         ratio = float(ratio_raw)
         return GcPolicy(
             keep=KeepRules(
-                last=_env_int(env, "KEEP_LAST", 1),
-                daily=_env_int(env, "KEEP_DAILY", 7),
-                weekly=_env_int(env, "KEEP_WEEKLY", 5),
-                monthly=_env_int(env, "KEEP_MONTHLY", 12),
-                yearly=_env_int(env, "KEEP_YEARLY", 3),
-                minimum=_env_int(env, "MINIMUM_REDUNDANCY", 3),
+                last=non_negative_int(env, "KEEP_LAST", 1),
+                daily=non_negative_int(env, "KEEP_DAILY", 7),
+                weekly=non_negative_int(env, "KEEP_WEEKLY", 5),
+                monthly=non_negative_int(env, "KEEP_MONTHLY", 12),
+                yearly=non_negative_int(env, "KEEP_YEARLY", 3),
+                minimum=non_negative_int(env, "MINIMUM_REDUNDANCY", 3),
             ),
-            grace=timedelta(seconds=_env_int(env, "GRACE_PERIOD_SECONDS", 8 * 24 * 3600)),
-            fold_window=timedelta(seconds=_env_int(env, "FOLD_WINDOW_SECONDS", 7 * 24 * 3600)),
+            grace=timedelta(seconds=non_negative_int(env, "GRACE_PERIOD_SECONDS", 8 * 24 * 3600)),
+            fold_window=timedelta(seconds=non_negative_int(env, "FOLD_WINDOW_SECONDS", 7 * 24 * 3600)),
             repack_live_ratio=ratio,
             bypass_governance=str(env.get("GC_BYPASS_GOVERNANCE", "false")).strip().lower() == "true",
         )

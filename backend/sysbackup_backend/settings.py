@@ -56,17 +56,22 @@ def _positive_int(env: Mapping[str, str], name: str, default: int | None = None)
     return value
 
 
-def _non_negative_seconds(env: Mapping[str, str], name: str, default: int) -> timedelta:
-    raw = env.get(name, "").strip()
+def non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """An integer >= 0 from the environment, default when unset or blank; SettingsError otherwise."""
+    raw = str(env.get(name, "")).strip()
     if not raw:
-        return timedelta(seconds=default)
+        return default
     try:
         value = int(raw)
     except ValueError:
         raise SettingsError(f"environment variable {name} must be an integer, got {raw!r}") from None
     if value < 0:
         raise SettingsError(f"environment variable {name} must not be negative, got {value}")
-    return timedelta(seconds=value)
+    return value
+
+
+def _non_negative_seconds(env: Mapping[str, str], name: str, default: int) -> timedelta:
+    return timedelta(seconds=non_negative_int(env, name, default))
 
 
 def _test_retention_seconds(env: Mapping[str, str]) -> int | None:
