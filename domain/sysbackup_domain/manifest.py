@@ -13,6 +13,7 @@ from typing import Any
 
 from sysbackup_domain import canonical
 from sysbackup_domain.errors import InvalidDocument
+from sysbackup_domain.packs import PackEntry
 from sysbackup_domain.retention import iso_utc, parse_iso_utc
 
 MANIFEST_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
@@ -29,6 +30,10 @@ MAX_STATS_BYTES = 64 * 1024
 MAX_STATS_DEPTH = 4
 MAX_DAYS_REQUESTED = 100 * 366  # anything longer is nonsense; the policy caps lower anyway
 MAX_STREAM_CHUNKS = 10_000_000
+# A commit's hints to the walk (docs/PACK_INDEX.md): the packs holding what the parent does not reference
+# at the same place, and where the trees and stream indexes the walk reads are.
+MAX_COMMIT_PACKS = 2000
+MAX_COMMIT_LOCATIONS = 100_000
 # The whole stored document, encoded. GET /manifests/{id} returns it through Lambda, whose response is
 # capped at 6 MB and JSON-escapes the body again (up to twice the bytes); a manifest that commits but
 # cannot be read back would make `restore latest` fail for good. Hosts keep their warnings well inside.
@@ -38,7 +43,8 @@ _FIXED_FIELDS_BYTES = 1024  # version, id, host, parent, times, root and the key
 
 _SNAPSHOT_FIELDS = ("name", "description", "restore_through", "size", "content", "exit_status")
 _COMMIT_REQUIRED = ("parent", "root", "snapshots")
-_COMMIT_OPTIONAL = ("warnings", "stats", "days_retained")
+_COMMIT_OPTIONAL = ("warnings", "stats", "days_retained", "packs", "locations")
+_LOCATION_FIELDS = ("pack_id", "offset", "length", "codec", "raw_length")
 _MANIFEST_FIELDS = (
     "version",
     "id",
@@ -121,6 +127,44 @@ class SnapshotRecord:
 
 
 @dataclass(frozen=True)
+class BlobLocation:
+    """Where a host says a blob is stored: a hint only, the backend checks what it reads against the hash."""
+
+    pack_id: str
+    offset: int
+    length: int
+    codec: str
+    raw_length: int
+
+    def entry(self, blob: str, kind: str) -> PackEntry:
+        """The pack entry this location claims for `blob` (what `open_blob` decodes and checks)."""
+        return PackEntry(blob, kind, self.codec, self.offset, self.length, self.raw_length)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pack_id": self.pack_id,
+            "offset": self.offset,
+            "length": self.length,
+            "codec": self.codec,
+            "raw_length": self.raw_length,
+        }
+
+    @classmethod
+    def from_json(cls, blob: str, value: object) -> "BlobLocation":
+        where = f"locations[{blob}]"
+        fields = canonical.require_object(value, where, _LOCATION_FIELDS)
+        pack_id = canonical.require_hash(fields["pack_id"], f"{where} pack_id")
+        # PackEntry holds the bounds of offsets, lengths and codecs: one validation for trailers and hints.
+        try:
+            entry = PackEntry.from_json(
+                {**{name: fields[name] for name in _LOCATION_FIELDS[1:]}, "hash": blob, "kind": "data"}
+            )
+        except InvalidDocument as error:
+            raise InvalidDocument(f"{where}: {error}") from None
+        return cls(pack_id, entry.offset, entry.length, entry.codec, entry.raw_length)
+
+
+@dataclass(frozen=True)
 class CommitRequest:
     """What a host asks to commit (POST /manifests body), validated."""
 
@@ -130,6 +174,10 @@ class CommitRequest:
     warnings: tuple[str, ...] = ()
     stats: Mapping[str, Any] = field(default_factory=dict)
     days_retained: int | None = None
+    # Packs holding the blobs the parent does not reference at the same place (deduplicated, in order).
+    packs: tuple[str, ...] = ()
+    # Where the trees and stream indexes the walk reads are (new ones and the parent's at the same places).
+    locations: Mapping[str, BlobLocation] = field(default_factory=dict)
 
 
 def parse_commit_request(body: object) -> CommitRequest:
@@ -151,9 +199,29 @@ def parse_commit_request(body: object) -> CommitRequest:
         warnings=_parse_warnings(document.get("warnings", [])),
         stats=_parse_stats(document.get("stats", {})),
         days_retained=days,
+        packs=_parse_packs(document.get("packs", [])),
+        locations=_parse_locations(document.get("locations", {})),
     )
     _check_manifest_size(request)
     return request
+
+
+def _parse_packs(value: object) -> tuple[str, ...]:
+    items = canonical.require_list(value, "packs", max_items=MAX_COMMIT_PACKS)
+    return tuple(
+        dict.fromkeys(canonical.require_hash(item, f"packs[{index}]") for index, item in enumerate(items))
+    )
+
+
+def _parse_locations(value: object) -> dict[str, BlobLocation]:
+    if not isinstance(value, dict):
+        raise InvalidDocument(f"locations must be an object, got {type(value).__name__}")
+    if len(value) > MAX_COMMIT_LOCATIONS:
+        raise InvalidDocument(f"locations has {len(value)} blobs, more than {MAX_COMMIT_LOCATIONS}")
+    return {
+        canonical.require_hash(blob, "a locations key"): BlobLocation.from_json(blob, location)
+        for blob, location in value.items()
+    }
 
 
 def _check_manifest_size(request: CommitRequest) -> None:

@@ -10,7 +10,10 @@ from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import (
     MANIFEST_ID_RE,
+    MAX_COMMIT_LOCATIONS,
+    MAX_COMMIT_PACKS,
     MAX_WARNINGS,
+    BlobLocation,
     CommitRequest,
     build_manifest,
     decode_manifest,
@@ -132,6 +135,63 @@ def test_failed_snapshot_without_content_is_allowed() -> None:
     ],
 )
 def test_bad_commit_requests_name_the_field(overrides: dict, message: str) -> None:
+    with pytest.raises(InvalidDocument, match=message):
+        parse_commit_request(commit_body(**overrides))
+
+
+PACK = blob_hash(b"a pack")
+
+
+def location_json(**overrides: object) -> dict:
+    return {"pack_id": PACK, "offset": 10, "length": 20, "codec": "zstd", "raw_length": 50, **overrides}
+
+
+def test_commit_request_carries_packs_and_locations() -> None:
+    other = blob_hash(b"another pack")
+    request = parse_commit_request(commit_body(packs=[PACK, other, PACK], locations={ROOT: location_json()}))
+    assert request.packs == (PACK, other)  # a repeated pack is listed once, first place kept
+    assert request.locations == {ROOT: BlobLocation(PACK, 10, 20, "zstd", 50)}
+    assert request.locations[ROOT].to_json() == location_json()
+    entry = request.locations[ROOT].entry(ROOT, "tree")
+    assert (entry.hash, entry.kind, entry.offset, entry.length) == (ROOT, "tree", 10, 20)
+
+
+def test_packs_and_locations_may_be_left_out_or_empty() -> None:
+    request = parse_commit_request(commit_body(packs=[], locations={}))
+    assert (request.packs, dict(request.locations)) == ((), {})
+    assert parse_commit_request(commit_body()).packs == ()
+
+
+def test_the_limits_of_packs_and_locations() -> None:
+    assert len(parse_commit_request(commit_body(packs=[PACK] * MAX_COMMIT_PACKS)).packs) == 1
+    too_many_packs = [blob_hash(str(n).encode()) for n in range(MAX_COMMIT_PACKS + 1)]
+    with pytest.raises(InvalidDocument, match=f"packs has {MAX_COMMIT_PACKS + 1} items"):
+        parse_commit_request(commit_body(packs=too_many_packs))
+    too_many_locations = {
+        blob_hash(str(n).encode()): location_json() for n in range(MAX_COMMIT_LOCATIONS + 1)
+    }
+    with pytest.raises(InvalidDocument, match=f"more than {MAX_COMMIT_LOCATIONS}"):
+        parse_commit_request(commit_body(locations=too_many_locations))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"packs": PACK}, "packs must be a list"),
+        ({"packs": [PACK, "nothex"]}, r"packs\[1\] must be a SHA-256"),
+        ({"locations": []}, "locations must be an object"),
+        ({"locations": {"nothex": location_json()}}, "a locations key must be a SHA-256"),
+        ({"locations": {ROOT: "here"}}, f"locations\\[{ROOT}\\] must be a JSON object"),
+        ({"locations": {ROOT: location_json(kind="tree")}}, "unknown field"),
+        ({"locations": {ROOT: {"pack_id": PACK}}}, "missing codec, length, offset, raw_length"),
+        ({"locations": {ROOT: location_json(pack_id="p")}}, "pack_id must be a SHA-256"),
+        ({"locations": {ROOT: location_json(offset=-1)}}, "offset must be between"),
+        ({"locations": {ROOT: location_json(length=True)}}, "length must be an integer"),
+        ({"locations": {ROOT: location_json(codec="brotli")}}, "codec must be one of"),
+        ({"locations": {ROOT: location_json(codec="none")}}, "codec none but length 20 != raw_length 50"),
+    ],
+)
+def test_bad_packs_and_locations_name_the_field(overrides: dict, message: str) -> None:
     with pytest.raises(InvalidDocument, match=message):
         parse_commit_request(commit_body(**overrides))
 
