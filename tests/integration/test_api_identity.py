@@ -237,7 +237,7 @@ def test_template_routes_are_served_and_unknown_routes_are_not(
     unknown = send(signed("POST", f"{api}/not-a-route", b"{}", *as_host(host_config.identity)))
     known = send(
         signed(
-            "POST", f"{api}/blobs/check", json.dumps({"hashes": []}).encode(), *as_host(host_config.identity)
+            "POST", f"{api}/packs/presign", json.dumps({"packs": []}).encode(), *as_host(host_config.identity)
         )
     )
 

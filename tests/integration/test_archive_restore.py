@@ -157,12 +157,13 @@ def test_crashed_runs_are_finished_by_the_next_run_without_resending(
             capture_output=True, text=True, timeout=600, env=env,
         )  # fmt: skip
 
-    crashed = archive("after-register")
-    assert crashed.returncode == 1 and "injected fault at after-register" in crashed.stderr
+    crashed = archive("after-pack-put")
+    assert crashed.returncode == 1 and "injected fault at after-pack-put" in crashed.stderr
     finished = archive()
     assert finished.returncode == 0, finished.stderr
     figures = json.loads((work / "stats.json").read_text())
-    assert figures["data_packs"] == 0 and figures["files_read"] == figures["files"]  # data was registered
+    # Every file read again (no parent cache), every data blob found in the local index the PUT wrote.
+    assert figures["data_packs"] == 0 and figures["files_read"] == figures["files"]
 
     (backed_up / "etc" / "app" / "app.conf").write_bytes(b"listen = 9090\n")
     crashed = archive("mid-commit")

@@ -1,7 +1,7 @@
 """Issue 3: bad requests over HTTP, as a host, each get a clear 4xx and change nothing.
 
 "Nothing" is checked where a refused request could leave a trace: the host's manifest list, its HEAD
-item, the manifest documents in the bucket and the pack registry.
+item, the manifest documents in the bucket and the pack registry (one item per pack, docs/PACK_INDEX.md).
 """
 
 from __future__ import annotations
@@ -124,11 +124,31 @@ def test_bad_requests_get_clear_4xx_and_change_nothing(stack: LocalStack, commit
     too_big = send(signed("POST", url, huge.encode(), *as_host(committed.identity)))
     assert too_big.status_code == 413 and too_big.json()["message"]
 
-    # More than the routes take at once.
-    too_many = refusal(
-        lambda: api.call("POST", "/blobs/check", {"hashes": [unknown_hash(str(i)) for i in range(1001)]})
+    # A listed pack nobody presigned: refused with its reason, the blob it was to hold missing.
+    ghost_pack = unknown_hash("pack")
+    unknown = refusal(
+        lambda: api.call(
+            "POST", "/manifests", {"parent": head, "root": ghost, "snapshots": [], "packs": [ghost_pack]}
+        )
     )
-    assert too_many.status == 422 and "hashes" in too_many.message
+    assert unknown.status == 422 and unknown.body["packs"] == {ghost_pack: "unknown"}, unknown.body
+    assert unknown.body["missing"] == [ghost]
+    wrong_location = {"pack_id": "x", "offset": -1, "length": 0, "codec": "none", "raw_length": 0}
+    for body, named in [
+        ({"parent": head, "root": root, "snapshots": [], "packs": "all"}, "packs"),
+        ({"parent": head, "root": root, "snapshots": [], "locations": {ghost: wrong_location}}, "locations"),
+    ]:
+        wrong = refusal(lambda body=body: api.call("POST", "/manifests", body))
+        assert wrong.status == 422 and named in wrong.message, (body, wrong.message)
+
+    # More than the routes take at once.
+    too_many_packs = [unknown_hash(f"m{i}") for i in range(2001)]
+    too_many = refusal(
+        lambda: api.call(
+            "POST", "/manifests", {"parent": head, "root": root, "snapshots": [], "packs": too_many_packs}
+        )
+    )
+    assert too_many.status == 422 and "packs" in too_many.message
     packs = [{"sha256": unknown_hash(f"p{i}"), "size": 1000} for i in range(101)]
     too_many = refusal(lambda: api.call("POST", "/packs/presign", {"packs": packs}))
     assert too_many.status == 422 and "packs" in too_many.message
@@ -136,23 +156,14 @@ def test_bad_requests_get_clear_4xx_and_change_nothing(stack: LocalStack, commit
         lambda: api.call("POST", "/packs/presign", {"packs": [{"sha256": unknown_hash("t"), "size": 5}]})
     )
     assert tiny.status == 422 and "size" in tiny.message
-
-    # Registering a pack that was never presigned: 409, nothing indexed.
-    entry = {
-        "hash": unknown_hash("b"),
-        "kind": "data",
-        "codec": "none",
-        "offset": 0,
-        "length": 4,
-        "raw_length": 4,
-    }
-    never = refusal(
-        lambda: api.call(
-            "POST", "/packs/register", {"packs": [{"pack_id": unknown_hash("n"), "blobs": [entry]}]}
-        )
-    )
-    assert never.status == 409 and "never presigned" in never.message
-    assert api.check_blobs([entry["hash"]]) == set()
+    downloads = [unknown_hash(f"d{i}") for i in range(201)]
+    too_many = refusal(lambda: api.call("POST", "/downloads", {"packs": downloads}))
+    assert too_many.status == 422 and "packs" in too_many.message
+    none = refusal(lambda: api.call("POST", "/downloads", {"packs": []}))
+    assert none.status == 422 and "packs" in none.message
+    for limit in ("0", "1001", "many"):
+        bad_limit = refusal(lambda limit=limit: api.call("GET", "/packs", query={"limit": limit}))
+        assert bad_limit.status in (400, 422) and "limit" in bad_limit.message, (limit, bad_limit)
 
     after = state_of(stack, api, committed.name)
     assert after == before

@@ -1,19 +1,19 @@
-"""Issue 3: dedup across hosts only through verified blobs; lying packs never dedup; hosts kept apart.
-
-The verifier runs asynchronously (S3 notification -> SQS -> VerifyPackFunction); `stack.deliveries_held()`
-holds it back so "before the verifier has run" is a state the test controls, not a race it hopes to win.
+"""Dedup is per host (docs/PACK_INDEX.md): a local lookup, no API call; a host only references packs it
+uploaded itself; a pack whose bytes lie is found out before any manifest names it; hosts are kept apart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from s3_sysbackup.api import ApiError
+from s3_sysbackup.api import ApiClient, ApiError
 from sysbackup_local.stack import LocalHost, LocalStack, write_host_config
 from test_archive_restore import describe
 from test_issue3_support import (
@@ -25,10 +25,12 @@ from test_issue3_support import (
     presign,
     quiet_directory,
     restore,
+    snapshot_of,
     upload_pack,
 )
 
 TREE_BYTES = 6 * 1024 * 1024
+TREES_AT_MOST = 64 * 1024  # a few tree blobs; the data is megabytes
 
 
 @pytest.fixture
@@ -51,74 +53,65 @@ def another_host(stack: LocalStack, first: LocalHost, suffix: str, tmp_path: Pat
     return LocalHost(name=identity.name, config_dir=config_dir, identity=identity)
 
 
-def claimed_data_blobs(stack: LocalStack, host: str) -> set[str]:
-    """Every data blob this host has registered (its `host#` claims in the blob index).
-
-    Data only: trees also record the picked paths' ancestors, whose mtimes other processes may change
-    between two runs (a new entry in /var/tmp), so two hosts' trees are equal only on a quiet machine.
-    """
-    blobs: set[str] = set()
-    for page in stack.dynamodb.get_paginator("scan").paginate(
-        TableName=stack.info["tables"]["BlobIndexTable"],
-        FilterExpression="sk = :claim AND kind = :data",
-        ExpressionAttributeValues={":claim": {"S": f"host#{host}"}, ":data": {"S": "data"}},
-    ):
-        blobs.update(item["pk"]["S"].removeprefix("blob#") for item in page["Items"])
-    return blobs
+def packs_usable_by(stack: LocalStack, host: str) -> dict[str, dict[str, Any]]:
+    return {pack_id: item for pack_id, item in pack_registry(stack).items() if host in item.get("hosts", ())}
 
 
-def test_a_second_host_dedups_only_after_the_verifier_has_run(
+def status_of(call: Callable[[], object]) -> int:
+    with pytest.raises(ApiError) as refused:
+        call()
+    return refused.value.status
+
+
+def refusal_of(call: Callable[[], object]) -> ApiError:
+    with pytest.raises(ApiError) as refused:
+        call()
+    return refused.value
+
+
+def test_a_host_dedups_locally_and_another_host_stores_its_own_packs(
     stack: LocalStack, host_config: LocalHost, shared_tree: Path, tmp_path: Path
 ) -> None:
-    first, early, late = (
-        host_config,
-        *(another_host(stack, host_config, s, tmp_path) for s in ("early", "late")),
-    )
-    for host in (first, early, late):
+    first, second = host_config, another_host(stack, host_config, "second", tmp_path)
+    for host in (first, second):
         pick(host, [shared_tree], tmp_path / f"cache-{host.name}")
 
-    with stack.deliveries_held():
-        original = archive(first, tmp_path / "first.json")
-        assert original.returncode == 0, original.process.stderr
-        blobs = claimed_data_blobs(stack, first.name)
-        assert blobs and not any(item["state"] == "verified" for item in pack_registry(stack).values()
-                                 if first.name in item.get("hosts", set()))  # fmt: skip
-        # Unverified claims count for their own host only.
-        assert api_client(stack, first.identity).check_blobs(blobs) == blobs
-        assert api_client(stack, early.identity).check_blobs(blobs) == set()
-        before_verification = archive(early, tmp_path / "early.json")
-        assert before_verification.returncode == 0, before_verification.process.stderr
-        # Before the verifier ran, the second host had to send and claim every data blob itself.
-        assert claimed_data_blobs(stack, early.name) == blobs
-    stack.wait_idle(timeout=120)
-    assert api_client(stack, late.identity).check_blobs(blobs) == blobs
-    after_verification = archive(late, tmp_path / "late.json")
-    assert after_verification.returncode == 0, after_verification.process.stderr
+    original = archive(first, tmp_path / "first.json")
+    assert original.returncode == 0, original.process.stderr
+    assert original.stats["bytes_uploaded"] >= TREE_BYTES
+    first_packs = packs_usable_by(stack, first.name)
+    assert first_packs and all(item["hosts"] == {first.name} for item in first_packs.values())
 
-    sent_first = original.stats["bytes_uploaded"]
-    assert sent_first >= TREE_BYTES
-    # Byte-identical to the first host's packs (PUT answered 412, counted apart from bytes_uploaded) or not
-    # (parallel readers may order blobs differently), it PUT every pack itself.
-    early_stats = before_verification.stats
-    assert early_stats["data_packs"] >= 1
-    assert early_stats["requests"]["s3"]["put"] == original.stats["requests"]["s3"]["put"]
-    assert early_stats["bytes_uploaded"] + early_stats["packs_already_there"] > 0
-    # After it ran, the third host sends no data; at most a few tree blobs (if an ancestor of the picked
-    # directory changed meanwhile, its tree did too).
-    late_stats = after_verification.stats
-    assert late_stats["files_read"] == late_stats["files"] == 4  # it did read and hash everything
-    assert late_stats["data_packs"] == 0
-    assert late_stats["bytes_uploaded"] <= sent_first // 100
+    # The second host has the same files but no claim on the first host's packs: it stores its own (or, for
+    # a byte-identical pack, presign finds the object and adds it to the pack's hosts; never a blob lookup).
+    other = archive(second, tmp_path / "second.json")
+    assert other.returncode == 0, other.process.stderr
+    assert other.stats["data_packs"] >= 1, other.stats  # it packed the data itself: no cross-host dedup
+    assert other.stats["requests"]["api"].get("POST /packs/presign", 0) >= 1, other.stats
+    second_packs = packs_usable_by(stack, second.name)
+    assert second_packs
+    for pack_id in second_packs.keys() & first_packs.keys():  # byte-identical packs, shared by both
+        assert pack_registry(stack)[pack_id]["hosts"] == {first.name, second.name}
 
-    # Each host restores the same tree from its own manifest.
-    for host in (early, late):
+    # Within one host, a copy of a file it stored is a local lookup: read and hashed, no data sent, and
+    # the only API calls are the new trees' presign and the commit.
+    shutil.copyfile(shared_tree / "big.bin", shared_tree / "sub" / "copy.bin")
+    time.sleep(1.1)
+    copied = archive(first, tmp_path / "copied.json")
+    assert copied.returncode == 0, copied.process.stderr
+    figures = copied.stats
+    assert figures["files_read"] == 1 and figures["data_packs"] == 0, figures
+    assert figures["bytes_uploaded"] <= TREES_AT_MOST, figures
+    assert figures["requests"]["api"] == {"POST /packs/presign": 1, "POST /manifests": 1}, figures
+
+    for host in (first, second):
         target = tmp_path / f"restored-{host.name}"
         restored = restore(host, target)
         assert restored.returncode == 0, restored.stderr
         assert describe(target / str(shared_tree).lstrip("/")) == describe(shared_tree)
 
 
-def test_a_pack_whose_bytes_lie_never_answers_another_hosts_dedup_check(
+def test_a_pack_whose_bytes_lie_is_refused_and_never_serves_another_host(
     stack: LocalStack, host_config: LocalHost, tmp_path: Path
 ) -> None:
     liar, victim = host_config, another_host(stack, host_config, "victim", tmp_path)
@@ -126,32 +119,27 @@ def test_a_pack_whose_bytes_lie_never_answers_another_hosts_dedup_check(
     claimed = hashlib.sha256(truth).hexdigest()
     lie = build_pack([(claimed, os.urandom(len(truth)))])  # the trailer names `truth`'s hash over other bytes
     liar_api, victim_api = api_client(stack, liar.identity), api_client(stack, victim.identity)
+    upload_pack(liar_api, lie)  # presign only pins the pack's own SHA-256 and size
+    assert pack_registry(stack)[lie.pack_id]["state"] == "presigned"
 
-    with stack.deliveries_held():
-        upload_pack(liar_api, lie)  # register only checks the pack's own SHA-256 and layout
-        assert pack_registry(stack)[lie.pack_id]["state"] == "registered"
-        assert victim_api.check_blobs([claimed]) == set()
-        assert liar_api.check_blobs([claimed]) == {claimed}  # its own claim, not yet verified
-    stack.wait_idle(timeout=120)
+    def commit_naming_the_claim(api: ApiClient) -> ApiError:
+        body = {"parent": None, "root": None, "snapshots": [snapshot_of(claimed, len(truth))],
+                "packs": [lie.pack_id]}  # fmt: skip
+        return refusal_of(lambda: api.call("POST", "/manifests", body))
 
+    # Another host cannot reference the liar's pack at all, whatever its state.
+    refused = commit_naming_the_claim(victim_api)
+    assert refused.status == 422 and refused.body["packs"] == {lie.pack_id: "not_yours"}, refused.body
+    assert claimed in refused.body["missing"]
+    # The liar's own commit reads the small pack whole, re-hashes it and marks it corrupt.
+    refused = commit_naming_the_claim(liar_api)
+    assert refused.status == 422 and refused.body["packs"] == {lie.pack_id: "corrupt"}, refused.body
     item = pack_registry(stack)[lie.pack_id]
     assert item["state"] == "corrupt", item
     assert claimed in item["corrupt_reason"] or "hash" in item["corrupt_reason"].lower(), item
-    assert victim_api.check_blobs([claimed]) == set()
-    assert liar_api.check_blobs([claimed]) == set()  # not even for the liar once it is found out
-    with pytest.raises(ApiError) as refused:
-        presign(liar_api, lie)
-    assert refused.value.status == 422 and lie.pack_id in str(refused.value.body)
-    # Nor can the liar commit a manifest naming what its pack claimed.
-    snapshot = {
-        "name": "lie", "description": "d", "restore_through": "cat", "size": len(truth),
-        "content": claimed, "exit_status": 0, "error": None,
-    }  # fmt: skip
-    with pytest.raises(ApiError) as refused:
-        liar_api.call("POST", "/manifests", {"parent": None, "root": None, "snapshots": [snapshot]})
-    assert refused.value.status == 422
-    assert claimed in refused.value.body["corrupt"], refused.value.body
     assert liar_api.list_manifests() == []
+    presigned_again = refusal_of(lambda: presign(liar_api, lie))
+    assert presigned_again.status == 422 and lie.pack_id in str(presigned_again.body)
 
     # The victim backing up the true bytes uploads them itself and gets them back.
     with quiet_directory() as quiet:
@@ -180,16 +168,20 @@ def test_hosts_cannot_list_read_or_commit_over_each_other(
     my_api, their_api = api_client(stack, mine.identity), api_client(stack, theirs.identity)
     [my_summary], [their_summary] = my_api.list_manifests(), their_api.list_manifests()
     their_id = their_summary["manifest_id"]
-
-    def status_of(call: Callable[[], object]) -> int:
-        with pytest.raises(ApiError) as refused:
-            call()
-        return refused.value.status
+    their_packs = sorted(packs_usable_by(stack, theirs.name))
+    assert their_packs and not set(their_packs) & set(packs_usable_by(stack, mine.name))
 
     assert status_of(lambda: my_api.list_manifests(host=theirs.name)) == 403
     assert status_of(lambda: my_api.get_manifest(their_id, host=theirs.name)) == 403
     assert status_of(lambda: my_api.get_manifest(their_id)) == 404  # only its own catalogue is looked in
-    assert status_of(lambda: my_api.locate_blobs([their_summary["root"]], host=theirs.name)) == 403
+    assert status_of(lambda: my_api.call("GET", "/packs", query={"host": theirs.name})) == 403
+    downloads = {"packs": their_packs}
+    assert status_of(lambda: my_api.call("POST", "/downloads", downloads, query={"host": theirs.name})) == 403
+    # Without ?host the packs are looked up as the caller's: none of them is.
+    mine_only = my_api.call("POST", "/downloads", downloads).body
+    assert mine_only["urls"] == {} and set(mine_only["missing"]) == set(their_packs), mine_only
+    listed_by_me = my_api.call("GET", "/packs").body["packs"]
+    assert not {p["pack_id"] for p in listed_by_me} & set(their_packs)
     # Committing "on top of" the other host's head: the commit is conditional on the caller's own head.
     over = {"parent": their_id, "root": my_summary["root"], "snapshots": []}
     assert status_of(lambda: my_api.call("POST", "/manifests", over)) == 409
@@ -205,8 +197,11 @@ def test_hosts_cannot_list_read_or_commit_over_each_other(
         assert summary in restore_api.list_manifests(host=host.name)
         document = restore_api.get_manifest(summary["manifest_id"], host=host.name)
         assert document["host"] == host.name and document["root"] == summary["root"]
-        locations, _ = restore_api.locate_blobs([summary["root"]], host=host.name)
-        assert summary["root"] in locations
+        listed = restore_api.call("GET", "/packs", query={"host": host.name}).body
+        pack_ids = [p["pack_id"] for p in listed["packs"]]
+        assert set(pack_ids) == set(packs_usable_by(stack, host.name)) and listed["next"] is None
+        urls = restore_api.call("POST", "/downloads", {"packs": pack_ids}, query={"host": host.name}).body
+        assert set(urls["urls"]) == set(pack_ids) and urls["missing"] == {}, urls
 
 
 def test_the_restore_role_restores_any_host_with_the_cli_and_a_host_cannot(

@@ -1,13 +1,11 @@
-"""Issue 3: crashes at the named fault points (S3SB_FAULT, uploader README), then a re-run.
+"""Crashes at the named fault points (S3SB_FAULT, uploader README), then a re-run.
 
-The re-run must commit a good manifest without sending again what already arrived: a registered pack
-is not PUT again, and packs that were PUT but never registered are adopted (`POST /packs/adopt`, from the
-ids the crashed run's cache recorded before the PUT) rather than rebuilt, since parallel readers make a
-re-run's packs differ byte for byte. A pack put and never registered by anyone (the host lost its cache)
-stays visible in the pack registry for gc. The verifier is held back (`stack.deliveries_held()`) so
-"stored" comes from the host's own registrations only: what the re-run skips, it skips because the
-crashed run registered it or the re-run adopted it, not because the verifier raced ahead.
-(tests/integration/test_archive_restore.py covers the same fault points without holding the verifier.)
+The re-run must commit a good manifest without sending again what already arrived: the host's local
+index (docs/PACK_INDEX.md, "Uploader") records a pack's blobs as soon as its PUT succeeded, so a re-run
+finds them there (a local lookup, no API call) even though parallel readers make its own packs differ
+byte for byte. A pack PUT by a run that never committed, whose host lost its cache, stays visible in the
+pack registry (host, size, lock) for gc to collect as an orphan.
+(tests/integration/test_archive_restore.py covers the same fault points with its crafted tree.)
 """
 
 from __future__ import annotations
@@ -63,105 +61,80 @@ def assert_restores_exactly(host: LocalHost, source: Path, target: Path) -> None
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
-@pytest.mark.parametrize("fault", ["after-register", "mid-commit"])
-def test_a_rerun_after_registration_sends_no_pack_again(
+def crash_at(stack: LocalStack, host: LocalHost, tmp_path: Path, fault: str) -> dict[str, dict[str, Any]]:
+    """An archive run that crashes at `fault`; the packs it left in the registry, each PUT exactly once."""
+    crashed = archive(host, tmp_path / "crashed.json", fault=fault)
+    assert crashed.returncode == 1 and f"injected fault at {fault}" in crashed.process.stderr
+    landed = packs_of(stack, host.name)
+    assert landed
+    for pack_id, item in landed.items():
+        assert item["hosts"] == {host.name}, item
+        assert len(object_versions(stack, f"packs/{pack_id}")) == 1  # the bytes did land
+    return landed
+
+
+@pytest.mark.parametrize("fault", ["after-pack-put", "mid-commit"])
+def test_a_rerun_after_a_crash_sends_no_data_again(
     stack: LocalStack, host_config: LocalHost, source: Path, tmp_path: Path, fault: str
 ) -> None:
-    with stack.deliveries_held():
-        crashed = archive(host_config, tmp_path / "crashed.json", fault=fault)
-        assert crashed.returncode == 1 and f"injected fault at {fault}" in crashed.process.stderr
-        registered = packs_of(stack, host_config.name)
-        assert registered and all(item["state"] == "registered" for item in registered.values())
+    landed = crash_at(stack, host_config, tmp_path, fault)
 
-        rerun = archive(host_config, tmp_path / "rerun.json")
+    rerun = archive(host_config, tmp_path / "rerun.json")
 
     assert rerun.returncode == 0, rerun.process.stderr
     figures = rerun.stats
-    assert figures["files_read"] == figures["files"] == FILES, figures  # no cache from the crash: all read
-    # No data again, and no PUT of a registered pack (it would be a 412, counted in packs_already_there).
-    # New tree packs only if an ancestor directory (/var/tmp...) changed between the two runs.
-    assert figures["data_packs"] == 0 and figures["packs_already_there"] == 0, figures
+    # No parent cache from the crash: every file is read again, and every data blob is found in the local
+    # index the crashed run wrote after its PUT. New tree packs only if an ancestor directory changed.
+    assert figures["files_read"] == figures["files"] == FILES, figures
+    assert figures["data_packs"] == 0 and figures["bytes_uploaded"] <= TREES_AT_MOST, figures
     assert figures["requests"].get("s3", {}).get("put", 0) == figures["packs"], figures
-    assert figures["bytes_uploaded"] <= TREES_AT_MOST, figures
-    assert registered.keys() <= packs_of(stack, host_config.name).keys()
-    for pack_id in registered:
-        assert len(object_versions(stack, f"packs/{pack_id}")) == 1
+    assert "GET /packs" not in figures["requests"]["api"], figures  # the index was there: no rebuild
+    assert landed.keys() <= packs_of(stack, host_config.name).keys()
+    for pack_id in landed:
+        assert len(object_versions(stack, f"packs/{pack_id}")) == 1  # not PUT again
     manifests = [m["manifest_id"] for m in _listing(host_config)]
     if fault == "mid-commit":  # the crashed run's commit had landed; the re-run builds on it
         assert len(manifests) == 2 and _listing(host_config)[1]["parent"] == manifests[0]
     else:
         assert manifests == [figures["manifest_id"]]
     stack.wait_idle(timeout=120)
+    registry = pack_registry(stack)
+    assert all(registry[pack_id]["state"] == "verified" for pack_id in landed), registry
+
+    # The run after a finished one asks nothing but the new trees' presign and the commit.
+    (source / "etc" / "hosts").write_text("127.0.0.1 localhost changed\n")
+    time.sleep(1.1)
+    normal = archive(host_config, tmp_path / "normal.json")
+    assert normal.returncode == 0, normal.process.stderr
+    assert normal.stats["requests"]["api"] == {"POST /packs/presign": 1, "POST /manifests": 1}, normal.stats
     assert_restores_exactly(host_config, source, tmp_path / "restored")
 
 
-def crash_after_pack_put(stack: LocalStack, host: LocalHost, tmp_path: Path) -> dict[str, dict[str, Any]]:
-    """An archive run that crashes after its PUTs; the packs it left presigned, PUT and unregistered."""
-    crashed = archive(host, tmp_path / "crashed.json", fault="after-pack-put")
-    assert crashed.returncode == 1 and "injected fault at after-pack-put" in crashed.process.stderr
-    put_not_registered = packs_of(stack, host.name)
-    assert put_not_registered
-    for pack_id, item in put_not_registered.items():
-        assert item["state"] == "presigned" and "hosts" not in item, item
-        assert len(object_versions(stack, f"packs/{pack_id}")) == 1  # the bytes did land
-    return put_not_registered
-
-
-def test_a_rerun_after_a_pack_put_adopts_it_and_sends_no_data_again(
+def test_a_pack_put_and_never_committed_stays_visible_as_an_orphan(
     stack: LocalStack, host_config: LocalHost, source: Path, tmp_path: Path
 ) -> None:
-    with stack.deliveries_held():
-        put_not_registered = crash_after_pack_put(stack, host_config, tmp_path)
-
-        rerun = archive(host_config, tmp_path / "rerun.json")
-
-        assert rerun.returncode == 0, rerun.process.stderr
-        figures = rerun.stats
-        # The crashed packs were adopted, not rebuilt: no data pack, no data byte, no 412 re-PUT.
-        assert figures["requests"]["api"]["POST /packs/adopt"] == 1, figures
-        assert figures["data_packs"] == 0 and figures["packs_already_there"] == 0, figures
-        assert figures["bytes_uploaded"] <= TREES_AT_MOST, figures
-        registry = packs_of(stack, host_config.name)
-        for pack_id in put_not_registered:
-            assert registry[pack_id]["state"] == "registered", registry[pack_id]
-            assert registry[pack_id]["hosts"] == {host_config.name}
-            assert len(object_versions(stack, f"packs/{pack_id}")) == 1
-
-        # The run after a finished one asks nothing.
-        (source / "etc" / "hosts").write_text("127.0.0.1 localhost changed\n")
-        time.sleep(1.1)
-        normal = archive(host_config, tmp_path / "normal.json")
-        assert normal.returncode == 0, normal.process.stderr
-        assert "POST /packs/adopt" not in normal.stats["requests"]["api"], normal.stats
-
-    stack.wait_idle(timeout=120)
-    assert_restores_exactly(host_config, source, tmp_path / "restored")
-
-
-def test_a_pack_put_and_never_registered_stays_visible_as_an_orphan(
-    stack: LocalStack, host_config: LocalHost, source: Path, tmp_path: Path
-) -> None:
-    """The host lost its cache after the crash (reinstalled): nothing adopts the pack; gc must see it."""
-    with stack.deliveries_held():
-        orphans = set(crash_after_pack_put(stack, host_config, tmp_path))
-        shutil.rmtree(tmp_path / "cache")
-        (source / "data.bin").write_bytes(os.urandom(3 * MIB))
-        time.sleep(1.1)
-        finished = archive(host_config, tmp_path / "finished.json")
-        assert finished.returncode == 0, finished.process.stderr
-        assert "POST /packs/adopt" not in finished.stats["requests"]["api"], finished.stats
-        assert finished.stats["bytes_uploaded"] >= 3 * MIB  # the new data, in new packs
+    """The host lost its cache after the crash (reinstalled): nothing references the pack; gc must see it."""
+    orphans = set(crash_at(stack, host_config, tmp_path, "after-pack-put"))
+    shutil.rmtree(tmp_path / "cache")
+    (source / "data.bin").write_bytes(os.urandom(3 * MIB))
+    time.sleep(1.1)
+    finished = archive(host_config, tmp_path / "finished.json")
+    assert finished.returncode == 0, finished.process.stderr
+    # No parent manifest to rebuild an index from: the data is sent again, in new packs.
+    assert "GET /packs" not in finished.stats["requests"]["api"], finished.stats
+    assert finished.stats["bytes_uploaded"] >= 3 * MIB
 
     stack.wait_idle(timeout=120)
     registry = pack_registry(stack)
-    never_registered = {pack_id for pack_id in orphans if "hosts" not in registry[pack_id]}
-    assert never_registered, "the changed data's crashed pack was never registered"
-    for pack_id in never_registered:
+    # The crashed run PUT the data pack (trees come after it), whose data.bin has changed since: the re-run's
+    # packs cannot be byte-identical to it, so nothing references it.
+    assert set(packs_of(stack, host_config.name)) > orphans
+    for pack_id in orphans:
         item = registry[pack_id]
         # What gc needs to find and judge it: who presigned it, when, its size and lock, its state.
         assert item["host"] == host_config.name and item["size"] > 0
         assert item["created_at"] and item["retain_until"]
-        assert "registered_at" not in item and item["state"] in ("presigned", "verified", "corrupt")
+        assert item["state"] == "presigned", item  # no commit read it, no message asked to verify it
         assert len(object_versions(stack, f"packs/{pack_id}")) == 1
     assert_restores_exactly(host_config, source, tmp_path / "restored")
 

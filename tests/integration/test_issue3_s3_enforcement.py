@@ -109,12 +109,12 @@ def test_a_retried_put_is_a_412_and_never_a_second_locked_version(
 
     assert put(upload, pack.data).status_code == 200
     retried = put(upload, pack.data)
-    # A crashed run's re-run asks again: a fresh URL for the same (unregistered) pack, same answer.
-    [again] = presign(api, pack)["uploads"]
-    re_presigned = put(again, pack.data)
+    # A crashed run's re-run asks again: presign finds the object (HEAD, the item's size) and hands out no
+    # URL, so the host sends nothing.
+    again = presign(api, pack)
 
     assert retried.status_code == 412, retried.text
-    assert re_presigned.status_code == 412, re_presigned.text
+    assert again["uploads"] == [] and again["stored"] == [pack.pack_id], again
     [version] = object_versions(stack, f"packs/{pack.pack_id}")
     assert version["Key"] == f"packs/{pack.pack_id}" and version["Size"] == len(pack.data)
 
@@ -139,9 +139,10 @@ def test_the_stored_pack_carries_the_lock_and_checksum_it_was_presigned_with(
     assert expected_days - 0.01 < days < expected_days + 1
     assert head["ChecksumSHA256"] == headers["x-amz-checksum-sha256"]
     assert head["ContentLength"] == len(pack.data)
-    # The registry remembers the presign (host and size): what gc needs to find it if never registered.
+    # The registry remembers the presign (host, size, lock): what gc needs to find it if never committed.
     item = pack_registry(stack)[pack.pack_id]
-    assert item["host"] == host_config.name and item["size"] == len(pack.data)
+    assert item["host"] == host_config.name and item["hosts"] == {host_config.name}
+    assert item["size"] == len(pack.data) and item["state"] == "presigned"
 
 
 def test_the_lock_holds_against_the_functions_own_identity(stack: LocalStack, presigned: Presigned) -> None:

@@ -1,5 +1,6 @@
-"""What the issue 3 integration tests share (no tests here): hosts that archive picked paths, signed API
-clients, the pack registry and the bucket as seen by the stack's own identities."""
+"""What the integration tests share (no tests here): hosts that archive picked paths, signed API clients,
+hand-built packs, the pack registry (one item per pack, docs/PACK_INDEX.md) and the bucket as seen by the
+stack's own identities."""
 
 from __future__ import annotations
 
@@ -144,9 +145,6 @@ class BuiltPack:
     data: bytes
     entries: list[PackEntry]
 
-    def register_body(self) -> dict[str, Any]:
-        return {"packs": [{"pack_id": self.pack_id, "blobs": [entry.to_json() for entry in self.entries]}]}
-
 
 def build_pack(blobs: list[tuple[str, bytes]]) -> BuiltPack:
     """A data pack of (claimed hash, bytes) stored as they are; the claimed hash may lie."""
@@ -181,8 +179,15 @@ def put(upload: dict[str, Any], body: bytes, **header_changes: str | None) -> re
 
 
 def upload_pack(api: ApiClient, pack: BuiltPack) -> None:
-    """What the uploader does for one pack: presign, PUT with exactly the signed headers, register."""
+    """What the uploader does for one new pack: presign, then PUT with exactly the signed headers."""
     [upload] = presign(api, pack)["uploads"]
     response = put(upload, pack.data)
     assert response.status_code == 200, response.text
-    api.call("POST", "/packs/register", pack.register_body())
+
+
+def snapshot_of(hash_: str, size: int, name: str = "snap") -> dict[str, Any]:
+    """A manifest's snapshot entry whose stream index is `hash_` (a commit body, as the uploader sends)."""
+    return {
+        "name": name, "description": "d", "restore_through": "cat", "size": size,
+        "content": hash_, "exit_status": 0, "error": None,
+    }  # fmt: skip

@@ -1,4 +1,4 @@
-"""The local stack: SeaweedFS rights per identity, object lock, presigned uploads, notifications, up/down."""
+"""The local stack: SeaweedFS rights per identity, object lock, presigned uploads, queues, up/down."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 from sysbackup_local.stack import LocalHost, LocalStack, StackError
+from test_issue3_support import api_client, build_pack, pack_registry, upload_pack
 
 
 def refused(call: Callable[[], Any]) -> str:
@@ -62,12 +63,16 @@ def test_tables_and_queues_follow_the_template(stack: LocalStack) -> None:
     for table in stack.template.tables.values():
         described = dynamodb.describe_table(TableName=table.name)["Table"]
         assert described["KeySchema"] == table.key_schema
+    # The pack registry lists a host's packs through its ByHost index (GET /packs).
+    registry = dynamodb.describe_table(TableName=stack.info["tables"]["BlobIndexTable"])["Table"]
+    [by_host] = [index for index in registry["GlobalSecondaryIndexes"] if index["IndexName"] == "ByHost"]
+    assert [key["AttributeName"] for key in by_host["KeySchema"]] == ["host", "pk"]
     sqs = stack.client("sqs")
-    landed = stack.info["queues"]["PackLandedQueue"]["url"]
-    attributes = sqs.get_queue_attributes(QueueUrl=landed, AttributeNames=["All"])["Attributes"]
+    verify = stack.info["queues"]["VerifyQueue"]["url"]
+    attributes = sqs.get_queue_attributes(QueueUrl=verify, AttributeNames=["All"])["Attributes"]
     assert (
         json.loads(attributes["RedrivePolicy"])["deadLetterTargetArn"]
-        == (stack.info["queues"]["PackLandedDeadLetterQueue"]["arn"])
+        == (stack.info["queues"]["VerifyDeadLetterQueue"]["arn"])
     )
 
 
@@ -235,33 +240,38 @@ def test_presigned_pack_uploads_are_pinned(stack: LocalStack) -> None:
     assert head["ChecksumSHA256"] == headers["x-amz-checksum-sha256"]
 
 
-def test_a_landed_pack_reaches_the_verifier_through_the_queue(stack: LocalStack) -> None:
-    key = f"packs/{uuid.uuid4().hex}"
-    put_locked(stack, key, b"not really a pack")
+def _verifier_starts(stack: LocalStack) -> int:
+    log = stack.state_dir / "logs" / "VerifyPackFunction.log"
+    return log.read_text().count("START RequestId") if log.exists() else 0
 
+
+def test_a_landed_pack_notifies_nothing_and_a_verify_message_reaches_the_verifier(
+    stack: LocalStack, host_config: LocalHost
+) -> None:
+    """No S3 notification any more (docs/PACK_INDEX.md): the verifier runs on VerifyQueue messages only."""
+    api = api_client(stack, host_config.identity)
+    blob = os.urandom(4096)
+    pack = build_pack([(hashlib.sha256(blob).hexdigest(), blob)])
+    stack.wait_idle(timeout=60)
+    before = _verifier_starts(stack)
+
+    upload_pack(api, pack)
+    stack.wait_idle(timeout=60)
+    assert _verifier_starts(stack) == before
+    assert pack_registry(stack)[pack.pack_id]["state"] == "presigned"
+
+    verify = stack.info["queues"]["VerifyQueue"]["url"]
+    message = {"packs": [pack.pack_id], "source": "test_local_stack"}
+    stack.client("sqs").send_message(QueueUrl=verify, MessageBody=json.dumps(message))
     stack.wait_idle(timeout=60)
 
-    # The verifier ran with an S3 event record for the key (its log shows the invocation), and nothing waits.
-    log = (stack.state_dir / "logs" / "VerifyPackFunction.log").read_text()
-    assert "START RequestId" in log
-    sqs = stack.client("sqs")
-    landed = stack.info["queues"]["PackLandedQueue"]["url"]
-    attributes = sqs.get_queue_attributes(QueueUrl=landed, AttributeNames=["ApproximateNumberOfMessages"])
+    assert _verifier_starts(stack) > before
+    item = pack_registry(stack)[pack.pack_id]
+    assert item["state"] == "verified" and item["blob_count"] == 1, item
+    attributes = stack.client("sqs").get_queue_attributes(
+        QueueUrl=verify, AttributeNames=["ApproximateNumberOfMessages"]
+    )
     assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "0"
-
-
-def test_objects_outside_packs_do_not_notify(stack: LocalStack) -> None:
-    stack.wait_idle(timeout=60)
-    log_path = stack.state_dir / "logs" / "VerifyPackFunction.log"
-    before = log_path.read_text().count("START RequestId")
-
-    stack.s3_client("ManifestApiFunction").put_object(
-        Bucket=stack.bucket, Key=f"manifests/x/{uuid.uuid4().hex}.json", Body=b"{}",
-        ObjectLockMode="GOVERNANCE", ObjectLockRetainUntilDate=lock_until(),
-    )  # fmt: skip
-    stack.wait_idle(timeout=60)
-
-    assert log_path.read_text().count("START RequestId") == before
 
 
 def test_add_host_refuses_bad_duplicate_and_reserved_names(
@@ -315,11 +325,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=180,
         check=False,
     )
-
-
-def _start_cli(*args: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "s3_sysbackup.cli", "local", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _start_cli(*args: str) -> subprocess.Popen[str]:
@@ -385,26 +390,6 @@ def test_two_stacks_run_at_once_and_down_leaves_no_processes(tmp_path: Path) -> 
         assert _cli("down", "--state-dir", str(root / "state")).returncode == 0
 
 
-def _verifier_starts(stack: LocalStack) -> int:
-    return (stack.state_dir / "logs" / "VerifyPackFunction.log").read_text().count("START RequestId")
-
-
-def test_notifications_survive_the_metadata_tail_dying(stack: LocalStack) -> None:
-    stack.wait_idle(timeout=60)
-    before = _verifier_starts(stack)
-    tail_pid = stack.daemon_status()["meta_tail_pid"]
-
-    os.kill(tail_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while stack.daemon_status()["meta_tail_pid"] == tail_pid and time.monotonic() < deadline:
-        time.sleep(0.2)
-    put_locked(stack, f"packs/{uuid.uuid4().hex}", b"after the restart")
-    stack.wait_idle(timeout=60)
-
-    assert stack.daemon_status()["meta_tail_pid"] != tail_pid
-    assert _verifier_starts(stack) > before
-
-
 def test_a_handler_running_past_its_timeout_is_stopped(stack: LocalStack, tmp_path: Path) -> None:
     app = tmp_path / "app.py"
     app.write_text(
@@ -445,7 +430,7 @@ def test_down_ends_the_workers_even_when_the_daemon_died(tmp_path: Path) -> None
     try:
         workers = stack.daemon_status()["workers"]
         os.kill(stack.info["pids"]["supervisor"], signal.SIGKILL)
-        # Workers (and the metadata tail) outlive their daemon until `down`.
+        # Workers outlive their daemon until `down`.
         orphans = _processes_of(stack.state_dir)
         assert len(orphans) >= sum(len(ports) for ports in workers.values()) + 2  # + weed + moto
     finally:
