@@ -18,8 +18,8 @@ from .clients import dynamodb_client, s3_client, sqs_client
 from .commit import Committer
 from .errors import ApiError, BadRequest, Forbidden
 from .identity import Caller, caller
-from .index import BlobIndex
 from .jobs import JobStore
+from .registry import PackRegistry
 from .retention_worker import queue_from_environment
 from .settings import Settings, get_settings
 from .store import PackStore
@@ -36,7 +36,7 @@ BlobHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 @dataclass(frozen=True)
 class Services:
     settings: Settings
-    index: BlobIndex
+    registry: PackRegistry
     store: PackStore
     catalogue: Catalogue
     jobs: JobStore
@@ -47,18 +47,18 @@ class Services:
 def services() -> Services:
     """The backend objects of this process, built on first use (settings and clients are read once)."""
     settings = get_settings()
-    index = BlobIndex(settings.blob_index_table, dynamodb_client())
+    registry = PackRegistry(settings.blob_index_table, dynamodb_client())
     store = PackStore(settings.bucket_name, s3_client())
     catalogue = Catalogue(settings.manifest_table, dynamodb_client())
     jobs = JobStore(settings.jobs_table, dynamodb_client())
     return Services(
         settings=settings,
-        index=index,
+        registry=registry,
         store=store,
         catalogue=catalogue,
         jobs=jobs,
         committer=Committer(
-            index,
+            registry,
             store,
             catalogue,
             jobs,

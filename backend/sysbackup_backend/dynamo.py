@@ -29,12 +29,14 @@ def _backoff(round_number: int) -> None:
     time.sleep(min(0.05 * 2**round_number, 1.0))
 
 
-def batch_get(client: Any, table: str, keys: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def batch_get(
+    client: Any, table: str, keys: Sequence[dict[str, Any]], consistent: bool = False
+) -> list[dict[str, Any]]:
     """All items found for `keys` (missing keys are simply absent)."""
 
     def get_batch(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
-        request: dict[str, Any] = {table: {"Keys": list(batch)}}
+        request: dict[str, Any] = {table: {"Keys": list(batch), "ConsistentRead": consistent}}
         for round_number in range(_MAX_ROUNDS):
             response = client.batch_get_item(RequestItems=request)
             found.extend(response.get("Responses", {}).get(table, []))

@@ -10,12 +10,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 import pytest
 from moto import mock_aws
 from sysbackup_backend import api, clients, settings
+from sysbackup_backend.registry import BY_HOST_INDEX
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import encode_stream_index
 from sysbackup_domain.packs import PackEntry, PackWriter
@@ -63,13 +64,33 @@ def _create_resources() -> None:
         ENV["MANIFEST_TABLE"]: [("host", "HASH"), ("manifest_id", "RANGE")],
         ENV["JOBS_TABLE"]: [("job_id", "HASH")],
     }
+    indexes = {ENV["BLOB_INDEX_TABLE"]: {BY_HOST_INDEX: [("host", "HASH"), ("pk", "RANGE")]}}
     for name, keys in tables.items():
+        index_keys = indexes.get(name, {})
+        attributes = {attr for attr, _ in keys} | {attr for gsi in index_keys.values() for attr, _ in gsi}
+        extra: dict[str, Any] = {}
+        if index_keys:
+            extra["GlobalSecondaryIndexes"] = [
+                {
+                    "IndexName": index_name,
+                    "KeySchema": _key_schema(gsi_keys),
+                    "Projection": {"ProjectionType": "ALL"},
+                }
+                for index_name, gsi_keys in index_keys.items()
+            ]
         dynamodb.create_table(
             TableName=name,
-            KeySchema=[{"AttributeName": attr, "KeyType": kind} for attr, kind in keys],
-            AttributeDefinitions=[{"AttributeName": attr, "AttributeType": "S"} for attr, _ in keys],
+            KeySchema=_key_schema(keys),
+            AttributeDefinitions=[
+                {"AttributeName": attr, "AttributeType": "S"} for attr in sorted(attributes)
+            ],
             BillingMode="PAY_PER_REQUEST",
+            **extra,
         )
+
+
+def _key_schema(keys: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"AttributeName": attr, "KeyType": kind} for attr, kind in keys]
 
 
 @pytest.fixture
@@ -85,7 +106,7 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[api.Services]:
 
 
 class GetCounter:
-    """Counts S3 GetObject calls made through a client (the cost the closed marks must save)."""
+    """Counts S3 GetObject calls made through a client (what parent-diffing and trailer reads must save)."""
 
     def __init__(self, s3_client: Any) -> None:
         self.count = 0
@@ -162,19 +183,20 @@ def put_pack_object(services: api.Services, pack: BuiltPack) -> None:
     )
 
 
-def store_claimed(services: api.Services, host: str, blobs: list[tuple[str, bytes]]) -> BuiltPack:
-    """Upload a pack and register it as `host`'s claim (unverified)."""
-    pack = build_pack(blobs)
-    put_pack_object(services, pack)
-    services.index.record_presigned(pack.pack_id, host, len(pack.data), "2030-01-01T00:00:00Z")
-    services.index.register_pack(host, pack.pack_id, pack.entries)
-    return pack
+TEST_RETAIN_UNTIL = "2030-01-01T00:00:00Z"
+StoredState = Literal["presigned", "verified"]
 
 
-def store_verified(services: api.Services, blobs: list[tuple[str, bytes]]) -> BuiltPack:
+def store_pack(
+    services: api.Services, host: str, blobs: list[tuple[str, bytes]], state: StoredState = "presigned"
+) -> BuiltPack:
+    """A pack of (kind, plaintext) blobs uploaded by `host`: its object and its registry item as a presign
+    and a PUT leave them (`presigned`), or as the commit or the verifier leave them (`verified`)."""
     pack = build_pack(blobs)
     put_pack_object(services, pack)
-    services.index.record_verified(pack.pack_id, pack.entries)
+    services.registry.record_presigned(pack.pack_id, host, len(pack.data), TEST_RETAIN_UNTIL)
+    if state == "verified":
+        assert services.registry.mark_verified(pack.pack_id, len(pack.entries))
     return pack
 
 

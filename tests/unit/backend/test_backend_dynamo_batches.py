@@ -24,6 +24,7 @@ class ThrottlingTable:
         self.most_at_once = 0
         self._lock = threading.Lock()
         self._overlap = threading.Barrier(2, timeout=0.2)
+        self.consistent_reads: set[bool] = set()
 
     def _enter(self) -> None:
         with self._lock:
@@ -43,10 +44,13 @@ class ThrottlingTable:
         self._enter()
         try:
             keys = RequestItems[TABLE]["Keys"]
+            consistent = RequestItems[TABLE]["ConsistentRead"]
+            self.consistent_reads.add(consistent)
             assert len(keys) <= BATCH_GET_LIMIT
             served, rest = keys[: self.serve], keys[self.serve :]
             found = [self.items[k["pk"]] for k in served if k["pk"] in self.items]
-            unprocessed = {TABLE: {"Keys": rest}} if rest else {}
+            # DynamoDB hands the remainder back with the request's ConsistentRead.
+            unprocessed = {TABLE: {"Keys": rest, "ConsistentRead": consistent}} if rest else {}
             return {"Responses": {TABLE: found}, "UnprocessedKeys": unprocessed}
         finally:
             self._leave()
@@ -106,3 +110,12 @@ def test_endless_throttling_is_an_error_not_a_hang() -> None:
         batch_put(table, TABLE, [{"pk": f"blob#{n}"} for n in range(60)])
     with pytest.raises(RuntimeError, match="kept throttling a BatchGetItem"):
         batch_get(table, TABLE, [{"pk": f"blob#{n}"} for n in range(250)])
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+def test_batch_get_asks_for_the_read_consistency_in_every_round(consistent: bool) -> None:
+    table = ThrottlingTable(serve=7)
+    table.items = {f"pack#{n}": {"pk": f"pack#{n}"} for n in range(30)}
+    found = batch_get(table, TABLE, [{"pk": f"pack#{n}"} for n in range(30)], consistent=consistent)
+    assert len(found) == 30
+    assert table.consistent_reads == {consistent}
