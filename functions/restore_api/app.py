@@ -1,4 +1,8 @@
-"""Restore API: where blobs are, with short-lived presigned GET URLs for their packs."""
+"""Restore API: a host's packs (`GET /packs`) and short-lived presigned GETs for them (`POST /downloads`).
+
+Where each blob is comes from the packs' own trailers, read by the host with ranged GETs of these URLs.
+Restore principals may name the host with `?host=`; everyone else reads only their own.
+"""
 
 from typing import Any
 
@@ -9,10 +13,15 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field
 from sysbackup_backend.api import BlobHash, register_error_handlers, request_caller, services
+from sysbackup_backend.downloads import (
+    DEFAULT_PACK_PAGE_LIMIT,
+    MAX_PACK_PAGE_LIMIT,
+    MAX_PACKS_PER_DOWNLOAD,
+    download_urls,
+    pack_page,
+)
+from sysbackup_backend.errors import BadRequest
 from sysbackup_backend.identity import target_host
-from sysbackup_backend.store import pack_key
-
-MAX_BLOBS_PER_CALL = 1000
 
 logger = Logger()
 tracer = Tracer()
@@ -22,28 +31,42 @@ register_error_handlers(app, logger)
 
 
 class DownloadRequest(BaseModel):
-    blobs: list[BlobHash] = Field(min_length=1, max_length=MAX_BLOBS_PER_CALL)
+    packs: list[BlobHash] = Field(min_length=1, max_length=MAX_PACKS_PER_DOWNLOAD)
+
+
+def _read_host() -> str:
+    return target_host(request_caller(app), app.current_event.get_query_string_value("host"))
+
+
+def _page_limit() -> int:
+    text = app.current_event.get_query_string_value("limit")
+    if text is None:
+        return DEFAULT_PACK_PAGE_LIMIT
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PACK_PAGE_LIMIT:
+        raise BadRequest(f"`limit` must be an integer from 1 to {MAX_PACK_PAGE_LIMIT}")
+    return int(text)
+
+
+@app.get("/packs")
+@tracer.capture_method
+def list_packs() -> dict[str, Any]:
+    host = _read_host()
+    token = app.current_event.get_query_string_value("next")
+    return pack_page(services().registry, host, _page_limit(), token)
 
 
 @app.post("/downloads")
 @tracer.capture_method
 def downloads(request: DownloadRequest) -> dict[str, Any]:
-    host = target_host(request_caller(app), app.current_event.get_query_string_value("host"))
+    host = _read_host()
     backend = services()
-    # v1: any blob stored for the host (its own claims or verified), not only those its manifests reach.
-    locations = backend.index.locate(host, request.blobs)
-    expiry = backend.settings.download_url_expiry_seconds
-    urls = {
-        pack_id: backend.store.presign_get(pack_key(pack_id), expiry)
-        for pack_id in sorted({location.pack_id for location in locations.values()})
-    }
-    missing = sorted(set(request.blobs) - set(locations))
-    metrics.add_metric(name="BlobsLocated", unit=MetricUnit.Count, value=len(locations))
-    return {
-        "locations": {blob: location.to_json() for blob, location in locations.items()},
-        "urls": urls,
-        "missing": missing,
-    }
+    answer = download_urls(
+        backend.registry, backend.store, host, request.packs, backend.settings.download_url_expiry_seconds
+    )
+    metrics.add_metric(name="PackUrlsIssued", unit=MetricUnit.Count, value=len(answer.urls))
+    if answer.missing:
+        logger.info("packs refused", extra={"host": host, "missing": answer.missing})
+    return answer.to_json()
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
