@@ -1,4 +1,5 @@
-"""The pack verifier: SQS batches of S3 notifications; good packs verified, tampered ones corrupt."""
+"""The pack verifier: SQS batches of `{"packs", "source"}`; presigned packs re-hashed and recorded verified
+or corrupt, anything else left alone."""
 
 from __future__ import annotations
 
@@ -11,32 +12,12 @@ import pytest
 from sysbackup_backend.api import Services
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.packs import MAGIC, PackEntry, encode_trailer
-from sysbackup_testkit import ACCOUNT, BUCKET, FakeLambdaContext, build_pack, load_function, put_pack_object
+from sysbackup_testkit import ACCOUNT, BUCKET, TEST_RETAIN_UNTIL, FakeLambdaContext, load_function, store_pack
 
 
 @pytest.fixture
-def verify_pack(backend: Services) -> Any:
+def verifier(backend: Services) -> Any:
     return load_function("verify_pack")
-
-
-def s3_notification(key: str, bucket: str = BUCKET) -> dict[str, Any]:
-    return {
-        "Records": [
-            {
-                "eventVersion": "2.1",
-                "eventSource": "aws:s3",
-                "awsRegion": "us-east-1",
-                "eventTime": "2026-11-21T23:50:00.000Z",
-                "eventName": "ObjectCreated:Put",
-                "s3": {
-                    "s3SchemaVersion": "1.0",
-                    "configurationId": "pack-landed",
-                    "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-                    "object": {"key": key, "size": 1, "eTag": "0", "sequencer": "0"},
-                },
-            }
-        ]
-    }
 
 
 def sqs_event(*bodies: Any) -> dict[str, Any]:
@@ -46,11 +27,16 @@ def sqs_event(*bodies: Any) -> dict[str, Any]:
                 "messageId": f"message-{number}",
                 "receiptHandle": "handle",
                 "body": body if isinstance(body, str) else json.dumps(body),
-                "attributes": {"ApproximateReceiveCount": "1"},
+                "attributes": {
+                    "ApproximateReceiveCount": "1",
+                    "SentTimestamp": "1763769000000",
+                    "SenderId": "AIDAEXAMPLE",
+                    "ApproximateFirstReceiveTimestamp": "1763769000001",
+                },
                 "messageAttributes": {},
-                "md5OfBody": "",
+                "md5OfBody": "0" * 32,
                 "eventSource": "aws:sqs",
-                "eventSourceARN": f"arn:aws:sqs:us-east-1:{ACCOUNT}:PackLandedQueue",
+                "eventSourceARN": f"arn:aws:sqs:us-east-1:{ACCOUNT}:VerifyQueue",
                 "awsRegion": "us-east-1",
             }
             for number, body in enumerate(bodies)
@@ -58,72 +44,118 @@ def sqs_event(*bodies: Any) -> dict[str, Any]:
     }
 
 
-def test_good_pack_is_verified_and_answers_every_hosts_dedup(verify_pack: Any, backend: Services) -> None:
-    pack = build_pack([("data", b"good one"), ("tree", b'{"version":1,"entries":[]}')])
-    put_pack_object(backend, pack)
-    result = verify_pack.lambda_handler(
-        sqs_event(s3_notification(f"packs/{pack.pack_id}")), FakeLambdaContext()
-    )
-    assert result == {"batchItemFailures": []}
-    assert backend.index.get_pack(pack.pack_id)["state"] == "verified"
-    assert backend.index.stored_for("anyone", [blob_hash(b"good one")]) == {blob_hash(b"good one")}
+def message(*pack_ids: str) -> dict[str, Any]:
+    return {"packs": list(pack_ids), "source": "20261122T021500Z-abcdef01"}
 
 
-def test_tampered_pack_is_marked_corrupt_without_retry(verify_pack: Any, backend: Services) -> None:
-    pack = build_pack([("data", b"original bytes of a blob")])
+def run(verifier: Any, *bodies: Any) -> list[str]:
+    """The ids of the messages SQS must deliver again."""
+    result = verifier.lambda_handler(sqs_event(*bodies), FakeLambdaContext())
+    return [failure["itemIdentifier"] for failure in result["batchItemFailures"]]
+
+
+def state_of(backend: Services, pack_id: str) -> str | None:
+    record = backend.registry.get(pack_id)
+    return record.state if record else None
+
+
+def put_raw_pack(backend: Services, data: bytes, host: str = "alpha") -> str:
+    """A presigned pack of arbitrary bytes, stored under their SHA-256 (what a lying host can upload)."""
+    pack_id = hashlib.sha256(data).hexdigest()
+    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{pack_id}", Body=data)
+    backend.registry.record_presigned(pack_id, host, len(data), TEST_RETAIN_UNTIL)
+    return pack_id
+
+
+def test_presigned_packs_are_verified_with_their_blob_count(verifier: Any, backend: Services) -> None:
+    first = store_pack(backend, "alpha", [("data", b"good one"), ("tree", b'{"version":1,"entries":[]}')])
+    second = store_pack(backend, "beta", [("data", b"another good one")])
+    assert run(verifier, message(first.pack_id, second.pack_id)) == []
+    for pack in (first, second):
+        record = backend.registry.get(pack.pack_id)
+        assert record is not None
+        assert (record.state, record.blob_count) == ("verified", len(pack.entries))
+        assert record.verified_at is not None
+
+
+def test_a_pack_altered_after_its_trailer_was_written_is_corrupt(verifier: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"original bytes of a blob")])
     tampered = bytearray(pack.data)
     tampered[pack.entries[0].offset] ^= 0xFF
-    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{pack.pack_id}", Body=bytes(tampered))
-    result = verify_pack.lambda_handler(
-        sqs_event(s3_notification(f"packs/{pack.pack_id}")), FakeLambdaContext()
-    )
-    assert result == {"batchItemFailures": []}
-    assert backend.index.get_pack(pack.pack_id)["state"] == "corrupt"
-    assert backend.index.stored_for("anyone", [blob_hash(b"original bytes of a blob")]) == set()
+    pack_id = put_raw_pack(backend, bytes(tampered))
+    assert run(verifier, message(pack_id)) == []
+    record = backend.registry.get(pack_id)
+    assert record is not None and record.state == "corrupt" and record.corrupt_reason
 
 
-def test_pack_whose_trailer_lies_about_a_hash_is_corrupt(verify_pack: Any, backend: Services) -> None:
+def test_a_pack_whose_trailer_lies_about_a_hash_is_corrupt(verifier: Any, backend: Services) -> None:
     # Self-consistent bytes (the key is the pack's real SHA-256) whose trailer names a wrong hash.
-    honest = build_pack([("data", b"real content")])
+    honest = store_pack(backend, "alpha", [("data", b"real content")])
     forged = PackEntry(**{**honest.entries[0].to_json(), "hash": blob_hash(b"what it pretends to be")})
-    blob_area = honest.data[: forged.offset + forged.length]
     trailer = encode_trailer([forged])
-    lying = blob_area + trailer + struct.pack(">I", len(trailer)) + MAGIC
-    pack_id = hashlib.sha256(lying).hexdigest()
-    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{pack_id}", Body=lying)
-    verify_pack.lambda_handler(sqs_event(s3_notification(f"packs/{pack_id}")), FakeLambdaContext())
-    assert backend.index.get_pack(pack_id)["state"] == "corrupt"
-    assert backend.index.stored_for("anyone", [forged.hash]) == set()
+    lying = honest.data[: forged.offset + forged.length] + trailer + struct.pack(">I", len(trailer)) + MAGIC
+    pack_id = put_raw_pack(backend, lying)
+    run(verifier, message(pack_id))
+    assert state_of(backend, pack_id) == "corrupt"
 
 
-def test_other_keys_and_test_events_are_ignored(verify_pack: Any, backend: Services) -> None:
-    event = sqs_event(
-        s3_notification("manifests/alpha/x.json"),
-        {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": BUCKET},
-        s3_notification("packs/not-a-hash"),
-        "not json at all",
-    )
-    assert verify_pack.lambda_handler(event, FakeLambdaContext()) == {"batchItemFailures": []}
+def test_bytes_stored_under_another_packs_id_are_corrupt(verifier: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"the real pack")])
+    impostor = store_pack(backend, "alpha", [("data", b"a valid pack, but another one")])
+    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{pack.pack_id}", Body=impostor.data)
+    run(verifier, message(pack.pack_id))
+    record = backend.registry.get(pack.pack_id)
+    assert record is not None and record.state == "corrupt"
+    assert "hash to its key" in (record.corrupt_reason or "")
 
 
-def test_repeated_notification_does_not_reread_a_decided_pack(verify_pack: Any, backend: Services) -> None:
-    pack = build_pack([("data", b"delivered twice")])
-    put_pack_object(backend, pack)
-    event = sqs_event(s3_notification(f"packs/{pack.pack_id}"))
-    verify_pack.lambda_handler(event, FakeLambdaContext())
+def test_packs_not_presigned_are_not_read(verifier: Any, backend: Services) -> None:
+    verified = store_pack(backend, "alpha", [("data", b"verified inline")], state="verified")
+    corrupt = store_pack(backend, "alpha", [("data", b"already corrupt")])
+    assert backend.registry.mark_corrupt(corrupt.pack_id, "found by the commit")
+    unregistered = "f" * 64
     gets: list[str] = []
     backend.store.client.meta.events.register(
         "provide-client-params.s3.GetObject", lambda params, **_: gets.append(params["Key"])
     )
-    assert verify_pack.lambda_handler(event, FakeLambdaContext()) == {"batchItemFailures": []}
+    assert run(verifier, message(verified.pack_id, corrupt.pack_id, unregistered)) == []
     assert gets == []
+    assert (state_of(backend, verified.pack_id), state_of(backend, corrupt.pack_id)) == (
+        "verified",
+        "corrupt",
+    )
+    assert state_of(backend, unregistered) is None
 
 
-def test_transient_failure_reports_the_message_for_retry(verify_pack: Any, backend: Services) -> None:
-    pack = build_pack([("data", b"table gone")])
-    put_pack_object(backend, pack)
-    backend.index.client.delete_table(TableName=backend.index.table_name)
-    event = sqs_event(s3_notification(f"packs/{pack.pack_id}"), s3_notification("other/key"))
-    result = verify_pack.lambda_handler(event, FakeLambdaContext())
-    # Only the pack's message comes back; the one naming no pack succeeded.
-    assert result == {"batchItemFailures": [{"itemIdentifier": "message-0"}]}
+def test_a_presigned_pack_missing_from_the_bucket_stays_presigned(verifier: Any, backend: Services) -> None:
+    backend.registry.record_presigned("e" * 64, "alpha", 1000, TEST_RETAIN_UNTIL)
+    assert run(verifier, message("e" * 64)) == []
+    assert state_of(backend, "e" * 64) == "presigned"
+
+
+def test_malformed_messages_fail_alone_for_redelivery(verifier: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"verified despite its neighbours")])
+    failed = run(
+        verifier,
+        "not json at all",
+        {"packs": ["not-a-hash"], "source": "x"},
+        {"packs": [], "source": "x"},
+        {"packs": [pack.pack_id]},
+        message(pack.pack_id),
+    )
+    assert failed == ["message-0", "message-1", "message-2", "message-3"]
+    assert state_of(backend, pack.pack_id) == "verified"
+
+
+def test_a_transient_failure_fails_only_its_message(verifier: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"bucket unreachable")])
+    other = store_pack(backend, "alpha", [("data", b"fine")])
+    failing_key = f"packs/{pack.pack_id}"
+
+    def refuse(params: dict[str, Any], **_: Any) -> None:
+        if params["Key"] == failing_key:
+            raise ConnectionError("S3 unreachable")
+
+    backend.store.client.meta.events.register("provide-client-params.s3.GetObject", refuse)
+    assert run(verifier, message(pack.pack_id), message(other.pack_id)) == ["message-0"]
+    assert (state_of(backend, pack.pack_id), state_of(backend, other.pack_id)) == ("presigned", "verified")
