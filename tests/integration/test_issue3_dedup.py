@@ -111,6 +111,29 @@ def test_a_host_dedups_locally_and_another_host_stores_its_own_packs(
         assert describe(target / str(shared_tree).lstrip("/")) == describe(shared_tree)
 
 
+def test_cloned_hosts_share_identical_packs_and_each_restores_after_losing_its_cache(
+    stack: LocalStack, host_config: LocalHost, shared_tree: Path, tmp_path: Path
+) -> None:
+    """Two hosts of one image pack the same files in the same order (one reader each): byte-identical packs,
+    which presign answers `stored` and shares (`hosts`). A host that lost its cache rebuilds its index from
+    GET /packs, which must list the packs it shares too, or its restore would miss their blobs."""
+    first, clone = host_config, another_host(stack, host_config, "clone", tmp_path)
+    for host in (first, clone):
+        pick(host, [shared_tree], tmp_path / f"cache-{host.name}", workers=1)
+        run = archive(host, tmp_path / f"{host.name}.json")
+        assert run.returncode == 0, run.process.stderr
+    shared = {p for p, item in pack_registry(stack).items() if item["hosts"] == {first.name, clone.name}}
+    assert shared, "no byte-identical pack: this test proves nothing"
+    assert run.stats["bytes_uploaded"] < TREE_BYTES, run.stats  # the clone sent none of the shared packs
+
+    listed = api_client(stack, clone.identity).call("GET", "/packs").body["packs"]
+    assert shared <= {p["pack_id"] for p in listed}, listed
+    shutil.rmtree(tmp_path / f"cache-{clone.name}")
+    restored = restore(clone, tmp_path / "restored")
+    assert restored.returncode == 0, restored.stderr
+    assert describe(tmp_path / "restored" / str(shared_tree).lstrip("/")) == describe(shared_tree)
+
+
 def test_a_pack_whose_bytes_lie_is_refused_and_never_serves_another_host(
     stack: LocalStack, host_config: LocalHost, tmp_path: Path
 ) -> None:
@@ -200,6 +223,7 @@ def test_hosts_cannot_list_read_or_commit_over_each_other(
         listed = restore_api.call("GET", "/packs", query={"host": host.name}).body
         pack_ids = [p["pack_id"] for p in listed["packs"]]
         assert set(pack_ids) == set(packs_usable_by(stack, host.name)) and listed["next"] is None
+        assert all(pack_registry(stack)[pack_id]["host"] == host.name for pack_id in pack_ids)
         urls = restore_api.call("POST", "/downloads", {"packs": pack_ids}, query={"host": host.name}).body
         assert set(urls["urls"]) == set(pack_ids) and urls["missing"] == {}, urls
 
