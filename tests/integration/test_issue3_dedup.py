@@ -23,6 +23,7 @@ from test_issue3_support import (
     pack_registry,
     pick,
     presign,
+    put,
     quiet_directory,
     restore,
     snapshot_of,
@@ -109,6 +110,28 @@ def test_a_host_dedups_locally_and_another_host_stores_its_own_packs(
         restored = restore(host, target)
         assert restored.returncode == 0, restored.stderr
         assert describe(target / str(shared_tree).lstrip("/")) == describe(shared_tree)
+
+
+def test_presign_shares_a_pack_only_with_a_host_holding_its_bytes(
+    stack: LocalStack, host_config: LocalHost, tmp_path: Path
+) -> None:
+    """The pack id is the SHA-256 of the pack: a host presigning a pack id holds those bytes. If they are in
+    S3 it is `stored` and added to `hosts`; if not, it gets its own URL (and is added too)."""
+    owner, other = host_config, another_host(stack, host_config, "other", tmp_path)
+    owner_api, other_api = api_client(stack, owner.identity), api_client(stack, other.identity)
+    blob = os.urandom(20_000)
+    landed, unsent = (build_pack([(hashlib.sha256(blob).hexdigest(), blob + extra)]) for extra in (b"", b"!"))
+    upload_pack(owner_api, landed)
+    assert presign(owner_api, unsent)["uploads"]
+
+    shared = presign(other_api, landed)
+    assert shared["uploads"] == [] and shared["stored"] == [landed.pack_id], shared
+    registry = pack_registry(stack)
+    assert registry[landed.pack_id]["host"] == owner.name
+    assert registry[landed.pack_id]["hosts"] == {owner.name, other.name}
+    [own_upload] = presign(other_api, unsent)["uploads"]
+    assert put(own_upload, unsent.data).status_code == 200
+    assert pack_registry(stack)[unsent.pack_id]["hosts"] == {owner.name, other.name}
 
 
 def test_cloned_hosts_share_identical_packs_and_each_restores_after_losing_its_cache(
