@@ -58,6 +58,10 @@ def packs_usable_by(stack: LocalStack, host: str) -> dict[str, dict[str, Any]]:
     return {pack_id: item for pack_id, item in pack_registry(stack).items() if host in item.get("hosts", ())}
 
 
+def random_blobs(count: int) -> list[bytes]:
+    return [os.urandom(20_000) for _ in range(count)]
+
+
 def status_of(call: Callable[[], object]) -> int:
     with pytest.raises(ApiError) as refused:
         call()
@@ -119,8 +123,7 @@ def test_presign_shares_a_pack_only_with_a_host_holding_its_bytes(
     S3 it is `stored` and added to `hosts`; if not, it gets its own URL (and is added too)."""
     owner, other = host_config, another_host(stack, host_config, "other", tmp_path)
     owner_api, other_api = api_client(stack, owner.identity), api_client(stack, other.identity)
-    blob = os.urandom(20_000)
-    landed, unsent = (build_pack([(hashlib.sha256(blob).hexdigest(), blob + extra)]) for extra in (b"", b"!"))
+    landed, unsent = (build_pack([(hashlib.sha256(blob).hexdigest(), blob)]) for blob in random_blobs(2))
     upload_pack(owner_api, landed)
     assert presign(owner_api, unsent)["uploads"]
 
