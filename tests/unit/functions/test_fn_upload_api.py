@@ -1,19 +1,18 @@
-"""The upload API handler, driven with HTTP API (payload 2.0) events as API Gateway sends them."""
+"""The upload API handler (POST /packs/presign v2), driven with HTTP API (payload 2.0) events."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 from sysbackup_backend.api import Services
-from sysbackup_domain.hashing import blob_hash
+from sysbackup_backend.registry import PACK_CONDEMNED, PACK_PRESIGNED, PACK_VERIFIED, PackRecord
 from sysbackup_domain.packs import MAX_PACK_BYTES
 from sysbackup_testkit import (
     BUCKET,
+    BuiltPack,
     FakeLambdaContext,
     build_pack,
     http_event,
@@ -21,14 +20,25 @@ from sysbackup_testkit import (
     put_pack_object,
     response_json,
     restore_arn,
-    store_claimed,
+    store_pack,
     user_arn,
 )
+
+NOW = datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
 def upload_api(backend: Services) -> Any:
     return load_function("upload_api")
+
+
+class HeadCounter:
+    def __init__(self, s3_client: Any) -> None:
+        self.count = 0
+        s3_client.meta.events.register("before-call.s3.HeadObject", self._count)
+
+    def _count(self, **_: Any) -> None:
+        self.count += 1
 
 
 def call(module: Any, path: str, body: Any, host: str | None = "alpha", **kwargs: Any) -> tuple[int, Any]:
@@ -37,48 +47,26 @@ def call(module: Any, path: str, body: Any, host: str | None = "alpha", **kwargs
     return response["statusCode"], response_json(response)
 
 
-def test_check_answers_from_the_callers_identity_not_the_body(upload_api: Any, backend: Services) -> None:
-    store_claimed(backend, "alpha", [("data", b"alpha only")])
-    blob = blob_hash(b"alpha only")
-    assert call(upload_api, "/blobs/check", {"hashes": [blob]}, host="alpha") == (200, {"stored": [blob]})
-    status, body = call(upload_api, "/blobs/check", {"hashes": [blob], "host": "alpha"}, host="beta")
-    assert (status, body) == (200, {"stored": []})
+def presign(module: Any, packs: list[BuiltPack], host: str = "alpha") -> tuple[int, Any]:
+    body = {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)} for pack in packs]}
+    return call(module, "/packs/presign", body, host=host)
 
 
-def test_request_without_iam_caller_is_forbidden(upload_api: Any) -> None:
-    status, body = call(upload_api, "/blobs/check", {"hashes": []}, host=None)
-    assert status == 403
-    assert "caller" in body["message"]
+def uploaded(body: Any) -> list[str]:
+    return [upload["pack_id"] for upload in body["uploads"]]
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        {"hashes": ["a" * 64] * 1001},
-        {"hashes": ["NOT-A-HASH"]},
-        {"hashes": "a" * 64},
-        {},
-    ],
-)
-def test_bad_check_bodies_are_refused_with_a_message(upload_api: Any, body: Any) -> None:
-    status, answer = call(upload_api, "/blobs/check", body)
-    assert status == 422
-    assert answer["message"].startswith("invalid request")
-
-
-def test_body_that_is_not_json_is_a_client_error(upload_api: Any) -> None:
-    status, answer = call(upload_api, "/blobs/check", None, raw_body="{not json")
-    assert 400 <= status < 500
-    assert answer["message"]
+def record(backend: Services, pack: BuiltPack) -> PackRecord:
+    found = backend.registry.get(pack.pack_id)
+    assert found is not None
+    return found
 
 
 def test_presign_signs_exactly_the_headers_it_returns(upload_api: Any, backend: Services) -> None:
     pack = build_pack([("data", b"to upload")])
-    status, body = call(
-        upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
-    )
+    status, body = presign(upload_api, [pack])
     assert status == 200
-    assert body["registered"] == []
+    assert body["stored"] == []
     (upload,) = body["uploads"]
     assert upload["pack_id"] == pack.pack_id and upload["method"] == "PUT"
     signed = parse_qs(urlparse(upload["url"]).query)["X-Amz-SignedHeaders"][0].split(";")
@@ -88,33 +76,119 @@ def test_presign_signs_exactly_the_headers_it_returns(upload_api: Any, backend: 
     assert headers["content-length"] == str(len(pack.data))
     assert headers["x-amz-object-lock-mode"] == "GOVERNANCE"
     assert urlparse(upload["url"]).path.endswith(f"/packs/{pack.pack_id}")
-    assert backend.index.get_pack(pack.pack_id)["state"] == "presigned"
-
-
-def test_presign_reports_registered_packs_instead_of_a_url(upload_api: Any, backend: Services) -> None:
-    pack = store_claimed(backend, "alpha", [("data", b"already here")])
-    status, body = call(
-        upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
+    created = record(backend, pack)
+    assert (created.state, created.host, created.hosts, created.size) == (
+        PACK_PRESIGNED,
+        "alpha",
+        {"alpha"},
+        len(pack.data),
     )
-    assert (status, body["uploads"], body["registered"]) == (200, [], [pack.pack_id])
 
 
-def test_another_hosts_unverified_pack_is_presigned_so_the_caller_can_claim_it(
+def test_a_new_pack_needs_no_head(upload_api: Any, backend: Services) -> None:
+    heads = HeadCounter(backend.store.client)
+    packs = [build_pack([("data", f"new {number}".encode())]) for number in range(3)]
+    status, body = presign(upload_api, packs)
+    assert (status, sorted(uploaded(body))) == (200, sorted(pack.pack_id for pack in packs))
+    assert heads.count == 0
+
+
+def test_own_pack_that_landed_is_stored_and_one_that_did_not_gets_a_fresh_url(
     upload_api: Any, backend: Services
 ) -> None:
-    """Identical packs from two hosts before the verifier ran: beta must register its own claim,
-    or its commit would name blobs that are stored only for alpha."""
-    pack = store_claimed(backend, "alpha", [("data", b"both hosts have this")])
-    request = {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
+    landed = store_pack(backend, "alpha", [("data", b"put before a crash")])
+    never_put = build_pack([("data", b"presigned, never put")])
+    assert presign(upload_api, [never_put])[0] == 200
+    status, body = presign(upload_api, [landed, never_put])
+    assert status == 200
+    assert (body["stored"], uploaded(body)) == ([landed.pack_id], [never_put.pack_id])
 
-    status, body = call(upload_api, "/packs/presign", request, host="beta")
-    assert (status, [u["pack_id"] for u in body["uploads"]], body["registered"]) == (200, [pack.pack_id], [])
 
-    register = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
-    assert call(upload_api, "/packs/register", register, host="beta") == (200, {"registered": [pack.pack_id]})
-    blob = blob_hash(b"both hosts have this")
-    assert call(upload_api, "/blobs/check", {"hashes": [blob]}, host="beta")[1]["stored"] == [blob]
-    assert call(upload_api, "/packs/presign", request, host="beta")[1]["registered"] == [pack.pack_id]
+def test_own_verified_pack_is_stored_without_a_head(upload_api: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"verified already")], state="verified")
+    heads = HeadCounter(backend.store.client)
+    assert presign(upload_api, [pack]) == (200, {"uploads": [], "stored": [pack.pack_id]})
+    assert heads.count == 0
+
+
+def test_an_impostor_object_does_not_count_as_the_pack(upload_api: Any, backend: Services) -> None:
+    promised = build_pack([("data", b"promised bytes")])
+    presign(upload_api, [promised])
+    impostor = build_pack([("data", b"other bytes, same length")])
+    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{promised.pack_id}", Body=impostor.data)
+    status, body = presign(upload_api, [promised])
+    assert (status, body["stored"], uploaded(body)) == (200, [], [promised.pack_id])
+
+
+def test_another_hosts_uploaded_pack_is_stored_for_the_caller_too(upload_api: Any, backend: Services) -> None:
+    """Byte-identical packs: the object is what beta holds (the id is its SHA-256), so beta uses it."""
+    pack = store_pack(backend, "alpha", [("data", b"both hosts have this")])
+    assert presign(upload_api, [pack], host="beta") == (200, {"uploads": [], "stored": [pack.pack_id]})
+    shared = record(backend, pack)
+    assert shared.hosts == {"alpha", "beta"} and shared.usable_by("beta")
+    assert shared.host == "alpha"
+
+
+def test_another_hosts_pack_not_uploaded_yet_gets_the_caller_a_url(
+    upload_api: Any, backend: Services
+) -> None:
+    pack = build_pack([("data", b"alpha presigned, nobody put")])
+    presign(upload_api, [pack], host="alpha")
+    status, body = presign(upload_api, [pack], host="beta")
+    assert (status, body["stored"], uploaded(body)) == (200, [], [pack.pack_id])
+    assert record(backend, pack).hosts == {"alpha", "beta"}
+
+
+def test_a_condemned_pack_is_revived(upload_api: Any, backend: Services) -> None:
+    verified = store_pack(backend, "alpha", [("data", b"condemned, then needed")], state="verified")
+    not_put = build_pack([("data", b"condemned orphan, never put")])
+    presign(upload_api, [not_put])
+    for pack in (verified, not_put):
+        assert backend.registry.condemn(pack.pack_id, NOW)
+    status, body = presign(upload_api, [verified, not_put])
+    assert (status, body["stored"], uploaded(body)) == (200, [verified.pack_id], [not_put.pack_id])
+    assert (record(backend, verified).state, record(backend, not_put).state) == (
+        PACK_VERIFIED,
+        PACK_PRESIGNED,
+    )
+    assert record(backend, verified).condemned_at is None
+
+
+def test_a_pack_gc_is_deleting_is_a_conflict_naming_it(upload_api: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"being collected")])
+    fine = build_pack([("data", b"a new one in the same call")])
+    backend.registry.condemn(pack.pack_id, NOW)
+    assert backend.registry.start_deleting(pack.pack_id, record(backend, pack).condemned_at or "")
+    status, body = presign(upload_api, [fine, pack], host="beta")
+    assert (status, body["collecting"]) == (409, [pack.pack_id])
+    assert body["message"]
+    assert record(backend, pack).hosts == {"alpha"}  # nothing written for a refused call
+    assert backend.registry.get(fine.pack_id) is None
+
+
+def test_a_corrupt_pack_is_refused(upload_api: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"found corrupt")])
+    backend.registry.mark_corrupt(pack.pack_id, "blob 0 does not hash to its name")
+    status, body = presign(upload_api, [pack])
+    assert (status, body["corrupt"]) == (422, [pack.pack_id])
+
+
+def test_a_size_unlike_the_recorded_one_is_refused(upload_api: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"sized once")])
+    body = {"packs": [{"sha256": pack.pack_id, "size": len(pack.data) + 1}]}
+    status, answer = call(upload_api, "/packs/presign", body)
+    assert (status, answer["wrong_size"]) == (422, [pack.pack_id])
+
+
+def test_a_presign_of_a_pack_locked_longer_asks_for_at_least_that_lock(
+    upload_api: Any, backend: Services
+) -> None:
+    pack = build_pack([("data", b"its lock was extended")])
+    presign(upload_api, [pack])
+    assert backend.registry.raise_retain_until(pack.pack_id, "2099-01-01T00:00:00Z")
+    (upload,) = presign(upload_api, [pack])[1]["uploads"]
+    headers = {name.lower(): value for name, value in upload["headers"].items()}
+    assert headers["x-amz-object-lock-retain-until-date"].startswith("2099-01-01T00:00:00")
 
 
 @pytest.mark.parametrize(
@@ -122,190 +196,62 @@ def test_another_hosts_unverified_pack_is_presigned_so_the_caller_can_claim_it(
     [
         {"sha256": "a" * 64, "size": MAX_PACK_BYTES + 1},
         {"sha256": "a" * 64, "size": 0},
+        {"sha256": "a" * 64, "size": 12},
         {"sha256": "A" * 64, "size": 100},
         {"sha256": "a" * 63, "size": 100},
     ],
 )
 def test_presign_refuses_bad_packs(upload_api: Any, pack: dict[str, Any]) -> None:
-    status, _ = call(upload_api, "/packs/presign", {"packs": [pack]})
-    assert status == 422
+    status, answer = call(upload_api, "/packs/presign", {"packs": [pack]})
+    assert status == 422 and answer["message"].startswith("invalid request")
 
 
-def _presign_and_upload(upload_api: Any, backend: Services, blobs: list[tuple[str, bytes]]) -> Any:
-    pack = build_pack(blobs)
-    status, _ = call(
-        upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]}
-    )
-    assert status == 200
-    put_pack_object(backend, pack)
-    return pack
+@pytest.mark.parametrize("body", [{"packs": []}, {"packs": [{"sha256": "a" * 64, "size": 100}] * 101}, {}])
+def test_presign_body_limits(upload_api: Any, body: Any) -> None:
+    status, answer = call(upload_api, "/packs/presign", body)
+    assert status == 422 and answer["message"].startswith("invalid request")
 
 
-def test_register_indexes_the_pack_as_the_callers_claim(upload_api: Any, backend: Services) -> None:
-    pack = _presign_and_upload(upload_api, backend, [("data", b"one"), ("data", b"two")])
-    body = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
-    assert call(upload_api, "/packs/register", body) == (200, {"registered": [pack.pack_id]})
-    hashes = [blob_hash(b"one"), blob_hash(b"two")]
-    assert call(upload_api, "/blobs/check", {"hashes": hashes})[1]["stored"] == sorted(hashes)
-    assert call(upload_api, "/blobs/check", {"hashes": hashes}, host="beta")[1]["stored"] == []
-    assert backend.index.get_pack(pack.pack_id)["state"] == "registered"
+def test_body_that_is_not_json_is_a_client_error(upload_api: Any) -> None:
+    status, answer = call(upload_api, "/packs/presign", None, raw_body="{not json")
+    assert 400 <= status < 500
+    assert answer["message"]
 
 
-def test_register_of_a_pack_not_uploaded_is_a_conflict(upload_api: Any) -> None:
-    pack = build_pack([("data", b"never sent")])
-    call(upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]})
-    body = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
-    status, answer = call(upload_api, "/packs/register", body)
-    assert status == 409
-    assert "not been uploaded" in answer["message"]
+def test_request_without_iam_caller_is_forbidden(upload_api: Any) -> None:
+    status, body = call(upload_api, "/packs/presign", {"packs": [{"sha256": "a" * 64, "size": 100}]}, None)
+    assert status == 403
+    assert "caller" in body["message"]
 
 
-def test_register_of_an_object_that_does_not_match_the_pack_id_is_refused(
+def test_the_restore_role_cannot_upload(upload_api: Any, backend: Services) -> None:
+    body = {"packs": [{"sha256": "a" * 64, "size": 100}]}
+    event = http_event("POST", "/packs/presign", body, caller_arn=restore_arn())
+    assert upload_api.lambda_handler(event, FakeLambdaContext())["statusCode"] == 403
+    assert backend.registry.get("a" * 64) is None
+
+
+@pytest.mark.parametrize("path", ["/blobs/check", "/packs/register", "/packs/adopt"])
+def test_the_v1_routes_are_gone(upload_api: Any, path: str) -> None:
+    status, _ = call(upload_api, path, {"packs": []})
+    assert status == 404
+
+
+def test_a_pack_uploaded_through_its_url_is_stored_on_the_next_presign(
     upload_api: Any, backend: Services
 ) -> None:
-    pack = build_pack([("data", b"promised")])
-    call(upload_api, "/packs/presign", {"packs": [{"sha256": pack.pack_id, "size": len(pack.data)}]})
-    impostor = build_pack([("data", b"delivered instead")])
-    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{pack.pack_id}", Body=impostor.data)
-    body = {"packs": [{"pack_id": pack.pack_id, "blobs": [entry.to_json() for entry in pack.entries]}]}
-    status, _ = call(upload_api, "/packs/register", body)
-    assert status == 422
-    assert call(upload_api, "/blobs/check", {"hashes": [blob_hash(b"promised")]})[1]["stored"] == []
+    pack = build_pack([("data", b"the normal path")])
+    assert uploaded(presign(upload_api, [pack])[1]) == [pack.pack_id]
+    put_pack_object(backend, pack)
+    assert presign(upload_api, [pack])[1] == {"uploads": [], "stored": [pack.pack_id]}
+    assert record(backend, pack).state == PACK_PRESIGNED  # verification is the commit's or the verifier's
 
 
-@pytest.mark.parametrize(
-    "mangle",
-    [
-        lambda entry: {**entry, "offset": 10**9},
-        lambda entry: {**entry, "codec": "lzma"},
-        lambda entry: {**entry, "hash": "xyz"},
-        lambda entry: {key: value for key, value in entry.items() if key != "length"},
-    ],
-)
-def test_register_refuses_malformed_entries_and_indexes_nothing(
-    upload_api: Any, backend: Services, mangle: Any
-) -> None:
-    pack = _presign_and_upload(upload_api, backend, [("data", b"entry check")])
-    blobs = [mangle(entry.to_json()) for entry in pack.entries]
-    status, answer = call(
-        upload_api, "/packs/register", {"packs": [{"pack_id": pack.pack_id, "blobs": blobs}]}
-    )
-    assert status == 422, answer
-    assert call(upload_api, "/blobs/check", {"hashes": [blob_hash(b"entry check")]})[1]["stored"] == []
-
-
-def test_register_body_limits(upload_api: Any) -> None:
-    too_many_packs = {"packs": [{"pack_id": "a" * 64, "blobs": [{}]}] * 101}
-    too_many_blobs = {"packs": [{"pack_id": "a" * 64, "blobs": [{}] * 20_001}]}
-    for body in (too_many_packs, too_many_blobs, {"packs": "nope"}):
-        status, answer = call(upload_api, "/packs/register", body)
-        assert status == 422
-        assert json.dumps(answer).count("message") == 1
-
-
-def test_the_restore_role_cannot_upload(upload_api: Any) -> None:
-    event = http_event("POST", "/blobs/check", {"hashes": []}, caller_arn=restore_arn())
-    assert upload_api.lambda_handler(event, FakeLambdaContext())["statusCode"] == 403
-
-
-# --- POST /packs/adopt: packs a crashed run PUT but never registered ------------------------------------
-
-
-def test_adopt_registers_a_put_pack_from_its_own_trailer(upload_api: Any, backend: Services) -> None:
-    pack = _presign_and_upload(upload_api, backend, [("data", b"put before the crash"), ("tree", b"{}")])
-    hashes = sorted(entry.hash for entry in pack.entries)
-    assert call(upload_api, "/blobs/check", {"hashes": hashes})[1]["stored"] == []
-
-    status, body = call(upload_api, "/packs/adopt", {"packs": [pack.pack_id]})
-
-    assert (status, body) == (200, {"adopted": [pack.pack_id], "registered": [], "skipped": {}})
-    assert call(upload_api, "/blobs/check", {"hashes": hashes})[1]["stored"] == hashes
-    assert call(upload_api, "/blobs/check", {"hashes": hashes}, host="beta")[1]["stored"] == []
-    item = backend.index.get_pack(pack.pack_id)
-    assert item["state"] == "registered" and item["hosts"] == {"alpha"}
-    assert item["blob_count"] == 2
-    location = backend.index.locate("alpha", [blob_hash(b"put before the crash")])
-    assert (
-        location[blob_hash(b"put before the crash")].entry(blob_hash(b"put before the crash")) in pack.entries
-    )
-    # Adopting again changes nothing and says the pack is already the caller's.
-    assert call(upload_api, "/packs/adopt", {"packs": [pack.pack_id]})[1]["registered"] == [pack.pack_id]
-
-
-def test_adopt_skips_what_it_must_not_register(upload_api: Any, backend: Services) -> None:
-    not_uploaded = build_pack([("data", b"presigned, never PUT")])
-    call(
-        upload_api,
-        "/packs/presign",
-        {"packs": [{"sha256": not_uploaded.pack_id, "size": len(not_uploaded.data)}]},
-    )
-    never_presigned = build_pack([("data", b"PUT without a presign")])
-    put_pack_object(backend, never_presigned)
-    betas = build_pack([("data", b"beta's crashed pack")])
-    call(
-        upload_api,
-        "/packs/presign",
-        {"packs": [{"sha256": betas.pack_id, "size": len(betas.data)}]},
-        host="beta",
-    )
-    put_pack_object(backend, betas)
-    promised = build_pack([("data", b"promised bytes")])
-    call(upload_api, "/packs/presign", {"packs": [{"sha256": promised.pack_id, "size": len(promised.data)}]})
-    impostor = build_pack([("data", b"other bytes")])
-    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{promised.pack_id}", Body=impostor.data)
-    ids = [not_uploaded.pack_id, never_presigned.pack_id, betas.pack_id, promised.pack_id]
-
-    status, body = call(upload_api, "/packs/adopt", {"packs": ids})
-
-    assert status == 200 and body["adopted"] == [] and body["registered"] == []
-    assert body["skipped"] == {
-        not_uploaded.pack_id: "not uploaded",
-        never_presigned.pack_id: "never presigned",
-        betas.pack_id: "presigned by another host",
-        promised.pack_id: "the object does not match its presigned size and SHA-256",
-    }
-    every_blob = [
-        entry.hash for pack in (not_uploaded, never_presigned, betas, promised) for entry in pack.entries
-    ]
-    assert call(upload_api, "/blobs/check", {"hashes": every_blob})[1]["stored"] == []
-    assert backend.index.get_pack(betas.pack_id)["state"] == "presigned"
-
-
-def test_adopt_skips_a_pack_whose_trailer_is_invalid(upload_api: Any, backend: Services) -> None:
-    # A matching checksum but bytes that are not a pack: the presign pinned this size and SHA-256.
-    garbage = b"not a pack at all, no trailer here" * 10
-    pack_id = hashlib.sha256(garbage).hexdigest()
-    call(upload_api, "/packs/presign", {"packs": [{"sha256": pack_id, "size": len(garbage)}]})
-    backend.store.client.put_object(
-        Bucket=BUCKET,
-        Key=f"packs/{pack_id}",
-        Body=garbage,
-        ChecksumAlgorithm="SHA256",
-        ChecksumSHA256=base64.b64encode(bytes.fromhex(pack_id)).decode(),
-    )
-    status, body = call(upload_api, "/packs/adopt", {"packs": [pack_id]})
-    assert status == 200 and body["adopted"] == []
-    assert body["skipped"][pack_id].startswith("invalid trailer: not a pack")
-    assert backend.index.get_pack(pack_id)["state"] == "presigned"
-
-
-def test_adopt_body_limits_and_the_restore_role(upload_api: Any) -> None:
-    for body in ({"packs": []}, {"packs": ["a" * 64] * 26}, {"packs": ["NOT-A-HASH"]}, {}):
-        status, answer = call(upload_api, "/packs/adopt", body)
-        assert status == 422 and answer["message"].startswith("invalid request"), body
-    event = http_event("POST", "/packs/adopt", {"packs": ["a" * 64]}, caller_arn=restore_arn())
-    assert upload_api.lambda_handler(event, FakeLambdaContext())["statusCode"] == 403
-
-
-def test_adopt_skips_a_pack_presigned_too_long_ago(upload_api: Any, backend: Services) -> None:
-    # gc may delete a never-registered pack after its grace period: adoption stays well inside it.
-    pack = _presign_and_upload(upload_api, backend, [("data", b"crashed a week ago")])
-    backend.index.client.update_item(
-        TableName=backend.index.table_name,
-        Key={"pk": f"pack#{pack.pack_id}", "sk": "pack"},
-        UpdateExpression="SET created_at = :old",
-        ExpressionAttributeValues={":old": "2020-01-01T00:00:00Z"},
-    )
-    status, body = call(upload_api, "/packs/adopt", {"packs": [pack.pack_id]})
-    assert status == 200 and body["adopted"] == []
-    assert "too long ago" in body["skipped"][pack.pack_id]
+def test_condemned_state_is_left_alone_by_a_refused_call(upload_api: Any, backend: Services) -> None:
+    """A corrupt pack in the call refuses it before anything is revived."""
+    condemned = store_pack(backend, "alpha", [("data", b"condemned bystander")])
+    corrupt = store_pack(backend, "alpha", [("data", b"corrupt one")])
+    backend.registry.condemn(condemned.pack_id, NOW)
+    backend.registry.mark_corrupt(corrupt.pack_id, "bad")
+    assert presign(upload_api, [condemned, corrupt])[0] == 422
+    assert record(backend, condemned).state == PACK_CONDEMNED
