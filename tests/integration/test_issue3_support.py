@@ -96,13 +96,13 @@ def restore(
 
 
 def pack_registry(stack: LocalStack) -> dict[str, dict[str, Any]]:
-    """Every `pack#` item of the BlobIndexTable, by pack id, attribute values unwrapped."""
+    """Every pack item of the registry (BlobIndexTable), by pack id, attribute values unwrapped."""
     table = stack.info["tables"]["BlobIndexTable"]
     packs: dict[str, dict[str, Any]] = {}
     for page in stack.dynamodb.get_paginator("scan").paginate(
         TableName=table,
-        FilterExpression="begins_with(pk, :pack)",
-        ExpressionAttributeValues={":pack": {"S": "pack#"}},
+        FilterExpression="begins_with(pk, :pack) AND sk = :item",
+        ExpressionAttributeValues={":pack": {"S": "pack#"}, ":item": {"S": "pack"}},
     ):
         for item in page["Items"]:
             packs[item["pk"]["S"].removeprefix("pack#")] = {
