@@ -5,6 +5,7 @@ Everything runs through the `s3-sysbackup` command line, exactly as a sysadmin w
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -56,6 +57,17 @@ def differences(source: Path, restored: Path) -> list[str]:
     return problems
 
 
+def requests_summary(stats_path: Path, label: str) -> str:
+    """What a run asked of the API and S3, from its --stats-json (a no-change run: the commit alone)."""
+    requests = json.loads(stats_path.read_text())["requests"]
+    counted = [
+        f"{service} {route}: {count}"
+        for service, routes in sorted(requests.items())
+        for route, count in sorted(routes.items())
+    ]
+    return f"{label}: {', '.join(counted) or 'no requests'}"
+
+
 def main() -> int:
     tree = Path(sysconfig.get_paths()["stdlib"]) / "json"
     if len(sys.argv) > 1:
@@ -72,6 +84,8 @@ def main() -> int:
         run("--config-dir", str(config_dir), "verify", "latest", "--read-data")
     finally:
         run("local", "down", "--state-dir", str(state_dir))
+    print(requests_summary(WORK / "first-run.json", "first run"))
+    print(requests_summary(WORK / "no-change-run.json", "no-change run"))
     problems = differences(tree, target)
     for problem in problems[:20]:
         print(problem)
