@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..provision.aws import ProvisionError, boto3_session
 from ..provision.exports import BUCKET_EXPORT, add_package_options, read_exports, validate_package_name
 from .common import report_failure
+
+if TYPE_CHECKING:
+    from ..provision.rebuild_index import RebuildReport
 
 BLOB_INDEX_LOGICAL_ID = "BlobIndexTable"
 
@@ -25,23 +28,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands.required = True
     rebuild = commands.add_parser(
         "rebuild-index",
-        help="rebuild the blob index from the packs' trailers",
+        help="rebuild the pack registry from the bucket (packs and manifests)",
         description=(
             "List packs/ in the bucket, read each pack's trailer with ranged GETs (with --verify: read "
-            "each pack whole and re-hash every blob) and write the index's verified items again. "
-            "Without --verify the trailers are trusted: use it only on a bucket no host could write."
+            "each pack whole and re-hash every blob) and its lock, walk every manifest's trees through "
+            "the trailers to find which hosts use which packs, and write the registry's pack items "
+            "again (presigned, or verified with --verify)."
         ),
     )
     add_package_options(rebuild)
     rebuild.add_argument("--bucket", help="the bucket (default: the <package>-BucketName export)")
     rebuild.add_argument("--table", help="the BlobIndexTable name (default: from the package's stack)")
-    rebuild.add_argument("--verify", action="store_true", help="read whole packs and re-hash every blob")
+    rebuild.add_argument(
+        "--verify", action="store_true", help="read whole packs and re-hash every blob (marks them verified)"
+    )
     rebuild.set_defaults(handler=run_rebuild_index)
 
 
 def run_rebuild_index(args: argparse.Namespace) -> int:
-    # Imported here: the backend's index code is needed by this command only.
-    from sysbackup_backend.index import BlobIndex
+    # Imported here: the backend's registry code is needed by this command only.
+    from sysbackup_backend.registry import PackRegistry
 
     from ..provision.rebuild_index import rebuild_index
 
@@ -50,24 +56,38 @@ def run_rebuild_index(args: argparse.Namespace) -> int:
         session = boto3_session(args.region, args.profile)
         bucket = args.bucket or read_exports(session.client("cloudformation"), package).require(BUCKET_EXPORT)
         table = args.table or blob_index_table(session.client("cloudformation"), package)
-        index = BlobIndex(table, session.resource("dynamodb").meta.client)
+        registry = PackRegistry(table, session.resource("dynamodb").meta.client)
         report = rebuild_index(
             session.client("s3"),
             bucket,
-            index,
+            registry,
             verify=args.verify,
             progress=lambda line: print(line, file=sys.stderr),
         )
     except (BotoCoreError, ClientError, OSError, ProvisionError) as error:
         return report_failure("admin rebuild-index", error)
+    print_rebuild_report(report, args.verify)
+    return 1 if report.failed else 0
+
+
+def print_rebuild_report(report: RebuildReport, verified: bool) -> None:
     print(
-        f"{report.packs_indexed} packs indexed ({'re-hashed' if args.verify else 'trailers trusted'}), "
-        f"{report.blobs_indexed} blobs newly verified, {report.bytes_read} bytes read, "
-        f"{len(report.corrupt)} corrupt, {len(report.skipped)} skipped"
+        f"{report.packs_recorded} packs recorded ({report.packs_verified} verified"
+        f"{'' if verified else ', trailers trusted: run --verify to verify them'}), "
+        f"{report.manifests_read} manifests walked, {len(report.hosts)} hosts, "
+        f"{len(report.unreached)} unreached, {len(report.corrupt)} corrupt, {len(report.skipped)} skipped, "
+        f"{report.bytes_read} bytes read"
     )
+    for host, packs in sorted(report.hosts.items()):
+        print(f"host {host}: {packs} packs")
+    for pack_id, hosts in sorted(report.uncertain.items()):
+        print(f"uncertain {pack_id}: given to {', '.join(hosts)} (it holds blobs only other hosts reach)")
+    for pack_id, reason in sorted(report.corrupt.items()):
+        print(f"corrupt {pack_id}: {reason}")
+    for node, reason in sorted(report.missing_nodes.items()):
+        print(f"unreadable node {node}: {reason}")
     for key, why in sorted(report.skipped.items()):
         print(f"skipped {key}: {why}")
-    return 1 if report.corrupt else 0
 
 
 def blob_index_table(cloudformation: Any, package: str) -> str:
