@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2, S3Event, SQSEvent
-from aws_lambda_powertools.utilities.parser import envelopes, parse
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2, SQSEvent
+from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import (
     APIGatewayProxyEventV2Model,
     EventBridgeModel,
-    S3Model,
     SqsModel,
 )
 from samtranslator.yaml_helper import yaml_parse
@@ -227,12 +226,6 @@ def api_body(route_key: str) -> dict[str, Any]:
     return bodies[0]
 
 
-def test_blobs_check_body_follows_the_contract() -> None:
-    hashes = api_body("POST /blobs/check")["hashes"]
-    assert 0 < len(hashes) <= 1000
-    assert all(SHA256_HEX.match(value) for value in hashes)
-
-
 def test_packs_presign_body_follows_the_contract() -> None:
     packs = api_body("POST /packs/presign")["packs"]
     assert 0 < len(packs) <= 100
@@ -242,24 +235,25 @@ def test_packs_presign_body_follows_the_contract() -> None:
         assert 0 < pack["size"] <= 128 * 1024 * 1024
 
 
-def test_packs_register_body_describes_contiguous_blobs() -> None:
-    for pack in api_body("POST /packs/register")["packs"]:
-        assert SHA256_HEX.match(pack["pack_id"])
-        next_offset = 0
-        for blob in pack["blobs"]:
-            assert set(blob) == {"hash", "kind", "codec", "offset", "length", "raw_length"}
-            assert SHA256_HEX.match(blob["hash"])
-            assert blob["kind"] in {"data", "tree"}
-            assert blob["codec"] in {"none", "zstd", "gzip"}
-            assert blob["offset"] == next_offset
-            if blob["codec"] == "none":
-                assert blob["length"] == blob["raw_length"]
-            next_offset += blob["length"]
-
-
 def test_manifest_commit_body_follows_the_contract() -> None:
     body = api_body("POST /manifests")
-    assert set(body) == {"parent", "root", "snapshots", "warnings", "stats", "days_retained"}
+    assert set(body) == {
+        "parent",
+        "root",
+        "snapshots",
+        "warnings",
+        "stats",
+        "days_retained",
+        "packs",
+        "locations",
+    }
+    assert 0 < len(body["packs"]) <= 2000 and all(SHA256_HEX.match(pack) for pack in body["packs"])
+    for blob, location in body["locations"].items():
+        assert SHA256_HEX.match(blob)
+        assert set(location) == {"pack_id", "offset", "length", "codec", "raw_length"}
+        assert SHA256_HEX.match(location["pack_id"])
+        assert location["codec"] in {"none", "zstd", "gzip"}
+        assert location["offset"] >= 0 and location["length"] > 0 and location["raw_length"] >= 0
     assert body["parent"] is None or MANIFEST_ID.match(body["parent"])
     assert body["root"] is None or SHA256_HEX.match(body["root"])
     for snapshot in body["snapshots"]:
@@ -270,8 +264,22 @@ def test_manifest_commit_body_follows_the_contract() -> None:
 
 
 def test_downloads_body_follows_the_contract() -> None:
-    blobs = api_body("POST /downloads")["blobs"]
-    assert blobs and all(SHA256_HEX.match(value) for value in blobs)
+    body = api_body("POST /downloads")
+    assert set(body) == {"packs"}
+    assert 0 < len(body["packs"]) <= 200 and all(SHA256_HEX.match(value) for value in body["packs"])
+
+
+def test_pack_list_queries_follow_the_contract() -> None:
+    queries = [
+        APIGatewayProxyEventV2(event).query_string_parameters or {}
+        for _, event in api_events()
+        if event["routeKey"] == "GET /packs"
+    ]
+    assert any("host" in query for query in queries), "no restore-role sample of GET /packs?host="
+    for query in queries:
+        assert set(query) <= {"host", "limit", "next"}
+        if "limit" in query:
+            assert 1 <= int(query["limit"]) <= 1000
 
 
 def test_manifest_path_parameter_is_a_manifest_id() -> None:
@@ -283,15 +291,7 @@ def test_manifest_path_parameter_is_a_manifest_id() -> None:
     assert ids and all(MANIFEST_ID.match(value) for value in ids)
 
 
-# ---------------------------------------------------------------- SQS (S3 notification) events
-
-
-def pack_notifications() -> list[tuple[Path, dict[str, Any]]]:
-    return [
-        (path, event)
-        for path, event in sqs_events()
-        if path.name.startswith("verify_pack-") and "s3:TestEvent" not in json.dumps(event)
-    ]
+# ---------------------------------------------------------------- SQS events
 
 
 @pytest.mark.parametrize(("path", "event"), cases(sqs_events()))
@@ -303,7 +303,7 @@ def test_sqs_event_parses_and_bodies_are_intact(path: Path, event: dict[str, Any
     for record in records:
         assert record.event_source == "aws:sqs"
         # CloudFormation names the queue <stack>-<LogicalId>-<suffix>; each worker has its own queue.
-        queue = {"verify_pack": "PackLandedQueue", "extend_retention": "RetentionQueue"}[
+        queue = {"verify_pack": "VerifyQueue", "extend_retention": "RetentionQueue"}[
             path.name.split("-", 1)[0]
         ]
         assert f"-{queue}-" in record.event_source_arn.rsplit(":", 1)[1]
@@ -311,27 +311,19 @@ def test_sqs_event_parses_and_bodies_are_intact(path: Path, event: dict[str, Any
         assert record.md5_of_body == hashlib.md5(record.body.encode()).hexdigest()
 
 
-@pytest.mark.parametrize(("path", "event"), cases(pack_notifications()))
-def test_pack_notification_wraps_s3_object_created_under_packs(path: Path, event: dict[str, Any]) -> None:
-    notifications = parse(event=event, model=S3Model, envelope=envelopes.SqsEnvelope)
-    assert notifications
+def verify_requests() -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, event) for path, event in sqs_events() if path.name.startswith("verify_pack-")]
+
+
+@pytest.mark.parametrize(("path", "event"), cases(verify_requests()))
+def test_verify_request_names_packs_and_the_commit_that_sent_them(path: Path, event: dict[str, Any]) -> None:
+    """`{"packs": [...], "source": manifest_id}` (<= 300 packs a message), as docs/PACK_INDEX.md says."""
     for record in SQSEvent(event).records:
-        nested: S3Event = record.decoded_nested_s3_event
-        for s3_record in nested.records:
-            assert s3_record.event_source == "aws:s3"
-            assert s3_record.event_name.startswith("ObjectCreated:")
-            key = s3_record.s3.get_object.key
-            prefix, _, pack_id = key.partition("/")
-            assert prefix == "packs"
-            assert SHA256_HEX.match(pack_id)
-            assert s3_record.s3.get_object.size > 0
-            assert s3_record.s3.bucket.arn == f"arn:aws:s3:::{s3_record.s3.bucket.name}"
-
-
-def test_s3_test_event_is_among_the_samples() -> None:
-    """S3 sends `s3:TestEvent` when the notification is set up; the verifier must see (and drop) one."""
-    bodies = [json.loads(record.body) for _, event in sqs_events() for record in SQSEvent(event).records]
-    assert any(body.get("Event") == "s3:TestEvent" and "Records" not in body for body in bodies)
+        body = json.loads(record.body)
+        assert set(body) == {"packs", "source"}
+        assert 0 < len(body["packs"]) <= 300
+        assert all(SHA256_HEX.match(pack) for pack in body["packs"])
+        assert MANIFEST_ID.match(body["source"])
 
 
 # ---------------------------------------------------------------- scheduled events

@@ -46,6 +46,7 @@ FUNCTIONS = (
     "GcFunction",
     "StaleHostsFunction",  # its IAM/SNS grants and schedule: tests/unit/test_template_ops.py
 )
+BY_HOST_KEYS = [("host", "HASH"), ("pk", "RANGE")]
 TABLE_KEYS = {
     "BlobIndexTable": [("pk", "HASH"), ("sk", "RANGE")],
     "ManifestTable": [("host", "HASH"), ("manifest_id", "RANGE")],
@@ -224,35 +225,27 @@ def test_public_access_is_fully_blocked_and_acls_disabled(resources: dict[str, A
     assert bucket["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
 
 
-def test_new_packs_notify_the_pack_landed_queue(resources: dict[str, Any]) -> None:
+def test_the_bucket_sends_no_notifications(resources: dict[str, Any]) -> None:
+    """Verification is asked for by the commit (VerifyQueue), not per landed pack: no message per PUT."""
     bucket = resources["BackupBucket"]
-    (notification,) = bucket["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
-    assert notification["Event"] == "s3:ObjectCreated:*"
-    assert render(notification["Queue"]) == "${PackLandedQueue.Arn}"
-    assert notification["Filter"]["S3Key"]["Rules"] == [{"Name": "prefix", "Value": "packs/"}]
-    # S3 validates the destination at bucket creation: the queue policy must exist first.
-    assert "PackLandedQueuePolicy" in as_list(bucket["DependsOn"])
+    assert "NotificationConfiguration" not in bucket["Properties"]
+    assert not [r for r in resources.values() if r["Type"] == "AWS::SQS::QueuePolicy"]
 
 
-def test_queue_policy_admits_exactly_this_bucket(resources: dict[str, Any]) -> None:
-    bucket_name = render(resources["BackupBucket"]["Properties"]["BucketName"])
-    policy = resources["PackLandedQueuePolicy"]["Properties"]
-    assert [render(queue) for queue in policy["Queues"]] == ["${PackLandedQueue}"]
-    (statement,) = statements(policy["PolicyDocument"])
-    assert statement["Principal"] == {"Service": "s3.amazonaws.com"}
-    assert actions(statement) == ["sqs:sendmessage"]
-    source_arn = render(statement["Condition"]["ArnEquals"]["aws:SourceArn"])
-    assert source_arn == f"arn:${{AWS::Partition}}:s3:::{bucket_name}"
-    assert render(statement["Condition"]["StringEquals"]["aws:SourceAccount"]) == "${AWS::AccountId}"
-
-
-def test_queues_are_encrypted_and_redrive_to_the_dead_letter_queue(resources: dict[str, Any]) -> None:
-    queue = resources["PackLandedQueue"]["Properties"]
-    dead_letters = resources["PackLandedDeadLetterQueue"]["Properties"]
-    assert queue["SqsManagedSseEnabled"] is True
+@pytest.mark.parametrize("queue", ["VerifyQueue", "RetentionQueue"])
+def test_queues_are_encrypted_and_redrive_to_the_dead_letter_queue(
+    resources: dict[str, Any], queue: str
+) -> None:
+    properties = resources[queue]["Properties"]
+    dead_letter_id = (
+        render(properties["RedrivePolicy"]["deadLetterTargetArn"]).strip("${}").removesuffix(".Arn")
+    )
+    dead_letters = resources[dead_letter_id]["Properties"]
+    assert dead_letter_id == queue.removesuffix("Queue") + "DeadLetterQueue"
+    assert properties["SqsManagedSseEnabled"] is True
     assert dead_letters["SqsManagedSseEnabled"] is True
-    assert render(queue["RedrivePolicy"]["deadLetterTargetArn"]) == "${PackLandedDeadLetterQueue.Arn}"
-    assert 3 <= queue["RedrivePolicy"]["maxReceiveCount"] <= 10
+    assert 3 <= properties["RedrivePolicy"]["maxReceiveCount"] <= 10
+    assert dead_letters["MessageRetentionPeriod"] == 1209600
 
 
 # ---------------------------------------------------------------- bucket policy
@@ -375,9 +368,22 @@ def test_table_is_retained_recoverable_encrypted_and_on_demand(
 def test_table_keys_follow_the_contract(resources: dict[str, Any], logical_id: str, keys: list[Any]) -> None:
     properties = resources[logical_id]["Properties"]
     assert [(key["AttributeName"], key["KeyType"]) for key in properties["KeySchema"]] == keys
+    index_keys = [
+        (key["AttributeName"], key["KeyType"])
+        for index in properties.get("GlobalSecondaryIndexes", [])
+        for key in index["KeySchema"]
+    ]
     assert {(a["AttributeName"], a["AttributeType"]) for a in properties["AttributeDefinitions"]} == {
-        (name, "S") for name, _ in keys
+        (name, "S") for name, _ in keys + index_keys
     }
+
+
+def test_pack_registry_lists_a_hosts_packs_through_by_host(resources: dict[str, Any]) -> None:
+    (index,) = resources["BlobIndexTable"]["Properties"]["GlobalSecondaryIndexes"]
+    assert index["IndexName"] == "ByHost"
+    assert [(key["AttributeName"], key["KeyType"]) for key in index["KeySchema"]] == BY_HOST_KEYS
+    assert index["Projection"] == {"ProjectionType": "ALL"}  # list_host returns whole PackRecords
+    assert "ProvisionedThroughput" not in index  # on demand, like the table
 
 
 def test_jobs_expire_through_ttl(resources: dict[str, Any]) -> None:
@@ -502,16 +508,35 @@ EXPECTED_GRANTS: dict[str, dict[str, dict[str, set[str]]]] = {
     },
     "StaleHostsFunction": {"s3:": {}, "kms:": {}},
 }
+BY_HOST = "${BlobIndexTable.Arn}/index/ByHost"
 EXPECTED_TABLES = {
     "UploadApiFunction": {"${BlobIndexTable.Arn}"},
     "ManifestApiFunction": {"${ManifestTable.Arn}", "${BlobIndexTable.Arn}", "${JobsTable.Arn}"},
-    "RestoreApiFunction": {"${BlobIndexTable.Arn}"},
+    "RestoreApiFunction": {"${BlobIndexTable.Arn}", BY_HOST},
     "VerifyPackFunction": {"${BlobIndexTable.Arn}"},
     "ExtendRetentionFunction": {"${BlobIndexTable.Arn}"},
     "GcFunction": {"${ManifestTable.Arn}", "${BlobIndexTable.Arn}", "${JobsTable.Arn}"},
     "StaleHostsFunction": {"${ManifestTable.Arn}"},
 }
 DYNAMODB_READS = {"dynamodb:getitem", "dynamodb:batchgetitem", "dynamodb:query"}
+# What each function does to the pack registry (docs/PACK_INDEX.md), and nothing more.
+EXPECTED_REGISTRY_ACTIONS = {
+    "UploadApiFunction": {
+        "dynamodb:getitem",
+        "dynamodb:batchgetitem",
+        "dynamodb:putitem",
+        "dynamodb:updateitem",
+    },
+    "ManifestApiFunction": {
+        "dynamodb:getitem",
+        "dynamodb:batchgetitem",
+        "dynamodb:updateitem",
+        "dynamodb:conditioncheckitem",
+    },
+    "RestoreApiFunction": {"dynamodb:getitem", "dynamodb:batchgetitem"},
+    "VerifyPackFunction": {"dynamodb:getitem", "dynamodb:batchgetitem", "dynamodb:updateitem"},
+    "ExtendRetentionFunction": {"dynamodb:getitem", "dynamodb:batchgetitem", "dynamodb:updateitem"},
+}
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
@@ -536,9 +561,40 @@ def test_restore_api_only_reads_the_index(resources: dict[str, Any]) -> None:
     assert set(allowed(function_role(resources, "RestoreApiFunction"), "dynamodb:")) <= DYNAMODB_READS
 
 
+@pytest.mark.parametrize("function", sorted(EXPECTED_REGISTRY_ACTIONS))
+def test_function_registry_grants_are_what_it_does(resources: dict[str, Any], function: str) -> None:
+    grants = allowed(function_role(resources, function), "dynamodb:")
+    on_registry = {action for action, targets in grants.items() if "${BlobIndexTable.Arn}" in targets}
+    assert on_registry == EXPECTED_REGISTRY_ACTIONS[function]
+
+
+def test_only_the_restore_api_queries_by_host(resources: dict[str, Any]) -> None:
+    querying = {
+        function
+        for function in FUNCTIONS
+        if BY_HOST in allowed(function_role(resources, function), "dynamodb:").get("dynamodb:query", set())
+    }
+    assert querying == {"RestoreApiFunction"}
+    assert allowed(function_role(resources, "RestoreApiFunction"), "dynamodb:")["dynamodb:query"] == {BY_HOST}
+
+
+def test_the_commit_sends_verification_requests_to_the_verify_queue(resources: dict[str, Any]) -> None:
+    properties = resources["ManifestApiFunction"]["Properties"]
+    assert properties["Environment"]["Variables"]["VERIFY_QUEUE_URL"] == {"Ref": "VerifyQueue"}
+    sends = allowed(function_role(resources, "ManifestApiFunction"), "sqs:")["sqs:sendmessage"]
+    assert sends == {"${VerifyQueue.Arn}", "${RetentionQueue.Arn}"}
+    senders = {
+        function
+        for function in FUNCTIONS
+        if "${VerifyQueue.Arn}"
+        in allowed(function_role(resources, function), "sqs:").get("sqs:sendmessage", set())
+    }
+    assert senders == {"ManifestApiFunction"}
+
+
 @pytest.mark.parametrize(
     ("queue", "function"),
-    [("PackLandedQueue", "VerifyPackFunction"), ("RetentionQueue", "ExtendRetentionFunction")],
+    [("VerifyQueue", "VerifyPackFunction"), ("RetentionQueue", "ExtendRetentionFunction")],
 )
 def test_queue_workers_report_partial_batch_failures(
     resources: dict[str, Any], queue: str, function: str
@@ -671,6 +727,7 @@ def test_restore_role_may_call_only_the_read_routes(resources: dict[str, Any]) -
         prefix + "GET/manifests",
         prefix + "GET/manifests/*",
         prefix + "GET/jobs/*",
+        prefix + "GET/packs",
         prefix + "POST/downloads",
     }
 
@@ -735,7 +792,7 @@ def test_alarms_always_exist_and_watch_the_dead_letters(resources: dict[str, Any
         for alarm in alarms.values()
         for dimension in alarm["Properties"]["Dimensions"]
     }
-    assert "${PackLandedDeadLetterQueue.QueueName}" in watched
+    assert "${VerifyDeadLetterQueue.QueueName}" in watched
     assert "${RetentionDeadLetterQueue.QueueName}" in watched
     assert "Condition" not in resources["AlarmTopic"]
     assert "Condition" not in resources["StaleHostsFunction"]
