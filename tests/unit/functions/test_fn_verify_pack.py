@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -159,3 +160,14 @@ def test_a_transient_failure_fails_only_its_message(verifier: Any, backend: Serv
     backend.store.client.meta.events.register("provide-client-params.s3.GetObject", refuse)
     assert run(verifier, message(pack.pack_id), message(other.pack_id)) == ["message-0"]
     assert (state_of(backend, pack.pack_id), state_of(backend, other.pack_id)) == ("presigned", "verified")
+
+
+def test_a_pack_gc_condemns_while_it_is_read_stays_condemned(verifier: Any, backend: Services) -> None:
+    pack = store_pack(backend, "alpha", [("data", b"dead by the time it is checked")])
+
+    def condemn_during_read(**_: Any) -> None:
+        backend.registry.condemn(pack.pack_id, datetime.now(timezone.utc))
+
+    backend.store.client.meta.events.register("before-call.s3.GetObject", condemn_during_read)
+    assert run(verifier, message(pack.pack_id)) == []
+    assert state_of(backend, pack.pack_id) == "condemned"
