@@ -1,34 +1,32 @@
-"""Garbage collection: forget manifests outside the keep rules, mark, condemn, after a grace period delete.
+"""Garbage collection (index v2, docs/PACK_INDEX.md "gc v2"): forget, mark, condemn packs, later delete them.
 
 One run (GcFunction, on a schedule, under GcRole):
 
 1. Lease: one run at a time (an item in JobsTable that expires, so a crashed run never blocks the next).
 2. Forget: per host, manifests outside the keep rules (sysbackup_domain.keep; never the newest, never below
-   the minimum, never one still locked) lose their catalogue item; their documents' versions are deleted
-   (their locks have lapsed, or the keep rules would have kept them).
-3. Mark: from every live manifest (root tree, snapshot stream indexes) the whole Merkle tree is walked, each
-   tree read once; every reachable blob is live and remembers the latest retain_until of its manifests.
-   A mark that cannot finish (a tree unreadable, out of time) stops the run before anything is condemned.
-4. Sweep, phase one: index items of blobs nobody reaches, older than the grace period (younger ones may
-   belong to a backup in flight), get `condemned_at`, and the closed marks of those blobs are deleted:
-   a condemned blob never answers dedup and a commit walking onto it is refused. Live blobs that were
-   condemned earlier lose `condemned_at` again. Condemning happens inside a window of gc's epoch (odd while
-   open): manifests committed before it opened are re-listed and marked first, and a commit whose walk began
-   before it closed fails its transaction's epoch check and walks again (see GcEpoch).
-5. Sweep, phase two: a pack that no live item points to, whose items were all condemned at least the grace
-   period ago (or that no item ever pointed to: an orphan of a crashed run older than the grace period),
-   is deleted version by version once its lock has lapsed (GOVERNANCE locks are bypassed only if the policy
-   says so; COMPLIANCE locks are waited for). Its condemned items and its pack item go after it. First its
-   pack item moves to `deleting`, conditional on nothing having been indexed into it since the scan (its
-   `version`); register, adopt and the verifier refuse a `deleting` pack, so no claim lands on a pack as
-   it goes (a still-locked pack goes back to its state).
-6. Repack: a live pack whose live blobs are a small share of its blob bytes, every other item of which is
-   condemned, is rewritten: its live blobs go into a new pack (locked, If-None-Match, like a host's upload),
-   their items move to it, and the old pack, now only condemned items, goes in a later run (phase two).
+   the minimum, never one still locked) lose their catalogue item, then their documents' lapsed versions.
+3. Map and mark: every registry pack not `deleting` has its trailer read (`hash -> [pack_id]`); from every
+   kept manifest (root tree, snapshot stream indexes) the Merkle tree is walked, trees read through that
+   map. A blob is reached *for a host* (the manifest's): only packs whose `hosts` hold that host can serve
+   it. A mark that cannot finish stops the run before anything is condemned.
+4. Repack, first half: a live pack whose live blob bytes are a small share is rewritten: its live blobs go
+   into a new pack (same hosts, locked, If-None-Match, like a host's upload), recorded as verified.
+5. Condemning window (gc's epoch odd, see GcEpoch): manifests committed since the mark are marked too, with
+   the registry scanned again; then a pack is
+   - live if it holds a blob reached for one of its hosts and is not condemned (the lock need is the latest
+     retain_until of the manifests reaching it);
+   - revived if it is condemned but some blob reached for one of its hosts has no other usable holder for
+     that host (a commit raced gc, or a repacked pack failed);
+   - condemned if nothing reaches it and it is older than the grace period (younger ones may belong to a
+     backup in flight); repacked packs are condemned with `superseded_by` their new pack.
+6. Delete: a pack condemned longer than the grace period goes once no version of it is locked (GOVERNANCE
+   locks are bypassed only if the policy says so): `deleting` first (conditional on `condemned_at`: a pack
+   presign revived meanwhile stays), then every version by version id, then its item. A crashed run's
+   `deleting` pack is finished by the next run.
 7. Locks: live packs whose recorded lock ends before their manifests' latest retain_until are sent to the
    retention worker (RetentionQueue).
 
-`dry_run` computes and reports all of it and writes nothing. Every step is idempotent and conditional, so
+`dry_run` computes and reports all of it and writes nothing. Every write is conditional and idempotent, so
 a run that crashes anywhere is finished by the next one.
 """
 
@@ -38,7 +36,8 @@ import hashlib
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -53,24 +52,12 @@ from sysbackup_domain.retention import iso_utc, parse_iso_utc
 from sysbackup_domain.tree import decode_tree
 
 from .catalogue import HEAD_ID, Catalogue, ManifestSummary
-from .dynamo import batch_get, is_condition_failure
+from .dynamo import is_condition_failure
 from .errors import SettingsError
-from .index import (
-    PACK_DELETING,
-    PACK_PRESIGNED,
-    PACK_REGISTERED,
-    PACK_SK,
-    VERIFIED_SK,
-    BlobIndex,
-    BlobLocation,
-    blob_pk,
-    host_sk,
-    pack_pk,
-)
+from .registry import PACK_CONDEMNED, PACK_DELETING, PACK_PRESIGNED, USABLE_STATES, PackRecord, PackRegistry
 from .retention_worker import RetentionQueue
 from .settings import non_negative_int
 from .store import PackStore, pack_checksum, pack_key
-from .walk import read_stored_blobs
 
 logger = Logger(child=True)
 
@@ -78,6 +65,9 @@ LEASE_ID = "gc#lease"
 # Longer than GcFunction's timeout: a lease outlives its run only when the run crashed.
 LEASE_SECONDS = 20 * 60
 NODES_PER_STEP = 500
+PARALLEL_READS = 8
+# Nearby blobs of one pack are read with one ranged GET when the gap between them is at most this.
+MAX_RANGE_GAP_BYTES = 256 * 1024
 # The report lists at most this many deleted pack ids (it is a Lambda result: 6 MB at most); counts are exact.
 MAX_LISTED_PACKS = 1000
 TREE = "tree"
@@ -119,6 +109,9 @@ def policy_from_environment(env: Mapping[str, str]) -> GcPolicy:
 
 @dataclass
 class GcReport:
+    """What a run did (or, dry, would do). `blobs_*` count the blobs of live / condemned / revived packs;
+    `redundant_claims_dropped` and `closed_marks_dropped` stay 0 since index v2 (no per-blob items)."""
+
     dry_run: bool
     started: str
     complete: bool = False
@@ -134,6 +127,8 @@ class GcReport:
     redundant_claims_dropped: int = 0
     closed_marks_dropped: int = 0
     packs_live: int = 0
+    packs_condemned: int = 0
+    packs_revived: int = 0
     packs_deleted: int = 0
     pack_versions_deleted: int = 0
     packs_waiting_for_lock: int = 0
@@ -161,8 +156,8 @@ class GcEpoch:
     """A counter in BlobIndexTable that gc makes odd while it condemns and even again after.
 
     A commit records the (even) epoch its walk started in and its transaction checks it is unchanged: a walk
-    that may have seen a blob before gc condemned it never commits; it walks again (closed marks of condemned
-    blobs are gone, so the new walk sees them). An odd epoch past `condemning_until` is a crashed run's.
+    that may have seen a pack usable before gc condemned it never commits; it walks again (and is refused
+    the condemned pack). An odd epoch past `condemning_until` is a crashed run's.
     """
 
     number: int
@@ -172,13 +167,13 @@ class GcEpoch:
         return self.number % 2 == 0 or (self.condemning_until or "") < iso_utc(now)
 
 
-def read_gc_epoch(index: BlobIndex) -> GcEpoch:
-    response = index.client.get_item(TableName=index.table_name, Key=EPOCH_KEY, ConsistentRead=True)
+def read_gc_epoch(registry: PackRegistry) -> GcEpoch:
+    response = registry.client.get_item(TableName=registry.table_name, Key=EPOCH_KEY, ConsistentRead=True)
     item = response.get("Item") or {}
     return GcEpoch(int(item.get("number", 0)), item.get("condemning_until"))
 
 
-def epoch_unchanged_check(index: BlobIndex, number: int) -> dict[str, Any]:
+def epoch_unchanged_check(registry: PackRegistry, number: int) -> dict[str, Any]:
     """A transaction item that fails if gc has opened a condemning window since `number` was read."""
     if number == 0:
         condition: dict[str, Any] = {"ConditionExpression": "attribute_not_exists(pk)"}
@@ -188,74 +183,119 @@ def epoch_unchanged_check(index: BlobIndex, number: int) -> dict[str, Any]:
             "ExpressionAttributeNames": {"#number": "number"},
             "ExpressionAttributeValues": {":number": number},
         }
-    return {"ConditionCheck": {"TableName": index.table_name, "Key": dict(EPOCH_KEY), **condition}}
+    return {"ConditionCheck": {"TableName": registry.table_name, "Key": dict(EPOCH_KEY), **condition}}
 
 
-# --------------------------------------------------------------------------------------------- index scan
+# --------------------------------------------------------------------------------------------- pack map
 
 
-@dataclass
-class BlobItem:
-    blob: str
-    sk: str
-    pack_id: str
-    length: int
-    stamp: str  # registered_at / verified_at
-    condemned_at: str | None
+def _object_absent(error: ClientError) -> bool:
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    return code in ("404", "NoSuchKey", "NoSuchVersion", "InvalidRange")
 
 
-@dataclass
-class IndexSnapshot:
-    """Every blob item, closed mark and pack item of BlobIndexTable, as one scan saw them."""
+class PackMap:
+    """The registry as gc last scanned it, and each pack's trailer entries (`hash -> [pack_id]`)."""
 
-    blob_items: list[BlobItem] = field(default_factory=list)
-    closed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # blob -> sort keys
-    packs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    def __init__(self, store: PackStore) -> None:
+        self.store = store
+        self.records: dict[str, PackRecord] = {}
+        self.entries: dict[str, dict[str, PackEntry]] = {}  # pack -> hash -> entry, readable trailers only
+        self.holders: dict[str, list[str]] = {}
 
+    def load(self, registry: PackRegistry, deadline: float) -> None:
+        """Scan the registry; read the trailers not read yet (packs without one are tried again: a pack
+        presigned a moment ago may have landed since)."""
+        self.records = {record.pack_id: record for record in registry.scan()}
+        self.entries = {pack_id: found for pack_id, found in self.entries.items() if pack_id in self.records}
+        unread = [
+            record
+            for pack_id, record in sorted(self.records.items())
+            if record.state != PACK_DELETING and pack_id not in self.entries
+        ]
+        if time.monotonic() > deadline:
+            raise GcIncomplete("out of time while reading pack trailers")
+        with ThreadPoolExecutor(max_workers=PARALLEL_READS) as pool:
+            for record, entries in zip(unread, pool.map(self._read_trailer, unread), strict=True):
+                if entries:
+                    self.entries[record.pack_id] = {entry.hash: entry for entry in entries}
+        holders: dict[str, list[str]] = defaultdict(list)
+        for pack_id, entries_of_pack in self.entries.items():
+            if self.records[pack_id].state != PACK_DELETING:
+                for blob in entries_of_pack:
+                    holders[blob].append(pack_id)
+        self.holders = dict(holders)
 
-def scan_index(index: BlobIndex) -> IndexSnapshot:
-    snapshot = IndexSnapshot()
-    for page in index.client.get_paginator("scan").paginate(TableName=index.table_name, ConsistentRead=True):
-        for item in page.get("Items", []):
-            _file_item(snapshot, item)
-    return snapshot
-
-
-def _file_item(snapshot: IndexSnapshot, item: dict[str, Any]) -> None:
-    pk, sk = str(item["pk"]), str(item["sk"])
-    if pk.startswith("pack#") and sk == PACK_SK:
-        snapshot.packs[pk.removeprefix("pack#")] = item
-    elif pk.startswith("blob#") and sk.startswith("closed#"):
-        snapshot.closed[pk.removeprefix("blob#")].append(sk)
-    elif pk.startswith("blob#") and "pack_id" in item:
-        snapshot.blob_items.append(
-            BlobItem(
-                blob=pk.removeprefix("blob#"),
-                sk=sk,
-                pack_id=str(item["pack_id"]),
-                length=int(item.get("length", 0)),
-                stamp=str(item.get("registered_at") or item.get("verified_at") or ""),
-                condemned_at=item.get("condemned_at"),
+    def _read_trailer(self, record: PackRecord) -> list[PackEntry]:
+        """A pack's entries; none if its object is not there (never uploaded) or has no valid trailer."""
+        try:
+            return self.store.read_pack_trailer(record.pack_id, record.size)
+        except InvalidDocument as error:
+            logger.warning(
+                "pack without a valid trailer", extra={"pack_id": record.pack_id, "reason": str(error)}
             )
-        )
+            return []
+        except ClientError as error:
+            if _object_absent(error):
+                return []
+            raise
+
+    def add(self, record: PackRecord, entries: Iterable[PackEntry]) -> None:
+        """A pack gc wrote itself during this run."""
+        self.records[record.pack_id] = record
+        self.entries[record.pack_id] = {entry.hash: entry for entry in entries}
+        for blob in self.entries[record.pack_id]:
+            self.holders.setdefault(blob, []).append(record.pack_id)
+
+    def source_for(self, blob: str, host: str) -> str | None:
+        """The pack to read `blob` from for `host`: one the host may use (verified first), else any holder."""
+
+        def preference(pack_id: str) -> tuple[bool, bool, str]:
+            record = self.records[pack_id]
+            return (not record.usable_by(host), record.state != "verified", pack_id)
+
+        holders = self.holders.get(blob)
+        return min(holders, key=preference) if holders else None
 
 
 # --------------------------------------------------------------------------------------------- mark
 
 
-class Marker:
-    """Walks live manifests' Merkle trees; `live` maps each reachable blob to its latest retain_until."""
+@dataclass
+class Reach:
+    """Per reachable blob: the hosts whose kept manifests reach it, and the latest retain_until among them."""
 
-    def __init__(self, index: BlobIndex, store: PackStore, deadline: float) -> None:
-        self.index = index
-        self.store = store
+    hosts: dict[str, frozenset[str]] = field(default_factory=dict)
+    until: dict[str, str] = field(default_factory=dict)
+    # Host sets are shared between blobs: most blobs are reached by the same one or two hosts.
+    _interned: dict[frozenset[str], frozenset[str]] = field(default_factory=dict)
+
+    def note(self, blob: str, host: str, retain_until: str) -> None:
+        hosts = self.hosts.get(blob, frozenset())
+        if host not in hosts:
+            united = hosts | {host}
+            self.hosts[blob] = self._interned.setdefault(united, united)
+        if self.until.get(blob, "") < retain_until:
+            self.until[blob] = retain_until
+
+    def reached_for(self, blob: str, hosts: frozenset[str]) -> frozenset[str]:
+        """The hosts among `hosts` whose manifests reach `blob`."""
+        return self.hosts.get(blob, frozenset()) & hosts
+
+
+class Marker:
+    """Walks kept manifests' Merkle trees into a Reach, reading trees and stream indexes through a PackMap."""
+
+    def __init__(self, packs: PackMap, deadline: float) -> None:
+        self.packs = packs
         self.deadline = deadline
-        self.live: dict[str, str] = {}
-        self.visited_nodes: set[str] = set()
+        self.reach = Reach()
+        self.walked: dict[str, set[str]] = defaultdict(set)  # node -> hosts it was walked for
         self.trees_read = 0
 
     def mark(self, host: str, root: str | None, stream_indexes: Iterable[str], retain_until: str) -> None:
-        """Mark one manifest. Call in descending retain_until order: a node is walked only the first time."""
+        """Mark one manifest. Call in descending retain_until order: a node is walked once per host, the
+        first time having the latest retain_until of all manifests reaching it."""
         pending = [(blob, STREAM) for blob in stream_indexes]
         if root is not None:
             pending.append((root, TREE))
@@ -265,95 +305,173 @@ class Marker:
             batch, pending = pending[:NODES_PER_STEP], pending[NODES_PER_STEP:]
             pending.extend(self._step(host, batch, retain_until))
 
-    def _note_live(self, blob: str, retain_until: str) -> None:
-        if self.live.get(blob, "") < retain_until:
-            self.live[blob] = retain_until
-
     def _step(self, host: str, batch: list[tuple[str, str]], retain_until: str) -> list[tuple[str, str]]:
-        for blob, _ in batch:
-            self._note_live(blob, retain_until)
-        fresh = {blob: kind for blob, kind in batch if blob not in self.visited_nodes}
-        self.visited_nodes.update(fresh)
-        if not fresh:
-            return []
-        locations = self._locate(host, fresh)
-        unknown = sorted(set(fresh) - set(locations))
-        if unknown:
-            raise GcIncomplete(f"{len(unknown)} live nodes have no index item, e.g. {unknown[0]}")
+        fresh: dict[str, str] = {}
+        for blob, kind in batch:
+            self.reach.note(blob, host, retain_until)
+            if host not in self.walked[blob]:
+                self.walked[blob].add(host)
+                fresh[blob] = kind
         children: list[tuple[str, str]] = []
-        for blob, plaintext in self._read(locations).items():
+        for blob, plaintext in self._read(host, fresh).items():
             try:
                 if fresh[blob] == TREE:
-                    tree = decode_tree(plaintext)
                     self.trees_read += 1
-                    for entry in tree.entries:
+                    for entry in decode_tree(plaintext).entries:
                         for content in entry.content:
-                            self._note_live(content, retain_until)
+                            self.reach.note(content, host, retain_until)
                         if entry.subtree is not None:
                             children.append((entry.subtree, TREE))
                 else:
                     for chunk in decode_stream_index(plaintext):
-                        self._note_live(chunk, retain_until)
+                        self.reach.note(chunk, host, retain_until)
             except InvalidDocument as error:
                 raise GcIncomplete(f"live node {blob} does not decode: {error}") from None
         return children
 
-    def _locate(self, host: str, blobs: Iterable[str]) -> dict[str, BlobLocation]:
-        """Where to read each node: the verified copy, else the manifest host's claim (condemned or not)."""
-        keys = [{"pk": blob_pk(blob), "sk": sk} for blob in blobs for sk in (VERIFIED_SK, host_sk(host))]
-        found: dict[str, BlobLocation] = {}
-        for item in batch_get(self.index.client, self.index.table_name, keys):
-            blob = item["pk"].removeprefix("blob#")
-            if blob not in found or item["sk"] == VERIFIED_SK:
-                found[blob] = BlobLocation.from_item(item)
-        return found
-
-    def _read(self, locations: dict[str, BlobLocation]) -> dict[str, bytes]:
+    def _read(self, host: str, nodes: Iterable[str]) -> dict[str, bytes]:
+        """Plaintexts of the nodes, checked against their hashes; GcIncomplete if one cannot be read."""
+        wanted: dict[str, list[PackEntry]] = defaultdict(list)
+        for node in nodes:
+            pack_id = self.packs.source_for(node, host)
+            if pack_id is None:
+                raise GcIncomplete(f"live node {node} is in no readable pack")
+            wanted[pack_id].append(self.packs.entries[pack_id][node])
         plaintexts: dict[str, bytes] = {}
-        for blob, location, stored in read_stored_blobs(self.store, locations):
+        for entry, stored in read_blobs(self.packs.store, wanted):
             try:
-                plaintexts[blob] = open_blob(location.entry(blob), stored)
+                plaintexts[entry.hash] = open_blob(entry, stored)
             except CorruptBlob as error:
-                raise GcIncomplete(f"live node {blob} is corrupt: {error}") from None
+                raise GcIncomplete(f"live node {entry.hash} is corrupt: {error}") from None
         return plaintexts
 
 
+def read_blobs(store: PackStore, wanted: Mapping[str, list[PackEntry]]) -> list[tuple[PackEntry, memoryview]]:
+    """Each entry's stored bytes: a ranged GET per pack per cluster of nearby blobs, the GETs in parallel."""
+    reads: list[tuple[str, int, int, list[PackEntry]]] = []
+    for pack_id, entries in wanted.items():
+        for entry in sorted(entries, key=lambda e: e.offset):
+            end = entry.offset + entry.length
+            if reads and reads[-1][0] == pack_id and entry.offset - reads[-1][2] <= MAX_RANGE_GAP_BYTES:
+                _, start, last_end, members = reads[-1]
+                reads[-1] = (pack_id, start, max(last_end, end), [*members, entry])
+            else:
+                reads.append((pack_id, entry.offset, end, [entry]))
+    if not reads:
+        return []
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(reads))) as pool:
+        spans = list(pool.map(lambda read: store.read_range(pack_key(read[0]), read[1], read[2] - 1), reads))
+    found: list[tuple[PackEntry, memoryview]] = []
+    for (_, start, _, members), span in zip(reads, spans, strict=True):
+        view = memoryview(span)
+        found.extend(
+            (entry, view[entry.offset - start : entry.offset - start + entry.length]) for entry in members
+        )
+    return found
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+
+
+@dataclass
+class Verdicts:
+    """What becomes of each pack not being deleted, judged from one scan and one mark."""
+
+    live: dict[str, str] = field(default_factory=dict)  # pack -> latest retain_until of its manifests
+    condemn: list[str] = field(default_factory=list)
+    revive: list[str] = field(default_factory=list)
+    ripe: list[PackRecord] = field(default_factory=list)  # condemned over the grace period ago: delete
+
+
+def live_blobs(packs: PackMap, reach: Reach, record: PackRecord) -> list[PackEntry]:
+    """The pack's blobs a kept manifest of one of the pack's hosts reaches."""
+    entries = packs.entries.get(record.pack_id, {})
+    return [entry for blob, entry in entries.items() if reach.reached_for(blob, record.hosts)]
+
+
+def _needs_reviving(packs: PackMap, reach: Reach, record: PackRecord) -> bool:
+    """A condemned pack holds a blob reached for one of its hosts that no usable pack serves that host."""
+    for entry in live_blobs(packs, reach, record):
+        for host in reach.reached_for(entry.hash, record.hosts):
+            others = (packs.records[pack_id] for pack_id in packs.holders.get(entry.hash, ()))
+            if not any(other.pack_id != record.pack_id and other.usable_by(host) for other in others):
+                return True
+    return False
+
+
+def judge(packs: PackMap, reach: Reach, young_after: str, ripe_before: str) -> Verdicts:
+    """Live, revived, condemned or ripe for deletion: see the module's docstring (step 5)."""
+    verdicts = Verdicts()
+    for pack_id, record in sorted(packs.records.items()):
+        if record.state == PACK_DELETING:
+            continue
+        alive = live_blobs(packs, reach, record)
+        if record.state == PACK_CONDEMNED:
+            if _needs_reviving(packs, reach, record):
+                verdicts.revive.append(pack_id)
+                verdicts.live[pack_id] = max(reach.until[entry.hash] for entry in alive)
+            elif (record.condemned_at or "") <= ripe_before:
+                verdicts.ripe.append(record)
+        elif alive:
+            verdicts.live[pack_id] = max(reach.until[entry.hash] for entry in alive)
+        elif record.created_at <= young_after:
+            verdicts.condemn.append(pack_id)
+    return verdicts
+
+
+def mostly_dead(
+    packs: PackMap, reach: Reach, live: Iterable[str], ratio: float, young_after: str
+) -> list[str]:
+    """Live, usable, settled packs whose live blob bytes are at most `ratio` of their blob bytes."""
+    candidates: list[str] = []
+    for pack_id in sorted(live):
+        record = packs.records[pack_id]
+        if record.state not in USABLE_STATES or record.created_at > young_after:
+            continue
+        live_bytes = sum(entry.length for entry in live_blobs(packs, reach, record))
+        all_bytes = sum(entry.length for entry in packs.entries[pack_id].values())
+        if live_bytes < all_bytes and live_bytes <= all_bytes * ratio:
+            candidates.append(pack_id)
+    return candidates
+
+
+def _served_by(packs: PackMap, reach: Reach, verdicts: Verdicts, old: str, done: Repacked) -> bool:
+    """A repacked pack may go: its new pack holds every blob now reached in it, for every host it serves now
+    (a host added by presign since the repack, or a late manifest, keeps the old pack a run longer)."""
+    record = packs.records[old]
+    if not record.hosts <= done.hosts or done.new_pack not in verdicts.live:
+        return False
+    return {entry.hash for entry in live_blobs(packs, reach, record)} <= done.blobs
+
+
 # --------------------------------------------------------------------------------------------- the run
-
-
-def _pack_needs(snapshot: IndexSnapshot, live: dict[str, str]) -> dict[str, str]:
-    """Live packs -> the latest retain_until of the manifests whose blobs they hold."""
-    need: dict[str, str] = {}
-    for item in snapshot.blob_items:
-        until = live.get(item.blob)
-        if until is not None and need.get(item.pack_id, "") < until:
-            need[item.pack_id] = until
-    return need
-
-
-def _redundant_claim(item: BlobItem, verified_in: dict[str, str], young: str) -> bool:
-    """A host's old claim on a copy in another pack than the blob's verified one: every lookup prefers the
-    verified copy, so the claim only keeps a redundant pack alive (two hosts uploaded the same blob)."""
-    return (
-        item.sk.startswith("host#")
-        and verified_in.get(item.blob, item.pack_id) != item.pack_id
-        and bool(item.stamp)
-        and item.stamp <= young
-    )
 
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _status(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
+@dataclass(frozen=True)
+class ObjectVersion:
+    version_id: str
+    size: int
+    locked_until: datetime | None  # None for a delete marker or an unlocked version
+    is_marker: bool = False
+
+
+@dataclass
+class Repacked:
+    """A mostly-dead pack rewritten this run: `new_pack` holds `blobs`, and may serve `hosts`."""
+
+    new_pack: str
+    blobs: frozenset[str]
+    hosts: frozenset[str]
 
 
 class GarbageCollector:
     def __init__(
         self,
-        index: BlobIndex,
+        registry: PackRegistry,
         store: PackStore,
         catalogue: Catalogue,
         jobs_table: str,
@@ -362,7 +480,7 @@ class GarbageCollector:
         retention_queue: RetentionQueue | None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        self.index = index
+        self.registry = registry
         self.store = store
         self.catalogue = catalogue
         self.jobs_table = jobs_table
@@ -389,39 +507,44 @@ class GarbageCollector:
                 self._release_lease(owner)
         return report
 
-    def _collect(self, report: GcReport, started: datetime, dry_run: bool, deadline: float) -> None:
-        live_manifests = self._forget(report, started, dry_run)
-        marker = Marker(self.index, self.store, deadline)
-        self._mark_all(marker, live_manifests)
-        snapshot = scan_index(self.index)
+    def _collect(self, report: GcReport, now: datetime, dry_run: bool, deadline: float) -> None:
+        young_after = iso_utc(now - self.policy.grace)
+        kept = self._forget(report, now, dry_run)
+        packs = PackMap(self.store)
+        packs.load(self.registry, deadline)
+        marker = Marker(packs, deadline)
+        self._mark_all(marker, kept)
+        first = judge(packs, marker.reach, young_after, young_after)
+        candidates = mostly_dead(packs, marker.reach, first.live, self.policy.repack_live_ratio, young_after)
+        report.packs_mostly_dead = len(candidates)
+        repacked = {} if dry_run else self._repack(report, packs, marker.reach, candidates, now)
         if not dry_run:
             self._open_condemning_window(self.clock())
         try:
-            # Commits that landed before the window opened are catalogued now: mark them too. Later ones
-            # are refused by their transaction's epoch check and walk again after the window.
-            known = {(m.host, m.manifest_id) for m in live_manifests} | {
+            # Commits that landed before the window opened are catalogued now: mark them too (their new packs
+            # are in a fresh scan). Later ones fail their epoch check and walk again after the window.
+            known = {(m.host, m.manifest_id) for m in kept} | {
                 (host, manifest_id) for host, ids in report.forgotten.items() for manifest_id in ids
             }
             late = [m for m in self._all_summaries() if (m.host, m.manifest_id) not in known]
+            packs.load(self.registry, deadline)
             self._mark_all(marker, late)
-            report.trees_read = marker.trees_read
-            report.blobs_live = len(marker.live)
-            settling = self._sweep_items(report, snapshot, marker.live, started, dry_run)
+            verdicts = judge(packs, marker.reach, young_after, young_after)
+            self._condemn_and_revive(report, packs, marker.reach, verdicts, repacked, now, dry_run)
         finally:
             if not dry_run:
                 self._close_condemning_window()
-        # Packs that just lost claims wait a run: an item the scan did not see might still point to them.
-        self._delete_dead_packs(report, snapshot, marker.live, started, dry_run, settling)
-        repacked = self._repack(report, snapshot, marker.live, started, dry_run)
-        # A repacked pack's live blobs have moved (the new pack is locked as they need): never extend it.
-        self._request_locks(report, snapshot, marker.live, dry_run, skip=repacked)
+        report.trees_read = marker.trees_read
+        crashed = [record for record in packs.records.values() if record.state == PACK_DELETING]
+        self._delete_packs(report, verdicts.ripe + crashed, dry_run)
+        self._request_locks(report, packs, verdicts.live, dry_run)
         report.complete = True
 
     # ----------------------------------------------------------------------------------- lease
     def _take_lease(self, owner: str, now: datetime) -> bool:
         epoch = int(now.timestamp())
         try:
-            self.index.client.put_item(
+            self.registry.client.put_item(
                 TableName=self.jobs_table,
                 Item={
                     "job_id": LEASE_ID,
@@ -441,7 +564,7 @@ class GarbageCollector:
 
     def _release_lease(self, owner: str) -> None:
         try:
-            self.index.client.delete_item(
+            self.registry.client.delete_item(
                 TableName=self.jobs_table,
                 Key={"job_id": LEASE_ID},
                 ConditionExpression="#owner = :owner",
@@ -455,30 +578,28 @@ class GarbageCollector:
     # ----------------------------------------------------------------------------------- epoch
     def _open_condemning_window(self, now: datetime) -> None:
         """Make the epoch odd (a crashed run's odd one moves on by two): no commit walked before lands."""
-        current = read_gc_epoch(self.index)
+        current = read_gc_epoch(self.registry)
         opened = current.number + (2 if current.number % 2 else 1)
         self._set_epoch(current.number, opened, iso_utc(now + timedelta(seconds=LEASE_SECONDS)))
 
     def _close_condemning_window(self) -> None:
-        current = read_gc_epoch(self.index)
+        current = read_gc_epoch(self.registry)
         self._set_epoch(current.number, current.number + 1, None)
 
     def _set_epoch(self, expected: int, number: int, condemning_until: str | None) -> None:
         """Conditional on `expected`: only the lease holder moves the epoch, so a failure here is a bug."""
-        values: dict[str, Any] = {":number": number}
+        values: dict[str, Any] = {":number": number, ":expected": expected}
         update = "SET #number = :number"
         if condemning_until is None:
             update += " REMOVE condemning_until"
         else:
             update += ", condemning_until = :until"
             values[":until"] = condemning_until
-        if expected == 0:
-            condition = "attribute_not_exists(#number) OR #number = :expected"
-        else:
-            condition = "#number = :expected"
-        values[":expected"] = expected
-        self.index.client.update_item(
-            TableName=self.index.table_name,
+        condition = (
+            "attribute_not_exists(#number) OR #number = :expected" if expected == 0 else "#number = :expected"
+        )
+        self.registry.client.update_item(
+            TableName=self.registry.table_name,
             Key=dict(EPOCH_KEY),
             UpdateExpression=update,
             ConditionExpression=condition,
@@ -529,8 +650,13 @@ class GarbageCollector:
             TableName=self.catalogue.table_name,
             Key={"host": summary.host, "manifest_id": summary.manifest_id},
         )
-        deleted, _, _ = self._delete_versions(summary.key)
-        report.manifest_versions_deleted += deleted
+        for version in self._versions(summary.key):
+            if (
+                not version.is_marker
+                and self._deletable(version)
+                and self._delete_version(summary.key, version)
+            ):
+                report.manifest_versions_deleted += 1
         logger.info("manifest forgotten", extra={"host": summary.host, "manifest_id": summary.manifest_id})
 
     # ----------------------------------------------------------------------------------- mark
@@ -543,276 +669,135 @@ class GarbageCollector:
             streams = [snapshot.content for snapshot in document.snapshots if snapshot.content is not None]
             marker.mark(summary.host, document.root, streams, summary.retain_until)
 
-    # ----------------------------------------------------------------------------------- phase one
-    def _sweep_items(
-        self, report: GcReport, snapshot: IndexSnapshot, live: dict[str, str], now: datetime, dry_run: bool
-    ) -> set[str]:
-        """Condemn, revive, drop redundant claims; returns the packs whose claims were dropped."""
-        young = iso_utc(now - self.policy.grace)
-        condemned_blobs: set[str] = set()
-        verified_in = {
-            item.blob: item.pack_id
-            for item in snapshot.blob_items
-            if item.sk == VERIFIED_SK and item.condemned_at is None
-        }
-        redundant: list[BlobItem] = []
-        for item in snapshot.blob_items:
-            if item.blob in live:
-                if _redundant_claim(item, verified_in, young):
-                    if dry_run or self._drop_claim(item):
-                        redundant.append(item)
-                elif item.condemned_at is not None:
-                    report.blobs_revived += 1
-                    if not dry_run:
-                        self._revive(item)
+    # ----------------------------------------------------------------------------------- repack
+    def _repack(
+        self, report: GcReport, packs: PackMap, reach: Reach, candidates: list[str], now: datetime
+    ) -> dict[str, Repacked]:
+        """Write a new pack of each candidate's live blobs (before the window: PUTs take time). The old pack
+        is condemned inside the window, once the late manifests are marked too."""
+        repacked: dict[str, Repacked] = {}
+        for pack_id in candidates:
+            record = packs.records[pack_id]
+            alive = live_blobs(packs, reach, record)
+            try:
+                new_record, entries = self._write_repacked(record, alive, reach, now)
+            except CorruptBlob as error:
+                report.errors.append(f"pack {pack_id} not repacked: {error}")
                 continue
-            if item.condemned_at is not None:
-                condemned_blobs.add(item.blob)
-                continue
-            if item.stamp and item.stamp > young:
-                continue  # may belong to a backup in flight
-            report.blobs_condemned += 1
-            condemned_blobs.add(item.blob)
-            if not dry_run:
-                self._condemn(item, now)
-        # The later steps see the index as it is now: a dropped claim no longer keeps its pack alive.
-        report.redundant_claims_dropped = len(redundant)
-        dropped = {(item.blob, item.sk) for item in redundant}
-        snapshot.blob_items = [item for item in snapshot.blob_items if (item.blob, item.sk) not in dropped]
-        for blob in sorted(condemned_blobs):
-            for sort_key in snapshot.closed.get(blob, []):
-                report.closed_marks_dropped += 1
-                if not dry_run:
-                    self.index.client.delete_item(
-                        TableName=self.index.table_name, Key={"pk": blob_pk(blob), "sk": sort_key}
-                    )
-        return {item.pack_id for item in redundant}
+            packs.add(new_record, entries)
+            repacked[pack_id] = Repacked(new_record.pack_id, frozenset(e.hash for e in entries), record.hosts)
+            report.packs_repacked += 1
+            report.bytes_repacked += new_record.size
+            logger.info("pack repacked", extra={"pack_id": pack_id, "into": new_record.pack_id})
+        return repacked
 
-    def _drop_claim(self, item: BlobItem) -> bool:
-        """Conditional on the claim being unchanged since the scan (a re-registration keeps it)."""
+    def _write_repacked(
+        self, old: PackRecord, alive: list[PackEntry], reach: Reach, now: datetime
+    ) -> tuple[PackRecord, list[PackEntry]]:
+        """Copy the blobs' stored bytes (checked against their hashes) into a new locked pack; record it."""
+        writer = PackWriter()
+        for entry, stored in sorted(
+            read_blobs(self.store, {old.pack_id: alive}), key=lambda pair: pair[0].hash
+        ):
+            open_blob(entry, stored)  # CorruptBlob: never copy a bad blob into a verified pack
+            writer.add_stored(entry.hash, entry.kind, entry.codec, bytes(stored), entry.raw_length)
+        data, entries = writer.finish()
+        new_pack = hashlib.sha256(data).hexdigest()
+        need = max(reach.until[entry.hash] for entry in alive)
+        lock_until = max(parse_iso_utc(need), now) + self.policy.fold_window
         try:
-            self.index.client.delete_item(
-                TableName=self.index.table_name,
-                Key={"pk": blob_pk(item.blob), "sk": item.sk},
-                ConditionExpression="pack_id = :pack AND registered_at = :stamp",
-                ExpressionAttributeValues={":pack": item.pack_id, ":stamp": item.stamp},
+            self.store.client.put_object(
+                Bucket=self.store.bucket,
+                Key=pack_key(new_pack),
+                Body=data,
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=pack_checksum(new_pack),
+                ObjectLockMode=self.lock_mode,
+                ObjectLockRetainUntilDate=lock_until,
+                IfNoneMatch="*",
             )
         except ClientError as error:
-            if not is_condition_failure(error):
-                raise
-            return False
-        return True
+            if error.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise  # 412: a crashed earlier run stored this very pack already
+        record = self.registry.record_repacked(
+            new_pack, old.hosts, len(data), len(entries), iso_utc(lock_until)
+        )
+        return record, entries
 
-    def _condemn(self, item: BlobItem, now: datetime) -> None:
-        """Conditional on the item being unchanged since the scan (a re-registration wins)."""
-        try:
-            self.index.client.update_item(
-                TableName=self.index.table_name,
-                Key={"pk": blob_pk(item.blob), "sk": item.sk},
-                UpdateExpression="SET condemned_at = :now",
-                ConditionExpression=(
-                    "attribute_exists(pk) AND attribute_not_exists(condemned_at) AND pack_id = :pack"
-                    " AND (registered_at = :stamp OR verified_at = :stamp)"
-                ),
-                ExpressionAttributeValues={":now": iso_utc(now), ":pack": item.pack_id, ":stamp": item.stamp},
-            )
-        except ClientError as error:
-            if not is_condition_failure(error):
-                raise
-
-    def _revive(self, item: BlobItem) -> None:
-        try:
-            self.index.client.update_item(
-                TableName=self.index.table_name,
-                Key={"pk": blob_pk(item.blob), "sk": item.sk},
-                UpdateExpression="REMOVE condemned_at",
-                ConditionExpression="attribute_exists(pk) AND pack_id = :pack",
-                ExpressionAttributeValues={":pack": item.pack_id},
-            )
-        except ClientError as error:
-            if not is_condition_failure(error):
-                raise
-
-    # ----------------------------------------------------------------------------------- phase two
-    def _dead_packs(
-        self, snapshot: IndexSnapshot, live: dict[str, str], now: datetime
-    ) -> Iterator[tuple[str, list[BlobItem]]]:
-        """Packs every item of which was condemned over the grace period ago, and old orphans."""
-        ripe = iso_utc(now - self.policy.grace)
-        items_by_pack: dict[str, list[BlobItem]] = defaultdict(list)
-        for item in snapshot.blob_items:
-            items_by_pack[item.pack_id].append(item)
-        for pack_id, pack_item in sorted(snapshot.packs.items()):
-            items = items_by_pack.get(pack_id, [])
-            if any(
-                item.blob in live or item.condemned_at is None or item.condemned_at > ripe for item in items
-            ):
-                continue
-            if str(pack_item.get("created_at", "")) > ripe:
-                continue  # a presigned pack of a backup in flight
-            yield pack_id, items
-
-    def _delete_dead_packs(
+    # ----------------------------------------------------------------------------------- window
+    def _condemn_and_revive(
         self,
         report: GcReport,
-        snapshot: IndexSnapshot,
-        live: dict[str, str],
+        packs: PackMap,
+        reach: Reach,
+        verdicts: Verdicts,
+        repacked: dict[str, Repacked],
         now: datetime,
         dry_run: bool,
-        settling: set[str],
     ) -> None:
-        dead = dict(self._dead_packs(snapshot, live, now))
-        if not dry_run:
-            self._release_stale_deletions(snapshot, set(dead) - settling)
-        for pack_id, items in dead.items():
-            if pack_id in settling:
-                continue
-            if dry_run:
-                report.packs_deleted += 1
-                report.bytes_freed += int(snapshot.packs[pack_id].get("size", 0))
-                continue
-            seen = snapshot.packs[pack_id]
-            if not self._begin_deleting(pack_id, seen, now):
-                logger.info("pack indexed into since the scan: kept", extra={"pack_id": pack_id})
-                continue
-            if not self._still_condemned(items):
-                self._stop_deleting(pack_id)
-                continue
-            deleted, freed, waiting = self._delete_versions(pack_key(pack_id))
-            report.pack_versions_deleted += deleted
-            report.bytes_freed += freed
-            if waiting:
-                report.packs_waiting_for_lock += 1
-                self._stop_deleting(pack_id)
-                continue
-            for item in items:
-                self._drop_condemned_item(item)
-            self._drop_pack_item(pack_id)
-            report.packs_deleted += 1
-            if len(report.deleted_packs) < MAX_LISTED_PACKS:
-                report.deleted_packs.append(pack_id)
-            if not items:
-                report.orphan_packs_deleted += 1
-            logger.info("pack deleted", extra={"pack_id": pack_id, "bytes": freed, "versions": deleted})
-
-    def _release_stale_deletions(self, snapshot: IndexSnapshot, deleting_now: set[str]) -> None:
-        """A crashed run's `deleting` pack that is no longer dead goes back to its state (else it would refuse
-        registrations for good); one still dead is deleted by this run."""
-        for pack_id, pack_item in snapshot.packs.items():
-            if pack_item.get("state") == PACK_DELETING and pack_id not in deleting_now:
-                self._stop_deleting(pack_id)
-
-    def _begin_deleting(self, pack_id: str, seen: dict[str, Any], now: datetime) -> bool:
-        """Move the pack item to `deleting` if nothing was indexed into the pack since the scan saw it.
-
-        From then on register, adopt and the verifier refuse the pack (BlobIndex.claim_pack), and claims on
-        it do not count as stored. `version` equal to the scan's means no writer announced itself since;
-        `indexed_at` older than the grace period means none that announced itself before is still writing
-        items the scan may have missed (a scan is not a snapshot). A crashed run's `deleting` is resumed.
-        """
-        names = {"#state": "state", "#version": "version"}
-        values: dict[str, Any] = {
-            ":deleting": PACK_DELETING,
-            ":now": iso_utc(self.clock()),
-            ":ripe": iso_utc(now - self.policy.grace),
-            ":before": seen.get("state") or PACK_REGISTERED,
+        for pack_id in verdicts.revive:
+            if dry_run or self.registry.revive(pack_id):
+                report.packs_revived += 1
+                report.blobs_revived += len(packs.entries.get(pack_id, {}))
+                logger.info("condemned pack revived: a kept manifest needs it", extra={"pack_id": pack_id})
+        superseded = {
+            old: done.new_pack
+            for old, done in repacked.items()
+            if old in verdicts.live and _served_by(packs, reach, verdicts, old, done)
         }
-        conditions = ["attribute_exists(pk)", "(attribute_not_exists(indexed_at) OR indexed_at < :ripe)"]
-        if "version" in seen:
-            conditions.append("#version = :version")
-            values[":version"] = seen["version"]
-        else:
-            conditions.append("attribute_not_exists(#version)")
-        if "state" in seen:
-            conditions.append("#state = :seen_state")
-            values[":seen_state"] = seen["state"]
-        try:
-            self.index.client.update_item(
-                TableName=self.index.table_name,
-                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
-                UpdateExpression=(
-                    "SET #state = :deleting, deleting_at = :now,"
-                    " state_before_deleting = if_not_exists(state_before_deleting, :before)"
-                ),
-                ConditionExpression=" AND ".join(conditions),
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as error:
-            if not is_condition_failure(error):
-                raise
-            return False
-        return True
+        for pack_id in verdicts.condemn + sorted(superseded):
+            if dry_run or self.registry.condemn(pack_id, now, superseded_by=superseded.get(pack_id)):
+                report.packs_condemned += 1
+                report.blobs_condemned += len(packs.entries.get(pack_id, {}))
+            verdicts.live.pop(pack_id, None)
+        report.packs_live = len(verdicts.live)
+        report.blobs_live = sum(len(packs.entries.get(pack_id, {})) for pack_id in verdicts.live)
 
-    def _stop_deleting(self, pack_id: str) -> None:
-        """The pack stays (a version is still locked, or an item changed): back to its state before."""
-        try:
-            self.index.client.update_item(
-                TableName=self.index.table_name,
-                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
-                UpdateExpression=(
-                    "SET #state = if_not_exists(state_before_deleting, :registered)"
-                    " REMOVE deleting_at, state_before_deleting"
-                ),
-                ConditionExpression="#state = :deleting",
-                ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={":deleting": PACK_DELETING, ":registered": PACK_REGISTERED},
-            )
-        except ClientError as error:
-            if not is_condition_failure(error):
-                raise
-
-    def _still_condemned(self, items: list[BlobItem]) -> bool:
-        """Re-read the items right before deleting: a re-registration since the scan keeps the pack."""
-        if not items:
-            return True
-        keys = [{"pk": blob_pk(item.blob), "sk": item.sk} for item in items]
-        current = batch_get(self.index.client, self.index.table_name, keys)
-        return len(current) == len(items) and all(
-            "condemned_at" in found and found.get("pack_id") == items[0].pack_id for found in current
-        )
-
-    def _delete_versions(self, key: str) -> tuple[int, int, bool]:
-        """Delete every version (and delete marker) of `key` whose lock has lapsed.
-
-        Returns (versions deleted, bytes freed, whether a locked version had to stay).
-        """
-        s3 = self.store.client
-        deleted = freed = 0
-        waiting = False
-        paginator = s3.get_paginator("list_object_versions")
-        for page in paginator.paginate(Bucket=self.store.bucket, Prefix=key):
-            entries = [(v, True) for v in page.get("Versions", [])] + [
-                (m, False) for m in page.get("DeleteMarkers", [])
-            ]
-            for entry, is_version in entries:
-                if entry["Key"] != key:
+    # ----------------------------------------------------------------------------------- delete
+    def _delete_packs(self, report: GcReport, records: list[PackRecord], dry_run: bool) -> None:
+        """Condemned packs past the grace period, and `deleting` ones a crashed run left: every version, then
+        the item; a pack with a version still locked waits (its state unchanged)."""
+        for record in records:
+            versions = self._versions(pack_key(record.pack_id))
+            if not all(self._deletable(version) for version in versions):
+                report.packs_waiting_for_lock += 1
+                continue
+            freed = sum(version.size for version in versions)
+            if not dry_run:
+                if record.state == PACK_CONDEMNED and not self.registry.start_deleting(
+                    record.pack_id, record.condemned_at or ""
+                ):
+                    continue  # revived since the scan: a host presigned it again
+                gone = [
+                    version for version in versions if self._delete_version(pack_key(record.pack_id), version)
+                ]
+                if len(gone) < len(versions):
+                    report.packs_waiting_for_lock += 1  # locked after all: the next run finishes it
                     continue
-                bypass = False
-                if is_version:
-                    until = self._lock_until(key, entry["VersionId"])
-                    if until is not None and until > self.clock():
-                        if self.lock_mode == "GOVERNANCE" and self.policy.bypass_governance:
-                            bypass = True
-                        else:
-                            waiting = True
-                            continue
-                try:
-                    s3.delete_object(
-                        Bucket=self.store.bucket,
-                        Key=key,
-                        VersionId=entry["VersionId"],
-                        **({"BypassGovernanceRetention": True} if bypass else {}),
-                    )
-                except ClientError as error:
-                    if _status(error) in ("AccessDenied", "InvalidRequest"):
-                        waiting = True  # still locked after all (clock skew, COMPLIANCE)
-                        continue
-                    raise
-                if is_version:
-                    deleted += 1
-                    freed += int(entry.get("Size", 0))
-        return deleted, freed, waiting
+                self.registry.delete(record.pack_id)
+            report.packs_deleted += 1
+            report.pack_versions_deleted += sum(1 for version in versions if not version.is_marker)
+            report.bytes_freed += freed
+            if record.state_before_condemned == PACK_PRESIGNED:
+                report.orphan_packs_deleted += 1
+            if len(report.deleted_packs) < MAX_LISTED_PACKS:
+                report.deleted_packs.append(record.pack_id)
+            logger.info("pack deleted", extra={"pack_id": record.pack_id, "bytes": freed})
+
+    def _versions(self, key: str) -> list[ObjectVersion]:
+        """Every version and delete marker of `key`, versions with their lock end (from HEAD)."""
+        found: list[ObjectVersion] = []
+        for page in self.store.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.store.bucket, Prefix=key
+        ):
+            for version in page.get("Versions", []):
+                if version["Key"] == key:
+                    until = self._lock_until(key, version["VersionId"])
+                    found.append(ObjectVersion(version["VersionId"], int(version.get("Size", 0)), until))
+            for marker in page.get("DeleteMarkers", []):
+                if marker["Key"] == key:
+                    found.append(ObjectVersion(marker["VersionId"], 0, None, is_marker=True))
+        return found
 
     def _lock_until(self, key: str, version_id: str) -> datetime | None:
         """The version's lock end, from HEAD (S3 reports it to callers holding s3:GetObjectRetention)."""
@@ -820,184 +805,36 @@ class GarbageCollector:
         until = response.get("ObjectLockRetainUntilDate")
         return until.astimezone(timezone.utc) if isinstance(until, datetime) else None
 
-    def _drop_condemned_item(self, item: BlobItem) -> None:
+    def _deletable(self, version: ObjectVersion) -> bool:
+        locked = version.locked_until is not None and version.locked_until > self.clock()
+        return not locked or (self.lock_mode == "GOVERNANCE" and self.policy.bypass_governance)
+
+    def _delete_version(self, key: str, version: ObjectVersion) -> bool:
+        """False if S3 refuses (still locked after all: clock skew, COMPLIANCE)."""
+        locked = version.locked_until is not None and version.locked_until > self.clock()
         try:
-            self.index.client.delete_item(
-                TableName=self.index.table_name,
-                Key={"pk": blob_pk(item.blob), "sk": item.sk},
-                ConditionExpression="attribute_exists(condemned_at) AND pack_id = :pack",
-                ExpressionAttributeValues={":pack": item.pack_id},
+            self.store.client.delete_object(
+                Bucket=self.store.bucket,
+                Key=key,
+                VersionId=version.version_id,
+                **({"BypassGovernanceRetention": True} if locked else {}),
             )
         except ClientError as error:
-            if not is_condition_failure(error):
-                raise
-
-    def _drop_pack_item(self, pack_id: str) -> None:
-        self.index.client.delete_item(
-            TableName=self.index.table_name, Key={"pk": pack_pk(pack_id), "sk": PACK_SK}
-        )
-
-    # ----------------------------------------------------------------------------------- repack
-    def _mostly_dead(self, snapshot: IndexSnapshot, live: dict[str, str]) -> dict[str, list[BlobItem]]:
-        """Live packs whose live bytes are a small share, every other item of which is condemned."""
-        items_by_pack: dict[str, list[BlobItem]] = defaultdict(list)
-        for item in snapshot.blob_items:
-            items_by_pack[item.pack_id].append(item)
-        candidates: dict[str, list[BlobItem]] = {}
-        for pack_id, items in sorted(items_by_pack.items()):
-            live_items = [item for item in items if item.blob in live]
-            dead_items = [item for item in items if item.blob not in live]
-            if not live_items or not dead_items or any(item.condemned_at is None for item in dead_items):
-                continue  # all live, all dead (deleted instead), or not yet condemned
-            # Shares of blob bytes (trailer aside: it would dominate the share of a small pack).
-            live_bytes = sum({item.blob: item.length for item in live_items}.values())
-            dead_bytes = sum({item.blob: item.length for item in dead_items}.values())
-            if live_bytes <= (live_bytes + dead_bytes) * self.policy.repack_live_ratio:
-                candidates[pack_id] = live_items
-        return candidates
-
-    def _repack(
-        self, report: GcReport, snapshot: IndexSnapshot, live: dict[str, str], now: datetime, dry_run: bool
-    ) -> set[str]:
-        """Rewrite mostly-dead packs: a new pack of the live blobs, the index moved to it, the old pack left
-        to its condemned items (deleted once they ripen). The index moves only after the new pack is stored.
-        """
-        candidates = self._mostly_dead(snapshot, live)
-        report.packs_mostly_dead = len(candidates)
-        if dry_run:
-            return set()
-        need = _pack_needs(snapshot, live)
-        repacker = Repacker(self.index, self.store, self.lock_mode)
-        for pack_id, live_items in candidates.items():
-            lock = max(parse_iso_utc(need[pack_id]), now) + self.policy.fold_window
-            report.bytes_repacked += repacker.repack(pack_id, live_items, lock)
-            report.packs_repacked += 1
-            logger.info("pack repacked", extra={"pack_id": pack_id, "live_blobs": len(live_items)})
-        return set(candidates)
+            if error.response.get("Error", {}).get("Code") in ("AccessDenied", "InvalidRequest"):
+                return False
+            raise
+        return True
 
     # ----------------------------------------------------------------------------------- locks
-    def _request_locks(
-        self,
-        report: GcReport,
-        snapshot: IndexSnapshot,
-        live: dict[str, str],
-        dry_run: bool,
-        skip: set[str],
-    ) -> None:
+    def _request_locks(self, report: GcReport, packs: PackMap, live: dict[str, str], dry_run: bool) -> None:
         """Live packs whose recorded lock ends before their manifests' latest retain_until."""
-        need = {
-            pack_id: until for pack_id, until in _pack_needs(snapshot, live).items() if pack_id not in skip
-        }
-        report.packs_live = len(need)
         short: dict[str, list[str]] = defaultdict(list)
-        for pack_id, until in need.items():
-            recorded = snapshot.packs.get(pack_id, {}).get("retain_until")
-            current = parse_iso_utc(recorded) if recorded else None
-            if lock_extension(parse_iso_utc(until), current, self.policy.fold_window) is not None:
-                short[until].append(pack_id)
-        report.lock_extensions_requested = sum(len(packs) for packs in short.values())
+        for pack_id, need in live.items():
+            recorded = parse_iso_utc(packs.records[pack_id].retain_until)
+            if lock_extension(parse_iso_utc(need), recorded, self.policy.fold_window) is not None:
+                short[need].append(pack_id)
+        report.lock_extensions_requested = sum(len(pack_ids) for pack_ids in short.values())
         if dry_run or self.retention_queue is None:
             return
-        for until, pack_ids in short.items():
-            self.retention_queue.request(pack_ids, parse_iso_utc(until), "gc")
-
-
-class Repacker:
-    """Copies a pack's live blobs into a new pack (same lock headers and If-None-Match as a host's upload)."""
-
-    def __init__(self, index: BlobIndex, store: PackStore, lock_mode: str) -> None:
-        self.index = index
-        self.store = store
-        self.lock_mode = lock_mode
-
-    def repack(self, old_pack: str, live_items: list[BlobItem], lock_until: datetime) -> int:
-        """Returns the new pack's size."""
-        plaintexts = self._read_live(old_pack, live_items)
-        writer = PackWriter()
-        for blob, (kind, plaintext) in sorted(plaintexts.items()):
-            writer.add(blob, kind, plaintext)
-        data, entries = writer.finish()
-        new_pack = hashlib.sha256(data).hexdigest()
-        self._put(new_pack, data, lock_until)
-        self.index.record_presigned(new_pack, "gc", len(data), iso_utc(lock_until))
-        self._mark_registered(new_pack, len(entries))
-        self.index.claim_pack(new_pack)  # like any writer indexing into a pack (see GarbageCollector)
-        by_hash = {entry.hash: entry for entry in entries}
-        for item in live_items:
-            self._move(item, new_pack, by_hash[item.blob])
-        return len(data)
-
-    def _read_live(self, pack_id: str, items: list[BlobItem]) -> dict[str, tuple[str, bytes]]:
-        keys = [{"pk": blob_pk(item.blob), "sk": item.sk} for item in items]
-        locations = {
-            found["pk"].removeprefix("blob#"): BlobLocation.from_item(found)
-            for found in batch_get(self.index.client, self.index.table_name, keys)
-            if found.get("pack_id") == pack_id
-        }
-        plaintexts: dict[str, tuple[str, bytes]] = {}
-        for blob, location in locations.items():
-            stored = self.store.read_range(
-                pack_key(pack_id), location.offset, location.offset + location.length - 1
-            )
-            plaintexts[blob] = (location.kind, open_blob(location.entry(blob), stored))
-        return plaintexts
-
-    def _put(self, pack_id: str, data: bytes, lock_until: datetime) -> None:
-        try:
-            self.store.client.put_object(
-                Bucket=self.store.bucket,
-                Key=pack_key(pack_id),
-                Body=data,
-                ChecksumAlgorithm="SHA256",
-                ChecksumSHA256=pack_checksum(pack_id),
-                ObjectLockMode=self.lock_mode,
-                ObjectLockRetainUntilDate=lock_until,
-                IfNoneMatch="*",
-            )
-        except ClientError as error:
-            if _status(error) != "PreconditionFailed":
-                raise  # 412: a crashed earlier run stored this very pack already
-
-    def _mark_registered(self, pack_id: str, blob_count: int) -> None:
-        """Like a host's register: the verifier re-hashes it when S3 reports it (state verified then)."""
-        try:
-            self.index.client.update_item(
-                TableName=self.index.table_name,
-                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
-                UpdateExpression="SET #state = :registered, blob_count = :count, registered_at = :now",
-                ConditionExpression="#state = :presigned",
-                ExpressionAttributeNames={"#state": "state"},
-                ExpressionAttributeValues={
-                    ":registered": PACK_REGISTERED,
-                    ":presigned": PACK_PRESIGNED,
-                    ":count": blob_count,
-                    ":now": iso_utc(datetime.now(timezone.utc)),
-                },
-            )
-        except ClientError as error:
-            if not is_condition_failure(error):
-                raise
-
-    def _move(self, item: BlobItem, new_pack: str, entry: PackEntry) -> None:
-        try:
-            self.index.client.update_item(
-                TableName=self.index.table_name,
-                Key={"pk": blob_pk(item.blob), "sk": item.sk},
-                UpdateExpression=(
-                    "SET pack_id = :new, #offset = :offset, #length = :length, codec = :codec,"
-                    " raw_length = :raw REMOVE condemned_at"
-                ),
-                ConditionExpression="pack_id = :old",
-                ExpressionAttributeNames={"#offset": "offset", "#length": "length"},
-                ExpressionAttributeValues={
-                    ":new": new_pack,
-                    ":old": item.pack_id,
-                    ":offset": entry.offset,
-                    ":length": entry.length,
-                    ":codec": entry.codec,
-                    ":raw": entry.raw_length,
-                },
-            )
-        except ClientError as error:
-            if not is_condition_failure(error):
-                raise
+        for need, pack_ids in short.items():
+            self.retention_queue.request(pack_ids, parse_iso_utc(need), "gc")

@@ -2,7 +2,7 @@
 
 A pack must stay locked until at least the latest retain_until of any manifest using it. Commits request
 extensions for the packs their walk saw (new packs mostly), gc for every live pack whose lock falls short of
-its manifests (packs reused under closed subtrees). Both only enqueue: a commit of a million files sends a
+its manifests (packs reused under unchanged subtrees). Both only enqueue: a commit of a million files sends a
 few SendMessageBatch calls (hundreds of packs per message), never thousands of S3 calls inside its 29 s.
 The worker reads each pack's recorded lock and extends only what falls short, `fold_window` past the need
 (sysbackup_domain.keep.lock_extension), so a pack is extended about once per fold window.
@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -23,9 +23,8 @@ from sysbackup_domain.hashing import is_blob_hash
 from sysbackup_domain.keep import lock_extension
 from sysbackup_domain.retention import iso_utc, parse_iso_utc
 
-from .dynamo import chunks, is_condition_failure
-from .errors import SettingsError
-from .index import PACK_PRESIGNED, PACK_SK, BlobIndex, pack_pk
+from .dynamo import chunks
+from .registry import USABLE_STATES, PackRecord, PackRegistry
 from .store import pack_key
 
 # ~70 bytes per pack id in JSON: 300 per message keeps a full batch of 10 far below SQS's 256 KiB.
@@ -99,52 +98,42 @@ class RetentionQueue:
 class ExtensionReport:
     extended: list[str] = field(default_factory=list)
     already_locked: list[str] = field(default_factory=list)
-    not_uploaded: list[str] = field(default_factory=list)  # presigned but never PUT, or already collected
+    not_uploaded: list[str] = field(default_factory=list)  # no item, or no object behind a presigned one
+    not_live: list[str] = field(default_factory=list)  # condemned, being deleted or corrupt: no manifest's
 
     def to_json(self) -> dict[str, Any]:
         return {
             "extended": len(self.extended),
             "already_locked": len(self.already_locked),
             "not_uploaded": len(self.not_uploaded),
+            "not_live": len(self.not_live),
         }
-
-
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class LockExtender:
     """Applies extension requests: PutObjectRetention on the pack, then the pack item's retain_until."""
 
     def __init__(
-        self,
-        index: BlobIndex,
-        s3: Any,
-        bucket: str,
-        lock_mode: str,
-        fold_window: timedelta,
-        clock: Callable[[], datetime] = _utc_now,
+        self, registry: PackRegistry, s3: Any, bucket: str, lock_mode: str, fold_window: timedelta
     ) -> None:
-        self.index = index
+        self.registry = registry
         self.s3 = s3
         self.bucket = bucket
         self.lock_mode = lock_mode
         self.fold_window = fold_window
-        self.clock = clock
 
     def apply(self, request: ExtensionRequest) -> ExtensionReport:
         report = ExtensionReport()
-        items = self.index.get_packs(request.pack_ids)
+        records = self.registry.get_many(request.pack_ids)
         targets: dict[str, datetime] = {}
         for pack_id in request.pack_ids:
-            item = items.get(pack_id)
-            # Never registered (or already collected): no manifest can be using it.
-            if item is None or item.get("state") == PACK_PRESIGNED:
+            record = records.get(pack_id)
+            if record is None:
                 report.not_uploaded.append(pack_id)
-                continue
-            current = parse_iso_utc(item["retain_until"]) if item.get("retain_until") else None
-            target = lock_extension(request.retain_until, current, self.fold_window)
-            if target is None:
+            elif record.state not in USABLE_STATES:
+                # A commit that used it was refused (or gc repacked it): locking it longer only delays gc.
+                report.not_live.append(pack_id)
+            elif (target := self._target(request, record)) is None:
                 report.already_locked.append(pack_id)
             else:
                 targets[pack_id] = target
@@ -154,6 +143,10 @@ class LockExtender:
             for pack_id, extended in zip(targets, outcomes, strict=True):
                 (report.extended if extended else report.not_uploaded).append(pack_id)
         return report
+
+    def _target(self, request: ExtensionRequest, record: PackRecord) -> datetime | None:
+        """The new lock end, or None if the recorded lock suffices (a presigned pack's is its PUT's lock)."""
+        return lock_extension(request.retain_until, parse_iso_utc(record.retain_until), self.fold_window)
 
     def _extend(self, pack_id: str, until: datetime) -> bool:
         """Lock the pack's current version until `until`; False if the bucket has no such pack."""
@@ -167,24 +160,9 @@ class LockExtender:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchVersion", "404"):
                 return False
             raise
-        self._record_lock(pack_id, until)
+        # The item remembers the lock (only ever later), so repeated requests cost no S3 call.
+        self.registry.raise_retain_until(pack_id, iso_utc(until))
         return True
-
-    def _record_lock(self, pack_id: str, until: datetime) -> None:
-        """The pack item remembers the lock (only ever later), so repeated requests cost no S3 call."""
-        try:
-            self.index.client.update_item(
-                TableName=self.index.table_name,
-                Key={"pk": pack_pk(pack_id), "sk": PACK_SK},
-                UpdateExpression="SET retain_until = :until",
-                ConditionExpression=(
-                    "attribute_exists(pk) AND (attribute_not_exists(retain_until) OR retain_until < :until)"
-                ),
-                ExpressionAttributeValues={":until": iso_utc(until)},
-            )
-        except ClientError as error:
-            if not is_condition_failure(error):
-                raise
 
 
 def queue_from_environment(
@@ -193,17 +171,3 @@ def queue_from_environment(
     """RetentionQueue from RETENTION_QUEUE_URL, or None where the function has no queue (not wired)."""
     url = str(env.get("RETENTION_QUEUE_URL", "")).strip()
     return RetentionQueue(url, client_factory()) if url else None
-
-
-def fold_window_from_environment(env: Mapping[str, str]) -> timedelta:
-    """FOLD_WINDOW_SECONDS (template parameter FoldWindowSeconds; default one week)."""
-    raw = str(env.get("FOLD_WINDOW_SECONDS", "")).strip() or str(7 * 24 * 3600)
-    try:
-        seconds = int(raw)
-    except ValueError:
-        raise SettingsError(
-            f"environment variable FOLD_WINDOW_SECONDS must be an integer, got {raw!r}"
-        ) from None
-    if seconds < 0:
-        raise SettingsError(f"environment variable FOLD_WINDOW_SECONDS must not be negative, got {seconds}")
-    return timedelta(seconds=seconds)

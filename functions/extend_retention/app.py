@@ -6,7 +6,6 @@ and after five receives parks it in the dead-letter queue, which raises an alarm
 """
 
 import json
-import os
 from functools import lru_cache
 from typing import Any
 
@@ -17,7 +16,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from sysbackup_backend.api import services
 from sysbackup_backend.clients import s3_client
-from sysbackup_backend.retention_worker import ExtensionRequest, LockExtender, fold_window_from_environment
+from sysbackup_backend.retention_worker import ExtensionRequest, LockExtender
 from sysbackup_domain.errors import InvalidDocument
 
 logger = Logger()
@@ -30,11 +29,11 @@ processor = BatchProcessor(event_type=EventType.SQS)
 def extender() -> LockExtender:
     backend = services()
     return LockExtender(
-        index=backend.index,
+        registry=backend.registry,
         s3=s3_client(),
         bucket=backend.settings.bucket_name,
         lock_mode=backend.settings.retention.lock_mode,
-        fold_window=fold_window_from_environment(os.environ),
+        fold_window=backend.settings.fold_window,
     )
 
 

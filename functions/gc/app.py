@@ -28,6 +28,8 @@ _COUNTED = {
     "BlobsLive": "blobs_live",
     "BlobsCondemned": "blobs_condemned",
     "BlobsRevived": "blobs_revived",
+    "PacksCondemned": "packs_condemned",
+    "PacksRevived": "packs_revived",
     "PacksDeleted": "packs_deleted",
     "PacksWaitingForLock": "packs_waiting_for_lock",
     "OrphanPacksDeleted": "orphan_packs_deleted",
@@ -39,7 +41,7 @@ _COUNTED = {
 def collector() -> GarbageCollector:
     backend = services()
     return GarbageCollector(
-        index=backend.index,
+        registry=backend.registry,
         store=backend.store,
         catalogue=backend.catalogue,
         jobs_table=backend.settings.jobs_table,
