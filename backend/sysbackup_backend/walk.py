@@ -1,11 +1,13 @@
-"""The commit's Merkle walk: prove every blob a manifest references is stored, at a cost that follows change.
+"""The commit's walk: prove every blob a manifest references is stored, at a cost that follows change.
 
-Nodes are trees (the root and every subtree) and stream indexes (a snapshot's `content`). A node whose host
-has a closed mark is done without reading it. Other nodes are read from their packs (one ranged GET per pack
-per step), verified against their hash, decoded strictly, and their children checked in batches. A node is
-closed (and its mark written) once all its data blobs are stored and all its subtrees are closed, so the
-next commit of an unchanged subtree stops at its top. The walk's state serialises to bytes so a walk that
-outlasts one API call continues in the next (see jobs.py).
+The walk diffs the new manifest against its parent (the host's HEAD, live and gc-protected by the epoch
+check). Its queue holds pairs (new node, the parent's node at the same place or None), nodes being trees
+and snapshot stream indexes. A pair whose two sides are equal is stored: nothing under it is read. Else both
+sides are read and compared: a file's blob the parent's same-named file also holds is stored, a directory
+enqueues (its subtree, the parent's same-named subtree), a stream index's chunk in the parent's same-named
+snapshot is stored. Every other blob must be in the trailer of a pack the host listed and may use
+(docs/PACK_INDEX.md, "The commit walk"); the trailers are the index, read once per call (ListedPacks).
+The walk's state serialises to bytes so a walk that outlasts one API call continues in the next (jobs.py).
 """
 
 from __future__ import annotations
@@ -13,60 +15,84 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
+from aws_lambda_powertools import Logger
+from botocore.exceptions import ClientError
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
-from sysbackup_domain.manifest import decode_stream_index
-from sysbackup_domain.packs import open_blob
-from sysbackup_domain.tree import decode_tree
+from sysbackup_domain.manifest import BlobLocation, decode_stream_index
+from sysbackup_domain.packs import PackEntry, open_blob, verify_pack
+from sysbackup_domain.tree import Tree, decode_tree
 
-from .index import BlobIndex, BlobLocation, BlobStatus
+from .registry import (
+    PACK_CONDEMNED,
+    PACK_CORRUPT,
+    PACK_DELETING,
+    PACK_PRESIGNED,
+    PackRecord,
+    PackRegistry,
+)
 from .store import PackStore, pack_key
+
+logger = Logger(child=True)
 
 TREE = "tree"
 STREAM = "stream"
+# Pairs popped per step: their reads are one ranged GET per pack (per cluster of nearby blobs).
 NODES_PER_STEP = 300
-# Data children looked up per step: 300 directories of 1000 files each would be 600k index keys in one
-# step, past the API's time limit; nodes beyond this go back on the stack for the next step. 2000 is
-# 40 BatchGetItems: a fraction of a second on DynamoDB, a few seconds on the local stack's moto.
-DATA_CHECKS_PER_STEP = 2_000
+# Children compared per step (at least one node): a step over 300 directories of 100k files each would run
+# past the API's time limit; nodes beyond this go back on the stack for the next step.
+DATA_CHECKS_PER_STEP = 20_000
 # How many problem blobs a failed commit reports; past that the walk stops (the host has work to do anyway).
 MAX_REPORTED_PROBLEMS = 1000
 # Pack reads of one step run in parallel: a step over many packs stays a second or two, not many.
 PARALLEL_READS = 8
 # Blobs of one pack are read with one ranged GET unless the gap between them exceeds this.
 MAX_RANGE_GAP_BYTES = 1024 * 1024
+# Presigned packs up to this size are read whole (one GET serves trailer and blobs) and verified inline.
+INLINE_VERIFY_MAX_BYTES = 4 * 1024 * 1024
+INLINE_VERIFY_MAX_PACKS = 20
+
+# Why a listed pack was refused (the 422 body's `packs`).
+REASON_UNKNOWN = "unknown"
+REASON_NOT_YOURS = "not_yours"
+REASON_UNREADABLE = "unreadable"
+REASON_CORRUPT = "corrupt"
+_REFUSED_STATES = {
+    PACK_CONDEMNED: "condemned",
+    PACK_DELETING: "deleting",
+    PACK_CORRUPT: REASON_CORRUPT,
+}
 
 
 @dataclass
 class WalkState:
-    # Nodes still to visit: [hash, kind, parent hash or None], visited from the end (depth first, bounded).
+    # Pairs still to visit: [new hash, parent's hash at the same place or None, TREE|STREAM], from the end.
     stack: list[list[Any]] = field(default_factory=list)
-    # Opened, not yet closed nodes: hash -> [unresolved children, parent hashes].
-    open: dict[str, list[Any]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
-    condemned: list[str] = field(default_factory=list)
-    corrupt: dict[str, str] = field(default_factory=dict)
-    # Top-level blobs (root, snapshot contents) -> sort key of the index item that holds them.
-    anchors: dict[str, str] = field(default_factory=dict)
+    # Blobs that hash right but are not what they are referenced as (a tree that does not decode).
+    invalid: dict[str, str] = field(default_factory=dict)
+    # Listed packs refused after their record looked usable (a blob that does not match the trailer).
+    refused_packs: dict[str, str] = field(default_factory=dict)
+    # Nodes walked against no parent: every blob under them is proven, wherever they appear again.
+    walked: list[str] = field(default_factory=list)
     trees_read: int = 0
-    # Packs holding the blobs this walk looked up (not those under closed subtrees): their locks must
-    # cover the new manifest's retain_until (the commit asks the retention worker to extend them).
+    # Listed packs the manifest's new blobs were found in: their locks must cover the new manifest's
+    # retain_until, and the presigned ones go to the verifier.
     packs: list[str] = field(default_factory=list)
     # gc's epoch when the walk began (gc.GcEpoch); -1 if gc was condemning then (such a walk never commits).
     gc_epoch: int = -1
 
     @classmethod
-    def start(cls, root: str | None, stream_indexes: Iterable[str]) -> WalkState:
+    def start(cls, pairs: Iterable[tuple[str, str | None, str]]) -> WalkState:
+        """A walk of (new, parent or None, kind) pairs, the first one visited first."""
         state = cls()
-        for blob in dict.fromkeys(stream_indexes):
-            state.stack.append([blob, STREAM, None])
-        if root is not None:
-            state.stack.append([root, TREE, None])
+        for new, parent, kind in dict.fromkeys(pairs):
+            state.stack.insert(0, [new, parent, kind])
         return state
 
     @property
@@ -75,33 +101,14 @@ class WalkState:
 
     @property
     def problem_count(self) -> int:
-        return len(self.missing) + len(self.condemned) + len(self.corrupt)
-
-    def problems(self) -> dict[str, Any]:
-        return {
-            "missing": sorted(set(self.missing)),
-            "condemned": sorted(set(self.condemned)),
-            "corrupt": self.corrupt,
-        }
+        return len(self.missing) + len(self.invalid)
 
     def to_bytes(self) -> bytes:
-        document = {
-            "stack": self.stack,
-            "open": self.open,
-            "missing": self.missing,
-            "condemned": self.condemned,
-            "corrupt": self.corrupt,
-            "anchors": self.anchors,
-            "trees_read": self.trees_read,
-            "packs": self.packs,
-            "gc_epoch": self.gc_epoch,
-        }
-        return zstandard.ZstdCompressor(level=3).compress(json.dumps(document).encode("ascii"))
+        return zstandard.ZstdCompressor(level=3).compress(json.dumps(self.__dict__).encode("ascii"))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> WalkState:
-        document = json.loads(zstandard.ZstdDecompressor().decompress(data))
-        return cls(**document)
+        return cls(**json.loads(zstandard.ZstdDecompressor().decompress(data)))
 
 
 class Budget:
@@ -118,57 +125,210 @@ class Budget:
         return self.remaining_seconds() <= 0
 
 
-def coalesce_ranges(locations: Iterable[BlobLocation]) -> list[tuple[int, int]]:
+@dataclass(frozen=True)
+class BlobPlace:
+    """A blob's entry in a pack (from a trailer, or a host's location hint)."""
+
+    pack_id: str
+    entry: PackEntry
+
+
+def coalesce_ranges(entries: Iterable[PackEntry]) -> list[tuple[int, int]]:
     """Byte ranges (start, end exclusive) covering the blobs, merging neighbours closer than the gap limit."""
     ranges: list[tuple[int, int]] = []
-    for location in sorted(locations, key=lambda loc: loc.offset):
-        end = location.offset + location.length
-        if ranges and location.offset - ranges[-1][1] <= MAX_RANGE_GAP_BYTES:
+    for entry in sorted(entries, key=lambda item: item.offset):
+        end = entry.offset + entry.length
+        if ranges and entry.offset - ranges[-1][1] <= MAX_RANGE_GAP_BYTES:
             ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
         else:
-            ranges.append((location.offset, end))
+            ranges.append((entry.offset, end))
     return ranges
 
 
-def _note_packs(state: WalkState, statuses: Iterable[BlobStatus]) -> None:
-    found = {status.location.pack_id for status in statuses if status.location is not None}
-    if not found <= set(state.packs):
-        state.packs = sorted(found.union(state.packs))
-
-
 def read_stored_blobs(
-    store: PackStore, locations: dict[str, BlobLocation]
-) -> Iterator[tuple[str, BlobLocation, memoryview]]:
-    """Each blob's stored (still encoded) bytes: one ranged GET per pack per cluster of nearby blobs, the
-    GETs in parallel."""
-    by_pack: dict[str, dict[str, BlobLocation]] = defaultdict(dict)
-    for blob, location in locations.items():
-        by_pack[location.pack_id][blob] = location
+    store: PackStore, places: Mapping[str, BlobPlace], bodies: Mapping[str, bytes] | None = None
+) -> Iterator[tuple[str, BlobPlace, memoryview | None]]:
+    """Each blob's stored (still encoded) bytes, or None if its range could not be read: one ranged GET per
+    pack per cluster of nearby blobs, the GETs in parallel; packs in `bodies` (read whole) cost no GET."""
+    held = bodies or {}
+    by_pack: dict[str, dict[str, BlobPlace]] = defaultdict(dict)
+    for blob, place in places.items():
+        by_pack[place.pack_id][blob] = place
     reads = [
         (pack_id, start, end, blobs)
         for pack_id, blobs in by_pack.items()
-        for start, end in coalesce_ranges(blobs.values())
+        for start, end in coalesce_ranges(place.entry for place in blobs.values())
     ]
     if not reads:
         return
+
+    def fetch(read: tuple[str, int, int, dict[str, BlobPlace]]) -> bytes | None:
+        pack_id, start, end = read[:3]
+        if pack_id in held:
+            return held[pack_id][start:end]
+        if start == end:
+            return b""  # only empty blobs: nothing to fetch
+        try:
+            return store.read_range(pack_key(pack_id), start, end - 1)
+        except (ClientError, OSError) as error:  # gone, or a range past its end: not there as claimed
+            logger.info("pack range unreadable", extra={"pack_id": pack_id, "error": str(error)})
+            return None
+
     with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(reads))) as pool:
-        spans = pool.map(lambda read: store.read_range(pack_key(read[0]), read[1], read[2] - 1), reads)
-        for (_, start, end, blobs), span in zip(reads, spans, strict=True):
-            view = memoryview(span)
-            for blob, location in blobs.items():
-                if start <= location.offset < end:
-                    yield (
-                        blob,
-                        location,
-                        view[location.offset - start : location.offset - start + location.length],
-                    )
+        for (_, start, end, blobs), span in zip(reads, pool.map(fetch, reads), strict=True):
+            view = memoryview(span) if span is not None else None
+            for blob, place in blobs.items():
+                if not start <= place.entry.offset <= place.entry.offset + place.entry.length <= end:
+                    continue  # in another range of the same pack
+                offset = place.entry.offset - start
+                yield blob, place, None if view is None else view[offset : offset + place.entry.length]
+
+
+def _verifiable_inline(record: PackRecord) -> bool:
+    return record.state == PACK_PRESIGNED and record.size <= INLINE_VERIFY_MAX_BYTES
+
+
+def _is_missing_object(error: ClientError) -> bool:
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    return code in ("NoSuchKey", "404", "InvalidRange")
+
+
+class ListedPacks:
+    """The packs a commit listed, as one call sees them: which are refused and why, and the blobs the usable
+    ones hold (their trailers). Small presigned packs are read whole and verified here."""
+
+    def __init__(
+        self, registry: PackRegistry, store: PackStore, host: str, records: Mapping[str, PackRecord]
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.host = host
+        self.records = dict(records)
+        self.refused: dict[str, str] = {}
+        self.holders: dict[str, BlobPlace] = {}  # blob -> its entry in the first usable listed pack
+        self.bodies: dict[str, bytes] = {}  # packs read whole
+        self.verified_inline: dict[str, int] = {}  # pack -> blob count, for the commit's transaction
+
+    def load(self, pack_ids: Sequence[str]) -> ListedPacks:
+        """Classify the listed packs and read the usable ones' trailers (in parallel)."""
+        usable: list[PackRecord] = []
+        for pack_id in pack_ids:
+            record = self.records.get(pack_id)
+            reason = self._refusal(record)
+            if reason is not None:
+                self.refused[pack_id] = reason
+            elif record is not None:
+                usable.append(record)
+        small = [record.pack_id for record in usable if _verifiable_inline(record)]
+        inline = set(small[:INLINE_VERIFY_MAX_PACKS])
+        if not usable:
+            return self
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(usable))) as pool:
+            loaded = list(pool.map(lambda record: self._read(record, record.pack_id in inline), usable))
+        for record, (entries, body, problem) in zip(usable, loaded, strict=True):
+            if problem is not None:
+                self._refuse_read(record.pack_id, *problem)
+                continue
+            if body is not None:
+                self.bodies[record.pack_id] = body
+                self.verified_inline[record.pack_id] = len(entries)
+            for entry in entries:
+                self.holders.setdefault(entry.hash, BlobPlace(record.pack_id, entry))
+        return self
+
+    def _refusal(self, record: PackRecord | None) -> str | None:
+        if record is None:
+            return REASON_UNKNOWN
+        if self.host not in record.hosts:
+            return REASON_NOT_YOURS
+        return _REFUSED_STATES.get(record.state)
+
+    def _read(
+        self, record: PackRecord, whole: bool
+    ) -> tuple[list[PackEntry], bytes | None, tuple[bool, str] | None]:
+        """(trailer entries, the whole pack if read whole, None) or ([], None, (damaged?, why))."""
+        try:
+            if not whole:
+                return self.store.read_pack_trailer(record.pack_id, record.size), None, None
+            body = self.store.read(pack_key(record.pack_id))
+            return verify_pack(body), body, None
+        except ClientError as error:
+            if not _is_missing_object(error):
+                raise
+            return [], None, (False, f"no object: {error}")  # presigned, never uploaded (or gone)
+        except OSError as error:
+            return [], None, (False, str(error))
+        except (InvalidDocument, CorruptBlob) as error:
+            return [], None, (True, str(error))
+
+    def _refuse_read(self, pack_id: str, damaged: bool, why: str) -> None:
+        if damaged:
+            self.reject(pack_id, why)
+        else:
+            logger.info("listed pack unreadable", extra={"pack_id": pack_id, "reason": why})
+            self.refused[pack_id] = REASON_UNREADABLE
+
+    def reject(self, pack_id: str, why: str) -> str:
+        """A usable-looking pack whose content is not what its trailer says: corrupt if still unverified
+        (marked so for every host), unreadable if verified (the verifier saw it good: damage since)."""
+        record = self.records.get(pack_id)
+        if record is not None and record.state == PACK_PRESIGNED:
+            logger.warning("listed pack is corrupt", extra={"pack_id": pack_id, "reason": why})
+            self.registry.mark_corrupt(pack_id, why)
+            reason = REASON_CORRUPT
+        else:
+            logger.error(
+                "verified pack does not match its trailer", extra={"pack_id": pack_id, "reason": why}
+            )
+            reason = REASON_UNREADABLE
+        self.refused[pack_id] = reason
+        self.verified_inline.pop(pack_id, None)
+        self.bodies.pop(pack_id, None)
+        self.holders = {blob: place for blob, place in self.holders.items() if place.pack_id != pack_id}
+        return reason
+
+    def holder(self, blob: str) -> BlobPlace | None:
+        return self.holders.get(blob)
+
+    def readable_hint(self, location: BlobLocation | None) -> bool:
+        """A hint is read only from a pack the host may read (its own, not being deleted)."""
+        if location is None:
+            return False
+        record = self.records.get(location.pack_id)
+        return record is not None and self.host in record.hosts and record.state != PACK_DELETING
+
+
+@dataclass
+class _Node:
+    """One popped pair with what was read of it."""
+
+    new: str
+    parent: str | None
+    kind: str
+    new_place: BlobPlace
+    new_plain: bytes | None = None
+    parent_plain: bytes | None = None
+
+
+@dataclass(frozen=True)
+class _Children:
+    """A decoded node: a tree, or a stream index's chunks; `width` is how many children comparing costs."""
+
+    tree: Tree | None
+    chunks: list[str]
+    width: int
 
 
 class TreeWalker:
-    def __init__(self, index: BlobIndex, store: PackStore, host: str) -> None:
-        self.index = index
+    def __init__(
+        self,
+        store: PackStore,
+        listed: ListedPacks,
+        locations: Mapping[str, BlobLocation],
+    ) -> None:
         self.store = store
-        self.host = host
+        self.listed = listed
+        self.locations = locations
 
     def run(self, state: WalkState, budget: Budget) -> None:
         """Walk until done or out of time; always makes at least one step of progress."""
@@ -180,146 +340,150 @@ class TreeWalker:
                 return
 
     def step(self, state: WalkState) -> None:
-        """Visit up to NODES_PER_STEP nodes: look them up, read the unclosed ones, check their children."""
-        batch = self._pop_batch(state)
-        if not batch:
-            return
-        newly_closed: list[str] = []
-        to_read = self._classify(state, batch, newly_closed)
-        children = self._defer_beyond_limit(
-            state, batch, self._decode(state, batch, self._read_blobs(state, to_read))
-        )
-        data_status = self._check_data(state, {blob for data, _ in children.values() for blob in data})
-        for blob, (data, subtrees) in children.items():
-            blocked = sum(1 for child in data if not data_status[child].stored)
-            state.open[blob] = [len(subtrees) + blocked, list(batch[blob][1])]
-            for subtree in subtrees:
-                state.stack.append([subtree, TREE, blob])
-            if state.open[blob][0] == 0:
-                self._close(state, blob, newly_closed)
-        if newly_closed:
-            self.index.record_closed(self.host, newly_closed)
-
-    @staticmethod
-    def _defer_beyond_limit(
-        state: WalkState,
-        batch: dict[str, tuple[str, list[str | None]]],
-        children: dict[str, tuple[set[str], set[str]]],
-    ) -> dict[str, tuple[set[str], set[str]]]:
-        """This step's nodes up to DATA_CHECKS_PER_STEP data children (at least one node); the rest are
-        pushed back as they were popped, to be read again next step (a tree read costs less than a
-        walk that outlasts its call)."""
-        kept: dict[str, tuple[set[str], set[str]]] = {}
+        """Visit up to NODES_PER_STEP pairs: read both sides of the changed ones and compare them."""
+        walked = set(state.walked)
+        nodes: list[_Node] = []
+        while state.stack and len(nodes) < NODES_PER_STEP:
+            new, parent, kind = state.stack.pop()
+            if new == parent or new in walked:
+                continue  # the parent's node, stored; or one this walk already proved whole
+            place = self._new_place(state, new)
+            if place is not None:
+                nodes.append(_Node(new, parent, kind, place))
+        self._read(state, nodes)
         checks = 0
-        for blob, (data, subtrees) in children.items():
-            if kept and checks + len(data) > DATA_CHECKS_PER_STEP:
-                kind, parents = batch[blob]
-                state.stack.extend([blob, kind, parent] for parent in parents)
+        for position, node in enumerate(nodes):
+            children = self._decode(state, node)
+            if children is None:
                 continue
-            kept[blob] = (data, subtrees)
-            checks += len(data)
-        return kept
+            if checks and checks + children.width > DATA_CHECKS_PER_STEP:
+                # The rest waits for the next step (read again then: cheaper than outlasting the call).
+                state.stack.extend([n.new, n.parent, n.kind] for n in reversed(nodes[position:]))
+                return
+            checks += children.width
+            self._compare(state, node, children, walked)
 
-    def _pop_batch(self, state: WalkState) -> dict[str, tuple[str, list[str | None]]]:
-        """The next distinct nodes to visit, each with the parents that reference it."""
-        batch: dict[str, tuple[str, list[str | None]]] = {}
-        while state.stack and len(batch) < NODES_PER_STEP:
-            blob, kind, parent = state.stack.pop()
-            if blob in state.open:
-                # A shared subtree another parent already opened: its closing resolves this parent too.
-                state.open[blob][1].append(parent)
-                continue
-            batch.setdefault(blob, (kind, []))[1].append(parent)
-        return batch
+    def _new_place(self, state: WalkState, blob: str) -> BlobPlace | None:
+        """Where a new node is: only a usable listed pack's trailer proves it stored."""
+        place = self.listed.holder(blob)
+        if place is None:
+            state.missing.append(blob)
+            return None
+        self._note_pack(state, place.pack_id)
+        return place
 
-    def _classify(
-        self, state: WalkState, batch: dict[str, tuple[str, list[str | None]]], newly_closed: list[str]
-    ) -> dict[str, BlobLocation]:
-        """Record problems, resolve closed nodes; returns where the nodes that must be read are."""
-        statuses = self.index.lookup(self.host, batch, with_closed=True)
-        _note_packs(state, statuses.values())
-        to_read: dict[str, BlobLocation] = {}
-        for blob, (kind, parents) in batch.items():
-            status = statuses[blob]
-            if None in parents and status.source_sk is not None:
-                state.anchors[blob] = status.source_sk
-            if status.condemned:
-                state.condemned.append(blob)
-            elif status.location is None:
-                state.missing.append(blob)
-            elif status.in_corrupt_pack:
-                state.corrupt[blob] = f"pack {status.location.pack_id} failed verification"
-            elif status.closed:
-                self._resolve(state, parents, newly_closed)
-            elif status.location.kind != ("tree" if kind == TREE else "data"):
-                state.corrupt[blob] = f"indexed as a {status.location.kind} blob, referenced as a {kind}"
-            else:
-                to_read[blob] = status.location
-        return to_read
-
-    def _check_data(self, state: WalkState, data_blobs: set[str]) -> dict[str, BlobStatus]:
-        """Look up the data children of this step's nodes (batched) and record those not stored."""
-        if not data_blobs:
-            return {}
-        statuses = self.index.lookup(self.host, data_blobs)
-        _note_packs(state, statuses.values())
-        for blob in sorted(data_blobs):
-            if statuses[blob].condemned:
-                state.condemned.append(blob)
-            elif statuses[blob].in_corrupt_pack:
-                state.corrupt[blob] = "its pack failed verification"
-            elif not statuses[blob].stored:
-                state.missing.append(blob)
-        return statuses
-
-    def _resolve(self, state: WalkState, parents: Iterable[str | None], newly_closed: list[str]) -> None:
-        for parent in parents:
-            if parent is None or parent not in state.open:
-                continue
-            state.open[parent][0] -= 1
-            if state.open[parent][0] == 0:
-                self._close(state, parent, newly_closed)
-
-    def _close(self, state: WalkState, blob: str, newly_closed: list[str]) -> None:
-        parents = state.open.pop(blob)[1]
-        newly_closed.append(blob)
-        self._resolve(state, parents, newly_closed)
-
-    def _read_blobs(self, state: WalkState, locations: dict[str, BlobLocation]) -> dict[str, bytes]:
-        """Fetch and verify the blobs: one ranged GET per pack (per cluster of nearby blobs), in parallel."""
-        plaintexts: dict[str, bytes] = {}
-        for blob, location, stored in read_stored_blobs(self.store, locations):
-            self._open(state, plaintexts, blob, location, stored)
-        return plaintexts
+    def _parent_place(self, blob: str, kind: str) -> BlobPlace | None:
+        place = self.listed.holder(blob)
+        if place is not None:
+            return place
+        location = self.locations.get(blob)
+        if location is None or not self.listed.readable_hint(location):
+            return None
+        return BlobPlace(location.pack_id, location.entry(blob, "tree" if kind == TREE else "data"))
 
     @staticmethod
-    def _open(
-        state: WalkState, plaintexts: dict[str, bytes], blob: str, location: BlobLocation, stored: memoryview
-    ) -> None:
-        try:
-            plaintexts[blob] = open_blob(location.entry(blob), stored)
-        except CorruptBlob as error:
-            state.corrupt[blob] = str(error)
+    def _note_pack(state: WalkState, pack_id: str) -> None:
+        if pack_id not in state.packs:
+            state.packs.append(pack_id)
 
-    def _decode(
-        self,
-        state: WalkState,
-        batch: dict[str, tuple[str, list[str | None]]],
-        plaintexts: dict[str, bytes],
-    ) -> dict[str, tuple[set[str], set[str]]]:
-        """Each readable node's (data children, subtree children); undecodable nodes count as corrupt."""
-        children: dict[str, tuple[set[str], set[str]]] = {}
-        for blob, plaintext in plaintexts.items():
-            kind = batch[blob][0]
+    def _read(self, state: WalkState, nodes: list[_Node]) -> None:
+        """Read the new and parent sides of the nodes (each checked against its hash)."""
+        new_places = {node.new: node.new_place for node in nodes}
+        parent_places = {
+            node.parent: place
+            for node in nodes
+            if node.parent is not None and (place := self._parent_place(node.parent, node.kind)) is not None
+        }
+        plain = self._fetch(state, new_places, from_trailer=True)
+        parent_plain = self._fetch(state, {b: p for b, p in parent_places.items() if b not in plain}, False)
+        for node in nodes:
+            node.new_plain = plain.get(node.new)
+            if node.new_plain is None and node.new not in state.missing:
+                state.missing.append(node.new)
+            if node.parent is not None:
+                node.parent_plain = plain.get(node.parent, parent_plain.get(node.parent))
+
+    def _fetch(self, state: WalkState, places: dict[str, BlobPlace], from_trailer: bool) -> dict[str, bytes]:
+        """Plaintexts of the blobs whose bytes are what their place claims; a trailer that lies refuses its
+        pack, a wrong hint is only not used."""
+        found: dict[str, bytes] = {}
+        for blob, place, stored in read_stored_blobs(self.store, places, self.listed.bodies):
             try:
-                if kind == TREE:
-                    tree = decode_tree(plaintext)
-                    state.trees_read += 1
-                    data = {content for entry in tree.entries for content in entry.content}
-                    subtrees = {entry.subtree for entry in tree.entries if entry.subtree is not None}
-                    children[blob] = (data, subtrees)
+                if stored is None:
+                    raise CorruptBlob(f"blob {blob}: its range could not be read")
+                found[blob] = open_blob(place.entry, stored)
+            except CorruptBlob as error:
+                if from_trailer:
+                    state.refused_packs[place.pack_id] = self.listed.reject(place.pack_id, str(error))
                 else:
-                    children[blob] = (set(decode_stream_index(plaintext)), set())
-            except InvalidDocument as error:
-                state.corrupt[blob] = f"not a valid {kind}: {error}"
-        return children
+                    logger.info(
+                        "location hint did not hold the blob", extra={"blob": blob, "error": str(error)}
+                    )
+        return found
+
+    def _decode(self, state: WalkState, node: _Node) -> _Children | None:
+        """The node's children (a tree's entries, a stream's chunks), or None if it was not read or is not
+        what it is referenced as."""
+        if node.new_plain is None:
+            return None
+        try:
+            if node.kind == TREE:
+                tree = decode_tree(node.new_plain)
+                state.trees_read += 1
+                return _Children(tree=tree, chunks=[], width=max(1, len(tree.entries)))
+            chunks = decode_stream_index(node.new_plain)
+            return _Children(tree=None, chunks=chunks, width=max(1, len(chunks)))
+        except InvalidDocument as error:
+            state.invalid[node.new] = f"not a valid {node.kind}: {error}"
+            return None
+
+    def _compare(self, state: WalkState, node: _Node, children: _Children, walked: set[str]) -> None:
+        """Check the node's children against its parent side."""
+        if children.tree is not None:
+            self._compare_trees(state, children.tree, self._parent_tree(node))
+        else:
+            known = set(self._parent_chunks(node))
+            for chunk in children.chunks:
+                if chunk not in known:
+                    self._check_data(state, chunk)
+        if node.parent_plain is None:
+            # Compared against nothing: proven whole (with its subtrees queued) wherever it appears again.
+            walked.add(node.new)
+            state.walked.append(node.new)
+
+    def _compare_trees(self, state: WalkState, tree: Tree, parent: Tree | None) -> None:
+        before = {entry.name: entry for entry in parent.entries} if parent is not None else {}
+        for entry in tree.entries:
+            old = before.get(entry.name)
+            if entry.subtree is not None:
+                state.stack.append([entry.subtree, old.subtree if old is not None else None, TREE])
+            kept = set(old.content) if old is not None else set()
+            for blob in entry.content:
+                if blob not in kept:
+                    self._check_data(state, blob)
+
+    def _check_data(self, state: WalkState, blob: str) -> None:
+        place = self.listed.holder(blob)
+        if place is None:
+            state.missing.append(blob)
+        else:
+            self._note_pack(state, place.pack_id)
+
+    @staticmethod
+    def _parent_tree(node: _Node) -> Tree | None:
+        """The parent's side, if it could be read; else the node is compared against nothing (stricter)."""
+        if node.parent_plain is None:
+            return None
+        try:
+            return decode_tree(node.parent_plain)
+        except InvalidDocument:
+            return None
+
+    @staticmethod
+    def _parent_chunks(node: _Node) -> list[str]:
+        if node.parent_plain is None:
+            return []
+        try:
+            return decode_stream_index(node.parent_plain)
+        except InvalidDocument:
+            return []
