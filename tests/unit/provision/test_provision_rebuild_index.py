@@ -63,7 +63,10 @@ def put_pack(bucket: str, pack: BuiltPack, data: bytes | None = None) -> str:
     return pack_id
 
 
-def put_manifest(bucket: str, host: str, root: str | None, snapshot_index: str | None = None) -> None:
+def put_manifest(
+    bucket: str, host: str, root: str | None, snapshot_index: str | None = None, folder: str | None = None
+) -> str:
+    """A manifest of `host` stored under `manifests/<folder or host>/`; its key."""
     created = datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc)
     snapshots = ()
     if snapshot_index is not None:
@@ -80,8 +83,9 @@ def put_manifest(bucket: str, host: str, root: str | None, snapshot_index: str |
         warnings=(),
         stats={},
     )
-    key = f"manifests/{host}/{manifest.id}.json"
+    key = f"manifests/{folder or host}/{manifest.id}.json"
     boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=encode_manifest(manifest))
+    return key
 
 
 def host_backup(bucket: str, host: str, files: dict[str, bytes]) -> BuiltPack:
@@ -237,6 +241,20 @@ def test_a_tree_no_pack_holds_is_reported(
     put_manifest(bucket, "alpha", lost_root)
     assert run_rebuild(deployed_package) == 1
     assert f"unreadable node {lost_root}: no pack holds it" in capsys.readouterr().out
+
+
+def test_a_manifest_outside_its_hosts_folder_grants_nothing(
+    deployed_package: DeployedPackage, bucket: str, registry: PackRegistry
+) -> None:
+    pack = build_pack([("tree", tree_bytes([file_entry("f", [blob_hash(b"f")])])), ("data", b"f")])
+    put_pack(bucket, pack)
+    misplaced = put_manifest(bucket, "mallory", pack.entries[0].hash, folder="alpha")
+    boto3.client("s3").put_object(Bucket=bucket, Key="manifests/alpha/notes.txt", Body=b"hello")
+    report = rebuild_index(boto3.client("s3"), bucket, registry, verify=False)
+    assert record(registry, pack.pack_id).hosts == {UNREACHED_HOST}
+    assert report.skipped[misplaced] == "names host 'mallory' outside its folder"
+    assert report.skipped["manifests/alpha/notes.txt"].startswith("not a manifest")
+    assert report.manifests_read == 0
 
 
 def test_existing_items_keep_their_state_and_gain_hosts(

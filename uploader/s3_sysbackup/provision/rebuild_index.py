@@ -25,7 +25,7 @@ from sysbackup_backend.store import MANIFESTS_PREFIX, PACKS_PREFIX, PackStore, p
 from sysbackup_backend.verification import checked_pack_entries
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
 from sysbackup_domain.hashing import is_blob_hash
-from sysbackup_domain.manifest import decode_manifest, decode_stream_index
+from sysbackup_domain.manifest import Manifest, decode_manifest, decode_stream_index
 from sysbackup_domain.packs import TRAILER_TAIL_BYTES, PackEntry, open_blob, parse_trailer_bytes
 from sysbackup_domain.retention import iso_utc
 from sysbackup_domain.tree import decode_tree
@@ -193,30 +193,43 @@ def _decode_links(kind: str, plaintext: bytes) -> _Links:
     )
 
 
-def manifest_roots(store: PackStore, report: RebuildReport) -> dict[str, list[tuple[str, str]]]:
-    """Host -> the roots (root trees, snapshot stream indexes) of every manifest in the bucket."""
-    roots: dict[str, list[tuple[str, str]]] = defaultdict(list)
+def list_manifest_keys(store: PackStore) -> Iterator[str]:
     pages = store.client.get_paginator("list_objects_v2").paginate(
         Bucket=store.bucket, Prefix=MANIFESTS_PREFIX
     )
     for page in pages:
-        for item in page.get("Contents", []):
-            key = item["Key"]
-            try:
-                manifest = decode_manifest(store.read(key))
-            except InvalidDocument as error:
-                report.skipped[key] = f"not a manifest: {error}"
-                continue
-            if not key.startswith(f"{MANIFESTS_PREFIX}{manifest.host}/"):
-                report.skipped[key] = f"names host {manifest.host!r} outside its folder"
-                continue
-            report.manifests_read += 1
-            report.bytes_read += int(item["Size"])
-            if manifest.root is not None:
-                roots[manifest.host].append((manifest.root, TREE))
-            roots[manifest.host].extend(
-                (snapshot.content, STREAM_INDEX) for snapshot in manifest.snapshots if snapshot.content
-            )
+        yield from (item["Key"] for item in page.get("Contents", []))
+
+
+def read_manifest(store: PackStore, key: str) -> tuple[Manifest | None, str, int]:
+    """(the manifest, or None and why not; bytes read)."""
+    body = store.read(key)
+    try:
+        manifest = decode_manifest(body)
+    except InvalidDocument as error:
+        return None, f"not a manifest: {error}", len(body)
+    if not key.startswith(f"{MANIFESTS_PREFIX}{manifest.host}/"):
+        return None, f"names host {manifest.host!r} outside its folder", len(body)
+    return manifest, "", len(body)
+
+
+def manifest_roots(store: PackStore, report: RebuildReport, pool: Any) -> dict[str, list[tuple[str, str]]]:
+    """Host -> the roots (root trees, snapshot stream indexes) of every manifest in the bucket."""
+    roots: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    keys = list(list_manifest_keys(store))
+    for key, (manifest, why_not, bytes_read) in zip(
+        keys, pool.map(lambda key: read_manifest(store, key), keys), strict=True
+    ):
+        report.bytes_read += bytes_read
+        if manifest is None:
+            report.skipped[key] = why_not
+            continue
+        report.manifests_read += 1
+        if manifest.root is not None:
+            roots[manifest.host].append((manifest.root, TREE))
+        roots[manifest.host].extend(
+            (snapshot.content, STREAM_INDEX) for snapshot in manifest.snapshots if snapshot.content
+        )
     return roots
 
 
@@ -315,7 +328,7 @@ def reached_blobs(store: PackStore, readable: list[_Examined], report: RebuildRe
             holders[entry.hash].append((outcome.pack.pack_id, entry))
     with ThreadPoolExecutor(max_workers=PARALLEL_SMALL_READS) as pool:
         reachability = Reachability(store, holders, pool)
-        roots = manifest_roots(store, report)
+        roots = manifest_roots(store, report, pool)
         reached = {host: reachability.reached(host_roots) for host, host_roots in roots.items()}
     report.bytes_read += reachability.bytes_read
     report.missing_nodes.update(reachability.unreadable)
