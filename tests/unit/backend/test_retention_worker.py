@@ -8,19 +8,17 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from sysbackup_backend.api import Services
-from sysbackup_backend.commit import Committer
 from sysbackup_backend.retention_worker import (
     PACKS_PER_MESSAGE,
     ExtensionRequest,
     LockExtender,
     RetentionQueue,
 )
-from sysbackup_backend.walk import Budget
 from sysbackup_domain.errors import InvalidDocument
-from sysbackup_domain.hashing import blob_hash
-from sysbackup_domain.retention import RetentionPolicy, iso_utc, parse_iso_utc
-from sysbackup_testkit import BUCKET, REGION, build_pack, file_entry, tree_bytes
+from sysbackup_domain.retention import iso_utc, parse_iso_utc
+from sysbackup_testkit import BUCKET, REGION, build_pack
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 FOLD = timedelta(days=7)
@@ -52,8 +50,7 @@ def locked_pack(services: Services, until: datetime, content: bytes = b"pack con
         ObjectLockMode="GOVERNANCE",
         ObjectLockRetainUntilDate=until,
     )
-    services.index.record_presigned(pack.pack_id, "alpha", len(pack.data), iso_utc(until))
-    services.index.register_pack("alpha", pack.pack_id, pack.entries)
+    services.registry.record_presigned(pack.pack_id, "alpha", len(pack.data), iso_utc(until))
     return pack.pack_id
 
 
@@ -62,8 +59,23 @@ def lock_of(services: Services, pack_id: str) -> datetime:
     return head["ObjectLockRetainUntilDate"].astimezone(timezone.utc).replace(microsecond=0)
 
 
+class S3AsAws:
+    """The test bucket's client, answering PutObjectRetention on a missing key with NoSuchKey as S3 does
+    (moto raises an AttributeError there)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def put_object_retention(self, **request: Any) -> Any:
+        try:
+            self.client.head_object(Bucket=request["Bucket"], Key=request["Key"])
+        except ClientError:
+            raise ClientError({"Error": {"Code": "NoSuchKey"}}, "PutObjectRetention") from None
+        return self.client.put_object_retention(**request)
+
+
 def extender(services: Services) -> LockExtender:
-    return LockExtender(services.index, services.store.client, BUCKET, "GOVERNANCE", FOLD)
+    return LockExtender(services.registry, S3AsAws(services.store.client), BUCKET, "GOVERNANCE", FOLD)
 
 
 def test_many_packs_travel_in_few_messages(backend: Services) -> None:
@@ -83,7 +95,8 @@ def test_a_short_lock_is_extended_a_fold_window_past_the_need(backend: Services)
     report = extender(backend).apply(ExtensionRequest((pack_id,), need, "m1"))
     assert report.extended == [pack_id]
     assert lock_of(backend, pack_id) == need + FOLD
-    assert parse_iso_utc(backend.index.get_pack(pack_id)["retain_until"]) == need + FOLD  # type: ignore[index]
+    record = backend.registry.get(pack_id)
+    assert record is not None and parse_iso_utc(record.retain_until) == need + FOLD
 
 
 def test_a_sufficient_lock_costs_no_s3_call_and_is_never_shortened(backend: Services) -> None:
@@ -98,13 +111,36 @@ def test_a_sufficient_lock_costs_no_s3_call_and_is_never_shortened(backend: Serv
     assert lock_of(backend, pack_id) == until
 
 
-def test_requests_for_unknown_or_vanished_packs_are_reported_not_retried(backend: Services) -> None:
+def test_a_presigned_pack_in_use_is_extended_like_a_verified_one(backend: Services) -> None:
+    """Big packs stay `presigned` until the verifier reads them, though a commit already uses them."""
+    presigned = locked_pack(backend, NOW + timedelta(days=1))
+    verified = locked_pack(backend, NOW + timedelta(days=1), b"another pack " * 10)
+    assert backend.registry.mark_verified(verified, 1)
+    report = extender(backend).apply(ExtensionRequest((presigned, verified), NOW + timedelta(days=9), "m1"))
+    assert sorted(report.extended) == sorted([presigned, verified])
+    assert lock_of(backend, presigned) == lock_of(backend, verified) == NOW + timedelta(days=9) + FOLD
+
+
+def test_requests_for_unknown_or_never_uploaded_packs_are_reported_not_retried(backend: Services) -> None:
     presigned_only = "cd" * 32
-    backend.index.record_presigned(presigned_only, "alpha", 100, iso_utc(NOW))
+    backend.registry.record_presigned(presigned_only, "alpha", 100, iso_utc(NOW))
     report = extender(backend).apply(
         ExtensionRequest((presigned_only, "ef" * 32), NOW + timedelta(days=5), "gc")
     )
     assert sorted(report.not_uploaded) == sorted([presigned_only, "ef" * 32])
+    record = backend.registry.get(presigned_only)
+    assert record is not None and record.retain_until == iso_utc(NOW)  # nothing was locked: nothing recorded
+
+
+def test_condemned_packs_are_not_locked_longer(backend: Services) -> None:
+    """A condemned pack is no kept manifest's: a longer lock would only hold gc back."""
+    until = NOW + timedelta(days=1)
+    pack_id = locked_pack(backend, until)
+    assert backend.registry.condemn(pack_id, NOW)
+    report = extender(backend).apply(ExtensionRequest((pack_id,), NOW + timedelta(days=30), "m1"))
+    assert report.not_live == [pack_id] and report.extended == []
+    assert lock_of(backend, pack_id) == until
+    assert report.to_json() == {"extended": 0, "already_locked": 0, "not_uploaded": 0, "not_live": 1}
 
 
 @pytest.mark.parametrize(
@@ -125,45 +161,3 @@ def test_requests_for_unknown_or_vanished_packs_are_reported_not_retried(backend
 def test_malformed_requests_are_refused(document: object) -> None:
     with pytest.raises(InvalidDocument):
         ExtensionRequest.from_json(document)
-
-
-def test_a_commit_asks_to_lock_its_new_packs_as_long_as_the_manifest(backend: Services) -> None:
-    sqs, url = sqs_queue()
-    data = build_pack([("data", b"file body " * 20)])
-    root = tree_bytes([file_entry("f", [blob_hash(b"file body " * 20)])])
-    tree = build_pack([("tree", root)])
-    for pack in (data, tree):
-        backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{pack.pack_id}", Body=pack.data)
-        backend.index.record_presigned(pack.pack_id, "alpha", len(pack.data), iso_utc(NOW))
-        backend.index.register_pack("alpha", pack.pack_id, pack.entries)
-    policy = RetentionPolicy(days_retained=30, max_days_retained=365, lock_mode="GOVERNANCE")
-    committer = Committer(
-        backend.index,
-        backend.store,
-        backend.catalogue,
-        backend.jobs,
-        policy,
-        retention_queue=RetentionQueue(url, sqs),
-    )
-    body = {"parent": None, "root": blob_hash(root), "snapshots": [], "stats": {}}
-    outcome = committer.start("alpha", body, Budget(60))
-    ((request,),) = [[ExtensionRequest.from_json(b) for b in drain(sqs, url)]]
-    assert sorted(request.pack_ids) == sorted([data.pack_id, tree.pack_id])
-    assert iso_utc(request.retain_until) == outcome.body["retain_until"]
-    assert request.source == outcome.body["manifest_id"]
-
-
-def test_a_commit_succeeds_even_when_the_queue_is_unreachable(backend: Services) -> None:
-    root = tree_bytes([])
-    tree = build_pack([("tree", root)])
-    backend.store.client.put_object(Bucket=BUCKET, Key=f"packs/{tree.pack_id}", Body=tree.data)
-    backend.index.record_presigned(tree.pack_id, "alpha", len(tree.data), iso_utc(NOW))
-    backend.index.register_pack("alpha", tree.pack_id, tree.entries)
-    sqs = boto3.client("sqs", region_name=REGION)
-    missing_queue = RetentionQueue(f"https://sqs.{REGION}.amazonaws.com/123456789012/no-such-queue", sqs)
-    policy = RetentionPolicy(days_retained=30, max_days_retained=365, lock_mode="GOVERNANCE")
-    committer = Committer(
-        backend.index, backend.store, backend.catalogue, backend.jobs, policy, retention_queue=missing_queue
-    )
-    body = {"parent": None, "root": blob_hash(root), "snapshots": [], "stats": {}}
-    assert committer.start("alpha", body, Budget(60)).status_code == 201

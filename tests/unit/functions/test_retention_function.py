@@ -46,7 +46,7 @@ def test_a_failure_to_reach_dynamodb_is_retried(extend_app: Any, monkeypatch: py
     def unreachable(*_: Any, **__: Any) -> Any:
         raise ConnectionError("DynamoDB is down")
 
-    monkeypatch.setattr(extend_app.extender().index, "get_packs", unreachable)
+    monkeypatch.setattr(extend_app.extender().registry, "get_many", unreachable)
     body = json.dumps({"packs": ["ab" * 32], "retain_until": "2030-01-01T00:00:00Z", "source": "gc"})
     event = {"Records": [sqs_record("not json"), sqs_record(body, "m-2")]}
     result = extend_app.lambda_handler(event, FakeLambdaContext())
