@@ -217,11 +217,17 @@ class LocalStack:
             )
         dynamodb = self.dynamodb
         for table in self.template.tables.values():
+            indexes = (
+                {"GlobalSecondaryIndexes": table.global_secondary_indexes}
+                if table.global_secondary_indexes
+                else {}
+            )
             dynamodb.create_table(
                 TableName=table.name,
                 KeySchema=table.key_schema,
                 AttributeDefinitions=table.attribute_definitions,
                 BillingMode="PAY_PER_REQUEST",
+                **indexes,
             )
             if table.ttl_attribute:
                 dynamodb.update_time_to_live(
@@ -398,14 +404,14 @@ class LocalStack:
         return set(self.info.get("extra_functions", []))
 
     def wait_idle(self, timeout: float = 60) -> None:
-        """Until every S3 change so far has been delivered and no function is still handling a batch."""
+        """Until every queue a function is triggered by is empty and no function is still handling a batch."""
         if not self._control("/idle", {"timeout": timeout}, timeout=timeout + 10).get("idle"):
             raise StackError(f"the stack was still busy after {timeout:.0f}s")
 
     @contextlib.contextmanager
     def deliveries_held(self) -> Iterator[None]:
-        """SQS-triggered functions (the verifier) do not run inside the block; S3 notifications wait in
-        their queues and are delivered after it, as if the event source mapping were disabled meanwhile."""
+        """SQS-triggered functions (verifier, lock extender) do not run inside the block; messages wait in
+        their queues and are delivered after it, as if the event source mappings were disabled meanwhile."""
         self._control("/deliveries", {"hold": True})
         try:
             yield
@@ -546,7 +552,6 @@ def _start_storage(state_dir: Path, info: dict[str, Any], attempts: int = 3) -> 
             "s3": f"http://127.0.0.1:{ports['s3']}",
             "moto": f"http://127.0.0.1:{ports['moto']}",
             "filer": f"http://127.0.0.1:{ports['filer']}",
-            "filer_address": f"127.0.0.1:{ports['filer']}.{ports['filer_grpc']}",
             "master": f"http://127.0.0.1:{ports['master']}",
             # weed's Prometheus metrics (S3 requests by action and bucket: what the bench counts).
             "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics",

@@ -1,4 +1,4 @@
-"""The stack's daemon: function workers, the API gateway, S3 notifications, SQS pollers and a control port.
+"""The stack's daemon: function workers, the API gateway, SQS pollers and a control port.
 
 Started detached by `LocalStack.start`; reads `S/stack.json`; everything it starts shares its process
 group, so `local down` ends them all with one signal. The control port (loopback, JSON) serves the CLI
@@ -8,7 +8,6 @@ and tests: invoke a function, wait until idle, register a test route.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
@@ -30,18 +29,14 @@ from botocore.config import Config
 
 from .gateway import ApiGateway, InvocationOutcome, RouteTable, make_http_server
 from .identities import KIND_FUNCTION, ROLE_IDENTITY_KINDS, Identity, IdentityRegistry
-from .notifications import (
-    SqsPoller,
-    iter_json_objects,
-    matches_notification,
-    object_created_from_meta_event,
-    s3_event_record,
-)
 from .ports import wait_for_http
+from .sqs import SqsPoller
 from .template import REGION, FunctionSpec, HttpRoute, parse_template
 
 log = logging.getLogger("sysbackup_local.supervisor")
-MARKER_DIR = "/sysbackup-local/markers"
+# wait_idle: this many checks in a row, this far apart, must find every queue empty and every poller idle.
+QUIET_CHECKS = 2
+QUIET_CHECK_SECONDS = 0.2
 
 
 def function_environment(
@@ -96,8 +91,6 @@ class Supervisor:
         self.concurrency = int(self.stack.get("concurrency", 1))
         self.routes = RouteTable()
         self.pollers: list[SqsPoller] = []
-        self.markers_seen: set[str] = set()
-        self.markers_lock = threading.Condition()
         self._moto = dict(
             endpoint_url=self.stack["endpoints"]["moto"],
             region_name=REGION,
@@ -108,7 +101,6 @@ class Supervisor:
         self.sqs = boto3.client("sqs", **self._moto)
         self._idle_workers: dict[str, queue.Queue[int]] = {}
         self.stopping = threading.Event()
-        self.tail_pid: int | None = None
         # Per function: invocations and summed billed milliseconds (Lambda rounds each up to 1 ms);
         # the bench reads them from the control port to model the Lambda bill of a run.
         self.usage: dict[str, dict[str, int]] = {}
@@ -200,37 +192,9 @@ class Supervisor:
         with self._usage_lock:
             return {function: dict(usage) for function, usage in self.usage.items()}
 
-    # ------------------------------------------------------------------ notifications
-    def _start_tail(self, since_seconds: float | None) -> subprocess.Popen[str]:
-        filer = self.stack["endpoints"]["filer_address"]
-        command = [self.stack["weed"], "filer.meta.tail", f"-filer={filer}", "-pathPrefix=/"]
-        if since_seconds is not None:
-            command.append(f"-timeAgo={since_seconds:.3f}s")
-        tail = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=(self.logs / "meta-tail.log").open("ab"), text=True
-        )
-        self.children.append(tail)
-        self.tail_pid = tail.pid
-        return tail
-
-    def _follow_metadata(self) -> None:
-        """Feeds the bridge from `weed filer.meta.tail`, restarting it (from the last event) if it ends."""
-        last_event_time: float | None = None
-        while not self.stopping.is_set():
-            since = None if last_event_time is None else time.time() - last_event_time + 1.0
-            tail = self._start_tail(since)
-            assert tail.stdout is not None
-            for event in iter_json_objects(tail.stdout):
-                # Replaying a second of history after a restart may repeat a record: S3 is at-least-once too.
-                last_event_time = int(event.get("tsNs", 0)) / 1e9 or time.time()
-                self._bridge_event(event)
-            tail.wait()
-            if not self.stopping.is_set():
-                log.warning("filer.meta.tail ended with %s; restarting it", tail.returncode)
-                self.stopping.wait(0.5)
-
-    def start_notifications(self) -> None:
-        threading.Thread(target=self._follow_metadata, daemon=True, name="s3-notifications").start()
+    # ------------------------------------------------------------------ SQS event sources
+    def start_event_sources(self) -> None:
+        """One poller per SQS trigger in the template (VerifyQueue, RetentionQueue), as Lambda's mappings."""
         for spec in self.template.functions.values():
             for trigger in spec.sqs_triggers:
                 queue = self.stack["queues"][trigger.queue_logical_id]
@@ -241,54 +205,24 @@ class Supervisor:
                 self.pollers.append(poller)
                 threading.Thread(target=poller.run, daemon=True, name=f"sqs-{spec.logical_id}").start()
 
-    def _bridge_event(self, event: dict[str, Any]) -> None:
-        """One metadata event: a wait_idle marker, or maybe an S3 notification to send."""
-        directory = str(event.get("directory", ""))
-        new_entry = (event.get("eventNotification") or {}).get("newEntry") or {}
-        if directory == MARKER_DIR and new_entry.get("name"):
-            with self.markers_lock:
-                self.markers_seen.add(str(new_entry["name"]))
-                self.markers_lock.notify_all()
-            return
-        created = object_created_from_meta_event(event)
-        if created is None:
-            return
-        bucket = self.template.bucket
-        for event_name, prefix, queue_logical_id in bucket.queue_notifications:
-            if matches_notification(event_name, prefix, created, bucket.name):
-                record = s3_event_record(created, dt.datetime.now(dt.timezone.utc))
-                queue_url = self.stack["queues"][queue_logical_id]["url"]
-                try:
-                    self.sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"Records": [record]}))
-                except Exception:
-                    log.exception("could not send the notification for %s", created.key)
-
-    def _put_marker(self) -> str:
-        name = uuid.uuid4().hex
-        url = f"{self.stack['endpoints']['filer']}{MARKER_DIR}/{name}"
-        request = urllib.request.Request(url, data=b"marker", method="PUT")
-        with urllib.request.urlopen(request, timeout=10):
-            pass
-        return name
-
     def wait_idle(self, timeout: float) -> bool:
-        """True once every S3 change so far reached its queue and every poller has nothing to do."""
+        """True once every queue with a poller is empty and no poller is handling a batch.
+
+        Every message the stack's functions send (a commit's verify request, lock extension requests) is
+        in its queue before the call that sent it answers, so nothing can still be on its way.
+        """
         if any(poller.held for poller in self.pollers):
             raise RuntimeError("deliveries are held: the queues cannot drain (release them first)")
         deadline = time.monotonic() + timeout
-        marker = self._put_marker()
-        with self.markers_lock:
-            if not self.markers_lock.wait_for(lambda: marker in self.markers_seen, timeout):
-                return False
-        quiet_rounds = 0
+        quiet_checks = 0
         while time.monotonic() < deadline:
             if self._queues_drained() and not any(poller.busy for poller in self.pollers):
-                quiet_rounds += 1
-                if quiet_rounds >= 2:
+                quiet_checks += 1
+                if quiet_checks >= QUIET_CHECKS:
                     return True
             else:
-                quiet_rounds = 0
-            time.sleep(0.2)
+                quiet_checks = 0
+            time.sleep(QUIET_CHECK_SECONDS)
         return False
 
     def _queues_drained(self) -> bool:
@@ -301,7 +235,7 @@ class Supervisor:
         return True
 
     def hold_deliveries(self, hold: bool) -> dict[str, Any]:
-        """Holds back (or releases) every SQS event source mapping; notifications still reach the queues."""
+        """Holds back (or releases) every SQS event source mapping; messages still reach the queues."""
         if not hold:
             for poller in self.pollers:
                 poller.release()
@@ -353,7 +287,6 @@ class Supervisor:
                     {
                         "workers": supervisor.workers,
                         "routes": routes,
-                        "meta_tail_pid": supervisor.tail_pid,
                         "usage": supervisor.usage_snapshot(),
                     },
                 )
@@ -392,7 +325,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
         for spec in self.template.functions.values():
             self.start_function(spec)
-        self.start_notifications()
+        self.start_event_sources()
         threading.Thread(target=api_server.serve_forever, daemon=True, name="api-gateway").start()
         threading.Thread(target=control.serve_forever, daemon=True, name="control").start()
         ready = {

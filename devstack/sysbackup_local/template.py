@@ -89,6 +89,8 @@ class TableSpec:
     key_schema: list[dict[str, str]]
     attribute_definitions: list[dict[str, str]]
     ttl_attribute: str | None
+    # As CreateTable takes them (IndexName, KeySchema, Projection); on-demand tables need no throughput.
+    global_secondary_indexes: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,6 @@ class BucketSpec:
     object_lock: bool
     default_lock_mode: str | None
     default_lock_days: int | None
-    # (event, prefix, queue logical id) from NotificationConfiguration.QueueConfigurations
-    queue_notifications: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass
@@ -261,28 +261,12 @@ def _parse_bucket(resources: dict[str, Any], resolver: _Resolver) -> BucketSpec:
     properties = resolver.resolve(buckets["BackupBucket"].get("Properties", {}))
     name = properties.get("BucketName") or f"{resolver.ref('PackageName')}-backupbucket"
     lock_rule = (properties.get("ObjectLockConfiguration") or {}).get("Rule", {}).get("DefaultRetention", {})
-    notifications = tuple(
-        (
-            config["Event"],
-            next(
-                (
-                    rule["Value"]
-                    for rule in config.get("Filter", {}).get("S3Key", {}).get("Rules", [])
-                    if rule["Name"].lower() == "prefix"
-                ),
-                "",
-            ),
-            _logical_id_of_arn(config["Queue"]),
-        )
-        for config in (properties.get("NotificationConfiguration") or {}).get("QueueConfigurations", [])
-    )
     return BucketSpec(
         logical_id="BackupBucket",
         name=str(name).lower(),
         object_lock=bool(properties.get("ObjectLockEnabled")),
         default_lock_mode=lock_rule.get("Mode"),
         default_lock_days=int(lock_rule["Days"]) if "Days" in lock_rule else None,
-        queue_notifications=notifications,
     )
 
 
@@ -302,6 +286,10 @@ def _parse_tables(resources: dict[str, Any], resolver: _Resolver) -> dict[str, T
             key_schema=properties["KeySchema"],
             attribute_definitions=properties["AttributeDefinitions"],
             ttl_attribute=ttl.get("AttributeName") if ttl.get("Enabled") else None,
+            global_secondary_indexes=[
+                {name: index[name] for name in ("IndexName", "KeySchema", "Projection")}
+                for index in properties.get("GlobalSecondaryIndexes", [])
+            ],
         )
     return tables
 

@@ -33,17 +33,18 @@ SMALL_TEMPLATE = textwrap.dedent(
           ObjectLockEnabled: true
           ObjectLockConfiguration:
             Rule: {DefaultRetention: {Mode: GOVERNANCE, Days: !Ref DaysRetained}}
-          NotificationConfiguration:
-            QueueConfigurations:
-              - Event: s3:ObjectCreated:*
-                Queue: !GetAtt Landed.Arn
-                Filter: {S3Key: {Rules: [{Name: prefix, Value: packs/}]}}
       Things:
         Type: AWS::DynamoDB::Table
         Properties:
-          AttributeDefinitions: [{AttributeName: id, AttributeType: S}]
+          AttributeDefinitions:
+            - {AttributeName: id, AttributeType: S}
+            - {AttributeName: owner, AttributeType: S}
           KeySchema: [{AttributeName: id, KeyType: HASH}]
           TimeToLiveSpecification: {AttributeName: expires_at, Enabled: true}
+          GlobalSecondaryIndexes:
+            - IndexName: ByOwner
+              KeySchema: [{AttributeName: owner, KeyType: HASH}, {AttributeName: id, KeyType: RANGE}]
+              Projection: {ProjectionType: ALL}
       Landed:
         Type: AWS::SQS::Queue
         Properties:
@@ -89,7 +90,6 @@ def test_intrinsics_resolve_to_local_names_and_parameter_defaults(small: Path) -
     assert template.bucket.name == "pkg-000000000000-us-east-1"
     assert template.bucket.default_lock_mode == "GOVERNANCE"
     assert template.bucket.default_lock_days == 7
-    assert template.bucket.queue_notifications == (("s3:ObjectCreated:*", "packs/", "Landed"),)
     api = template.function("ApiFunction")
     assert api.environment["TABLE"] == "pkg-Things"
     assert api.environment["DAYS"] == "7"
@@ -111,6 +111,16 @@ def test_tables_queues_and_triggers(small: Path) -> None:
     things = template.tables["Things"]
     assert things.key_schema == [{"AttributeName": "id", "KeyType": "HASH"}]
     assert things.ttl_attribute == "expires_at"
+    assert things.global_secondary_indexes == [
+        {
+            "IndexName": "ByOwner",
+            "KeySchema": [
+                {"AttributeName": "owner", "KeyType": "HASH"},
+                {"AttributeName": "id", "KeyType": "RANGE"},
+            ],
+            "Projection": {"ProjectionType": "ALL"},
+        }
+    ]
     landed = template.queues["Landed"]
     assert (landed.visibility_timeout, landed.dead_letter_logical_id, landed.max_receive_count) == (
         60,
@@ -151,10 +161,26 @@ def test_the_real_template_declares_the_architecture_routes() -> None:
 
     served = {route.route_key: function for route, function in template.routes()}
 
-    assert served["POST /blobs/check"] == "UploadApiFunction"
     assert served["POST /packs/presign"] == "UploadApiFunction"
-    assert served["POST /packs/register"] == "UploadApiFunction"
     assert served["GET /manifests/{manifest_id}"] == "ManifestApiFunction"
     assert served["GET /jobs/{job_id}"] == "ManifestApiFunction"
+    assert served["GET /packs"] == "RestoreApiFunction"
     assert served["POST /downloads"] == "RestoreApiFunction"
-    assert template.function("verify_pack").sqs_triggers[0].queue_logical_id == "PackLandedQueue"
+    assert not {"POST /blobs/check", "POST /packs/register", "POST /packs/adopt"} & set(served)
+    assert template.function("verify_pack").sqs_triggers[0].queue_logical_id == "VerifyQueue"
+    # The commit learns the verify queue's URL as the stack resolves `!Ref VerifyQueue`.
+    assert (
+        template.function("manifest_api").environment["VERIFY_QUEUE_URL"]
+        == template.queues["VerifyQueue"].name
+    )
+
+
+def test_the_real_template_gives_the_pack_registry_its_by_host_index() -> None:
+    template = parse_template(REPO / "template.yaml")
+
+    (index,) = template.tables["BlobIndexTable"].global_secondary_indexes
+    assert index["IndexName"] == "ByHost"
+    assert [key["AttributeName"] for key in index["KeySchema"]] == ["host", "pk"]
+    assert {"AttributeName": "host", "AttributeType": "S"} in template.tables[
+        "BlobIndexTable"
+    ].attribute_definitions
