@@ -15,7 +15,7 @@ from pydantic import StringConstraints
 
 from .catalogue import Catalogue
 from .clients import dynamodb_client, s3_client, sqs_client
-from .commit import Committer
+from .commit import Committer, verify_queue_from_environment
 from .errors import ApiError, BadRequest, Forbidden
 from .identity import Caller, caller
 from .jobs import JobStore
@@ -64,6 +64,7 @@ def services() -> Services:
             jobs,
             settings.retention,
             retention_queue=queue_from_environment(os.environ, sqs_client),
+            verify_queue=verify_queue_from_environment(os.environ, sqs_client),
         ),
     )
 

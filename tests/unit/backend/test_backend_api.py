@@ -33,3 +33,19 @@ def test_json_body_refuses_empty_and_non_json() -> None:
     for body in (None, "", "{nope"):
         with pytest.raises(BadRequest):
             api.json_body(fake_app(body=body))
+
+
+def test_services_wire_the_registry_and_the_commits_queues_from_the_environment(
+    backend: api.Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert backend.registry.table_name == "blob-index"
+    assert backend.committer.verify_queue is None  # a function without VERIFY_QUEUE_URL sends nothing
+    monkeypatch.setenv("VERIFY_QUEUE_URL", "https://sqs.us-east-1.amazonaws.com/123456789012/verify")
+    monkeypatch.setenv("RETENTION_QUEUE_URL", "https://sqs.us-east-1.amazonaws.com/123456789012/retention")
+    api.services.cache_clear()
+    wired = api.services()
+    assert wired.committer.registry is wired.registry
+    assert wired.committer.verify_queue is not None
+    assert wired.committer.verify_queue.queue_url.endswith("/verify")
+    assert wired.committer.retention_queue is not None
+    assert wired.committer.retention_queue.queue_url.endswith("/retention")
