@@ -105,12 +105,12 @@ def backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[api.Services]:
     _reset_caches()
 
 
-class GetCounter:
-    """Counts S3 GetObject calls made through a client (what parent-diffing and trailer reads must save)."""
+class S3CallCounter:
+    """Counts the calls of one S3 operation (`GetObject`, `HeadObject`) made through a client."""
 
-    def __init__(self, s3_client: Any) -> None:
+    def __init__(self, s3_client: Any, operation: str) -> None:
         self.count = 0
-        s3_client.meta.events.register("before-call.s3.GetObject", self._count)
+        s3_client.meta.events.register(f"before-call.s3.{operation}", self._count)
 
     def _count(self, **_: Any) -> None:
         self.count += 1

@@ -14,6 +14,7 @@ from sysbackup_testkit import (
     BUCKET,
     BuiltPack,
     FakeLambdaContext,
+    S3CallCounter,
     build_pack,
     http_event,
     load_function,
@@ -30,15 +31,6 @@ NOW = datetime(2026, 11, 22, 2, 0, tzinfo=timezone.utc)
 @pytest.fixture
 def upload_api(backend: Services) -> Any:
     return load_function("upload_api")
-
-
-class HeadCounter:
-    def __init__(self, s3_client: Any) -> None:
-        self.count = 0
-        s3_client.meta.events.register("before-call.s3.HeadObject", self._count)
-
-    def _count(self, **_: Any) -> None:
-        self.count += 1
 
 
 def call(module: Any, path: str, body: Any, host: str | None = "alpha", **kwargs: Any) -> tuple[int, Any]:
@@ -86,7 +78,7 @@ def test_presign_signs_exactly_the_headers_it_returns(upload_api: Any, backend: 
 
 
 def test_a_new_pack_needs_no_head(upload_api: Any, backend: Services) -> None:
-    heads = HeadCounter(backend.store.client)
+    heads = S3CallCounter(backend.store.client, "HeadObject")
     packs = [build_pack([("data", f"new {number}".encode())]) for number in range(3)]
     status, body = presign(upload_api, packs)
     assert (status, sorted(uploaded(body))) == (200, sorted(pack.pack_id for pack in packs))
@@ -106,7 +98,7 @@ def test_own_pack_that_landed_is_stored_and_one_that_did_not_gets_a_fresh_url(
 
 def test_own_verified_pack_is_stored_without_a_head(upload_api: Any, backend: Services) -> None:
     pack = store_pack(backend, "alpha", [("data", b"verified already")], state="verified")
-    heads = HeadCounter(backend.store.client)
+    heads = S3CallCounter(backend.store.client, "HeadObject")
     assert presign(upload_api, [pack]) == (200, {"uploads": [], "stored": [pack.pack_id]})
     assert heads.count == 0
 
