@@ -5,9 +5,18 @@ from __future__ import annotations
 import os
 
 from sysbackup_backend.api import Services
-from sysbackup_backend.index import BlobLocation
 from sysbackup_backend.jobs import JOB_FAILED
-from sysbackup_backend.walk import MAX_RANGE_GAP_BYTES, Budget, WalkState, coalesce_ranges
+from sysbackup_backend.walk import (
+    MAX_RANGE_GAP_BYTES,
+    STREAM,
+    TREE,
+    BlobPlace,
+    Budget,
+    WalkState,
+    coalesce_ranges,
+    read_stored_blobs,
+)
+from sysbackup_domain.packs import PackEntry
 
 
 def test_large_progress_is_split_and_read_back(backend: Services) -> None:
@@ -40,24 +49,39 @@ def test_part_items_are_not_jobs(backend: Services) -> None:
 
 
 def test_walk_state_round_trips() -> None:
-    state = WalkState.start("a" * 64, ["b" * 64, "b" * 64])
-    state.open["c" * 64] = [2, [None, "a" * 64]]
-    state.corrupt["d" * 64] = "bad"
+    state = WalkState.start([("a" * 64, "e" * 64, TREE), ("b" * 64, None, STREAM), ("b" * 64, None, STREAM)])
+    state.missing.append("c" * 64)
+    state.invalid["d" * 64] = "bad"
+    state.refused_packs["f" * 64] = "corrupt"
+    state.packs.append("f" * 64)
+    state.gc_epoch = 4
     again = WalkState.from_bytes(state.to_bytes())
     assert again == state
-    assert [entry[0] for entry in again.stack] == ["b" * 64, "a" * 64]
+    # Visited from the end: the first pair first, a repeated pair once.
+    assert again.stack == [["b" * 64, None, STREAM], ["a" * 64, "e" * 64, TREE]]
 
 
-def _location(offset: int, length: int) -> BlobLocation:
-    return BlobLocation(
-        pack_id="p", offset=offset, length=length, raw_length=length, codec="none", kind="tree", verified=True
+def _entry(offset: int, length: int) -> PackEntry:
+    return PackEntry(
+        hash="a" * 64, kind="tree", codec="none", offset=offset, length=length, raw_length=length
     )
 
 
 def test_coalesce_merges_near_blobs_and_splits_far_ones() -> None:
     far = 10 + MAX_RANGE_GAP_BYTES + 100
-    ranges = coalesce_ranges([_location(far, 5), _location(0, 10), _location(12, 3)])
+    ranges = coalesce_ranges([_entry(far, 5), _entry(0, 10), _entry(12, 3)])
     assert ranges == [(0, 15), (far, far + 5)]
+
+
+def test_read_stored_blobs_serves_held_packs_without_a_get() -> None:
+    class NoStore:
+        def read_range(self, key: str, start: int, end: int) -> bytes:
+            raise AssertionError(f"read {key}")
+
+    body = b"0123456789abcdefghij"
+    places = {"one": BlobPlace("p", _entry(2, 3)), "two": BlobPlace("p", _entry(15, 5))}
+    found = {blob: bytes(view or b"") for blob, _, view in read_stored_blobs(NoStore(), places, {"p": body})}  # type: ignore[arg-type]
+    assert found == {"one": b"234", "two": b"fghij"}
 
 
 def test_budget_expires() -> None:

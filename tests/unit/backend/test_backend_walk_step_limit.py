@@ -1,5 +1,5 @@
-"""A walk step checks at most DATA_CHECKS_PER_STEP data children (at least one node); the nodes past
-the limit are walked in later steps, with the same outcome as an unlimited walk."""
+"""A walk step compares at most DATA_CHECKS_PER_STEP children (at least one node); the nodes past the
+limit are walked in later steps, with the same outcome as an unlimited walk."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from sysbackup_backend import walk
 from sysbackup_backend.api import Services
 from sysbackup_backend.errors import Unprocessable
-from sysbackup_backend.walk import Budget, TreeWalker, WalkState
+from sysbackup_backend.walk import TREE, Budget, ListedPacks, TreeWalker, WalkState
 from sysbackup_domain.hashing import blob_hash
-from sysbackup_testkit import dir_entry, file_entry, store_claimed, tree_bytes
+from sysbackup_testkit import BuiltPack, dir_entry, file_entry, store_pack, tree_bytes
 
 
 def build_wide_tree(directories: int, files: int) -> tuple[str, list[bytes], list[bytes]]:
@@ -31,58 +31,55 @@ def build_wide_tree(directories: int, files: int) -> tuple[str, list[bytes], lis
     return blob_hash(root), trees, contents
 
 
-@pytest.fixture
-def checked_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Sizes of the data lookups the walk makes, with the limit lowered to 4."""
+@pytest.fixture(autouse=True)
+def four_checks_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(walk, "DATA_CHECKS_PER_STEP", 4)
-    sizes: list[int] = []
-    original = TreeWalker._check_data
-
-    def spy(self: TreeWalker, state: WalkState, data_blobs: set[str]) -> dict:
-        sizes.append(len(data_blobs))
-        return original(self, state, data_blobs)
-
-    monkeypatch.setattr(TreeWalker, "_check_data", spy)
-    return sizes
 
 
-def walk_to_the_end(backend: Services, host: str, root: str) -> WalkState:
-    state = WalkState.start(root, [])
-    walker = TreeWalker(backend.index, backend.store, host)
+def nodes_compared_per_step(backend: Services, host: str, root: str, packs: list[BuiltPack]) -> list[int]:
+    """Walk step by step; how many nodes each step compared (every node here has no parent side)."""
+    pack_ids = [pack.pack_id for pack in packs]
+    listed = ListedPacks(backend.registry, backend.store, host, backend.registry.get_many(pack_ids))
+    walker = TreeWalker(backend.store, listed.load(pack_ids), {})
+    state = WalkState.start([(root, None, TREE)])
+    compared: list[int] = []
     for _ in range(50):
+        before = len(state.walked)
         walker.step(state)
+        compared.append(len(state.walked) - before)
         if state.done:
-            return state
+            assert state.problem_count == 0
+            return compared
     raise AssertionError("the walk did not end")
 
 
-def test_wide_levels_are_checked_a_few_nodes_per_step(backend: Services, checked_sizes: list[int]) -> None:
+def test_wide_levels_are_compared_a_few_nodes_per_step(backend: Services) -> None:
     root, trees, contents = build_wide_tree(directories=5, files=3)
-    store_claimed(backend, "web-1", [("tree", tree) for tree in trees])
-    store_claimed(backend, "web-1", [("data", content) for content in contents])
-    state = walk_to_the_end(backend, "web-1", root)
-    assert state.problem_count == 0 and not state.open  # every node closed, the root last
-    # 5 directories of 3 files with a limit of 4: one directory (3 checks) per step, never two.
-    assert [size for size in checked_sizes if size] == [3, 3, 3, 3, 3]
+    packs = [
+        store_pack(backend, "web-1", [("tree", tree) for tree in trees]),
+        store_pack(backend, "web-1", [("data", content) for content in contents]),
+    ]
+    # The root (5 entries, over the limit on its own), then one directory of 3 files per step, never two.
+    assert nodes_compared_per_step(backend, "web-1", root, packs) == [1, 1, 1, 1, 1, 1]
 
 
-def test_a_node_over_the_limit_on_its_own_is_still_walked(
-    backend: Services, checked_sizes: list[int]
-) -> None:
+def test_a_node_over_the_limit_on_its_own_is_still_walked(backend: Services) -> None:
     root, trees, contents = build_wide_tree(directories=2, files=6)
-    store_claimed(backend, "web-1", [("tree", tree) for tree in trees])
-    store_claimed(backend, "web-1", [("data", content) for content in contents])
-    assert walk_to_the_end(backend, "web-1", root).problem_count == 0
-    assert [size for size in checked_sizes if size] == [6, 6]
+    packs = [
+        store_pack(backend, "web-1", [("tree", tree) for tree in trees]),
+        store_pack(backend, "web-1", [("data", content) for content in contents]),
+    ]
+    assert nodes_compared_per_step(backend, "web-1", root, packs) == [1, 1, 1]
 
 
-def test_a_missing_blob_in_a_deferred_node_is_reported_once(
-    backend: Services, checked_sizes: list[int]
-) -> None:
+def test_a_missing_blob_in_a_deferred_node_is_reported_once(backend: Services) -> None:
     root, trees, contents = build_wide_tree(directories=4, files=3)
     lost = contents[-1]  # in the last directory, which a first step would defer
-    store_claimed(backend, "web-1", [("tree", tree) for tree in trees])
-    store_claimed(backend, "web-1", [("data", content) for content in contents if content != lost])
+    packs = [
+        store_pack(backend, "web-1", [("tree", tree) for tree in trees]),
+        store_pack(backend, "web-1", [("data", content) for content in contents if content != lost]),
+    ]
+    body = {"parent": None, "root": root, "snapshots": [], "packs": [pack.pack_id for pack in packs]}
     with pytest.raises(Unprocessable) as refused:
-        backend.committer.start("web-1", {"parent": None, "root": root, "snapshots": []}, Budget(60))
+        backend.committer.start("web-1", body, Budget(60))
     assert refused.value.body()["missing"] == [blob_hash(lost)]

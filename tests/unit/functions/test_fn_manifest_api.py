@@ -18,7 +18,7 @@ from sysbackup_testkit import (
     load_function,
     response_json,
     restore_arn,
-    store_claimed,
+    store_pack,
     tree_bytes,
     user_arn,
 )
@@ -43,6 +43,10 @@ def call(
     return response["statusCode"], response_json(response)
 
 
+# The packs stored_root uploaded, by root: what the host lists when it commits that root.
+PACKS: dict[str, list[str]] = {}
+
+
 def commit_body(root: str | None, parent: str | None = None) -> dict[str, Any]:
     return {
         "parent": parent,
@@ -50,16 +54,20 @@ def commit_body(root: str | None, parent: str | None = None) -> dict[str, Any]:
         "snapshots": [],
         "warnings": ["one warning"],
         "stats": {"files": 3},
+        "packs": PACKS.get(root or "", []),
     }
 
 
 def stored_root(backend: Services, host: str = "alpha") -> str:
-    content = b"etc/hosts contents"
+    content = f"etc/hosts contents of {host}".encode()
     inner = tree_bytes([file_entry("hosts", [blob_hash(content)])])
     root = tree_bytes([dir_entry("etc", blob_hash(inner))])
-    store_claimed(backend, host, [("data", content)])
-    store_claimed(backend, host, [("tree", inner)])
-    store_claimed(backend, host, [("tree", root)])
+    packs = [
+        store_pack(backend, host, [("data", content)]),
+        store_pack(backend, host, [("tree", inner)]),
+        store_pack(backend, host, [("tree", root)]),
+    ]
+    PACKS[blob_hash(root)] = [pack.pack_id for pack in packs]
     return blob_hash(root)
 
 
@@ -88,6 +96,17 @@ def test_body_host_field_does_not_choose_the_host(manifest_api: Any, backend: Se
     assert status == 422  # a field the request format does not know, and alpha does not hold beta's blobs
     assert call(manifest_api, "GET", "/manifests", caller=user_arn("beta"))[1]["manifests"] == []
     assert answer["message"]
+
+
+def test_a_refusal_names_the_missing_blobs_and_the_refused_packs(
+    manifest_api: Any, backend: Services
+) -> None:
+    root = stored_root(backend, host="beta")
+    status, answer = call(manifest_api, "POST", "/manifests", commit_body(root), caller=user_arn("alpha"))
+    assert status == 422
+    assert answer["missing"] == [root]
+    assert answer["packs"] == {pack_id: "not_yours" for pack_id in PACKS[root]}
+    assert answer["message"].startswith("the manifest cannot be committed")
 
 
 def test_wrong_parent_is_409(manifest_api: Any, backend: Services) -> None:
