@@ -1,4 +1,4 @@
-"""The signed client of the backend's HTTP API (routes in docs/ARCHITECTURE.md, "HTTP API").
+"""The signed client of the backend's HTTP API (v2 routes in docs/PACK_INDEX.md, the rest in ARCHITECTURE.md).
 
 Every request is signed with SigV4 for `execute-api`; the host's IAM principal is its identity, so
 nothing in a body names the host. Retries cover throttling, 5xx and dropped connections; a 403 caused
@@ -27,16 +27,15 @@ from .net import RETRYABLE_STATUSES, RequestCounter, backoff_delays, new_pool
 
 logger = logging.getLogger(__name__)
 
-CHECK_BATCH = 1000  # POST /blobs/check limit
 PRESIGN_BATCH = 100  # POST /packs/presign limit
-ADOPT_BATCH = 25  # POST /packs/adopt limit
-DOWNLOAD_BATCH = 1000
+DOWNLOAD_BATCH = 200  # POST /downloads limit (packs)
+PACK_PAGE_LIMIT = 1000  # GET /packs's largest page
 # SigV4 allows 15 minutes of skew; beyond a few minutes we call it out even if the server has not yet.
 CLOCK_SKEW_LIMIT_S = 300.0
 SKEW_MESSAGES = ("signature expired", "requesttimetooskewed", "signature not yet current", "clock")
 JOB_POLL_TIMEOUT_S = 900.0
-# Read-only batches (check, locate) sent at once: 5000 hashes are 5 calls whose round trips (and
-# Lambda's concurrency) overlap; more would mostly queue behind each other.
+# Read-only batches (download URLs) sent at once: their round trips (and Lambda's concurrency)
+# overlap; more would mostly queue behind each other.
 PARALLEL_CALLS = 4
 LIST_PAGE_LIMIT = 1000  # GET /manifests's largest page: summaries are capped at ~4 KiB each
 HEAD_PAGE_LIMIT = 10  # the head is the newest manifest or one of the few committed in its second
@@ -59,6 +58,15 @@ class ClockSkewError(ApiError):
 
 class ApiUnavailable(RuntimeError):
     """The API could not be reached (or kept failing) after all retries."""
+
+
+@dataclass(frozen=True)
+class PackDownloads:
+    """POST /downloads: {pack_id: presigned GET}, {pack_id: size}, {pack_id: why refused}."""
+
+    urls: dict[str, str]
+    sizes: dict[str, int]
+    missing: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -87,46 +95,44 @@ class ApiClient:
 
     # -- the routes -------------------------------------------------------------------------
 
-    def check_blobs(self, hashes: Iterable[str]) -> set[str]:
-        """Which of `hashes` are already stored (verified, or registered by this host)."""
-
-        def check(batch: list[str]) -> list:
-            body = self.call("POST", "/blobs/check", {"hashes": batch}, route="POST /blobs/check").body
-            return _field(body, "stored", list, "POST /blobs/check")
-
-        stored: set[str] = set()
-        for found in _each_batch(check, sorted(set(hashes)), CHECK_BATCH):
-            stored.update(found)
-        return stored
-
     def presign_packs(self, packs: Sequence[Mapping[str, Any]]) -> tuple[list[dict], set[str]]:
-        """Presigned uploads for `packs` ([{sha256, size}]) and the ids already registered."""
+        """Presigned uploads for `packs` ([{sha256, size}]) and the ids already stored for this host."""
         uploads: list[dict] = []
-        registered: set[str] = set()
+        stored: set[str] = set()
         for batch in _batches(list(packs), PRESIGN_BATCH):
             body = self.call("POST", "/packs/presign", {"packs": batch}, route="POST /packs/presign").body
             uploads.extend(_field(body, "uploads", list, "POST /packs/presign"))
-            registered.update(body.get("registered") or [])
-        return uploads, registered
+            stored.update(_field(body, "stored", list, "POST /packs/presign"))
+        return uploads, stored
 
-    def register_packs(self, packs: Sequence[Mapping[str, Any]]) -> list[str]:
-        registered: list[str] = []
-        for batch in _batches(list(packs), PRESIGN_BATCH):
-            body = self.call("POST", "/packs/register", {"packs": batch}, route="POST /packs/register").body
-            registered.extend(_field(body, "registered", list, "POST /packs/register"))
-        return registered
+    def list_packs(self, host: str | None = None) -> list[dict]:
+        """Every pack the host may use ([{pack_id, size, state}]), page after page."""
+        packs: list[dict] = []
+        token: str | None = None
+        while True:
+            query = {**(_host_query(host) or {}), "limit": str(PACK_PAGE_LIMIT)}
+            if token:
+                query["next"] = token
+            body = self.call("GET", "/packs", query=query, route="GET /packs").body
+            packs.extend(_field(body, "packs", list, "GET /packs"))
+            token = body.get("next")
+            if not token:
+                return packs
 
-    def adopt_packs(self, pack_ids: Sequence[str]) -> dict[str, Any]:
-        """POST /packs/adopt: register packs a crashed run PUT but never registered.
+    def download_urls(self, pack_ids: Iterable[str], host: str | None = None) -> PackDownloads:
+        """Presigned GETs of whole packs (ranged reads allowed), their sizes, and the refused ones."""
 
-        Returns {"adopted": [...], "registered": [...], "skipped": {pack_id: reason}} over all batches."""
-        outcome: dict[str, Any] = {"adopted": [], "registered": [], "skipped": {}}
-        for batch in _batches(list(pack_ids), ADOPT_BATCH):
-            body = self.call("POST", "/packs/adopt", {"packs": batch}, route="POST /packs/adopt").body
-            outcome["adopted"].extend(_field(body, "adopted", list, "POST /packs/adopt"))
-            outcome["registered"].extend(_field(body, "registered", list, "POST /packs/adopt"))
-            outcome["skipped"].update(_field(body, "skipped", dict, "POST /packs/adopt"))
-        return outcome
+        def ask(batch: list[str]) -> Any:
+            return self.call(
+                "POST", "/downloads", {"packs": batch}, query=_host_query(host), route="POST /downloads"
+            ).body
+
+        downloads = PackDownloads({}, {}, {})
+        for body in _each_batch(ask, sorted(set(pack_ids)), DOWNLOAD_BATCH):
+            downloads.urls.update(_field(body, "urls", dict, "POST /downloads"))
+            downloads.sizes.update(_field(body, "sizes", dict, "POST /downloads"))
+            downloads.missing.update(body.get("missing") or {})
+        return downloads
 
     def commit_manifest(self, request: Mapping[str, Any]) -> dict:
         """POST /manifests; a 202 is polled until the job ends. Returns {manifest_id, retain_until}."""
@@ -201,21 +207,6 @@ class ApiClient:
     def get_manifest(self, manifest_id: str, host: str | None = None) -> dict:
         path = f"/manifests/{quote(manifest_id, safe='')}"
         return self.call("GET", path, query=_host_query(host), route="GET /manifests/{manifest_id}").body
-
-    def locate_blobs(self, hashes: Iterable[str], host: str | None = None) -> tuple[dict, dict]:
-        """Where each blob is: ({hash: location}, {pack_id: presigned GET url})."""
-
-        def locate(batch: list[str]) -> Any:
-            return self.call(
-                "POST", "/downloads", {"blobs": batch}, query=_host_query(host), route="POST /downloads"
-            ).body
-
-        locations: dict[str, dict] = {}
-        urls: dict[str, str] = {}
-        for body in _each_batch(locate, sorted(set(hashes)), DOWNLOAD_BATCH):
-            locations.update(_field(body, "locations", dict, "POST /downloads"))
-            urls.update(_field(body, "urls", dict, "POST /downloads"))
-        return locations, urls
 
     # -- signing, sending, retrying ---------------------------------------------------------
 

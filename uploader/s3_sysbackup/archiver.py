@@ -1,7 +1,10 @@
 """One `archive` run: pick, walk, read what changed, pack, ship, build trees, snapshot, commit.
 
-The order is what makes a crash harmless: blobs are registered before the trees that name them, and
-the manifest is committed only after everything is registered; the parent cache is updated last.
+The order is what makes a crash harmless: every pack is in S3 and in the local index before the trees
+that name its blobs, the manifest is committed only after everything is uploaded, and the parent view
+in the cache is updated last. The commit lists the packs of what is new and where the trees the
+backend walks are (commit_plan); a refusal (422) names packs and blobs the local index was wrong
+about: they are forgotten, the backend's pack list is read again, and what is still missing is sent.
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ from sysbackup_domain.chunking import FILE_CHUNKING, chunk_file
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, MAX_WARNINGS_BYTES, SnapshotRecord
 from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 
-from .api import ApiClient, ApiError, ApiUnavailable
-from .cache import ArchiveLock, CachedFile, FileState, ParentCache, host_state_dir
+from .api import ApiClient, ApiError
+from .cache import ArchiveLock, CachedFile, FileState, ParentCache, ParentSnapshot, host_state_dir
+from .commit_plan import CommitPlan, FetchedParent, ParentSide, PlanInputs, ViewParent, resolve, walk_changes
 from .config import Config
+from .fetch import BlobFetcher, MissingBlob, stream_chunks
 from .heap import pin_mmap_threshold
+from .index_rebuild import rebuild_index
 from .metadata import Stat, acl_text, encode_xattrs, group_name, hardlink_id, user_name
 from .net import RequestCounter
 from .pickers import run_pickers
-from .sink import BlobSink, PackShipper, fault_point
+from .sink import BlobSink, PackShipper, SealedPack, fault_point
 from .snapshots import take_snapshots
 from .transfer import Transfer
 from .walker import Node, walk
@@ -48,6 +54,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_WARNINGS = 2  # the run committed a manifest, but something was skipped or incomplete
 LOCK_POLL_S = 0.1
+# A refused commit is retried after forgetting what the refusal named; these bound the retries.
+COMMIT_REFUSALS_MAX = 3  # commits refused (422) within one pass
+RUNS_MAX = 3  # passes over the files (a pass sends again what the index lost)
 
 
 class CommitConflict(RuntimeError):
@@ -55,7 +64,11 @@ class CommitConflict(RuntimeError):
 
 
 class MissingBlobs(RuntimeError):
-    """The backend refused the commit because blobs this host thought stored are gone."""
+    """Blobs the commit needs are in no pack the backend knows for this host: they must be sent again."""
+
+
+class CommitRefused(RuntimeError):
+    """The backend kept refusing the commit (422) after the host sent what it named."""
 
 
 @dataclass(slots=True)  # one per file
@@ -81,6 +94,24 @@ class RunStats:
     snapshots: int = 0
     snapshot_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RunContent:
+    """What a run's manifest holds, and what the commit plan needs to compare it with the parent."""
+
+    previous_memo: dict[str, tuple[str, str]]  # the parent's trees by directory (the cache's view)
+    root: str | None = None
+    snapshots: list[SnapshotRecord] = field(default_factory=list)
+    chunks_of: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stream index -> chunks
+    built: dict[str, Tree] = field(default_factory=dict)  # trees encoded by this run
+
+    def snapshots_for_cache(self) -> dict[str, ParentSnapshot]:
+        return {
+            s.name: ParentSnapshot(s.content, self.chunks_of.get(s.content, ()))
+            for s in self.snapshots
+            if s.content is not None
+        }
 
 
 @dataclass
@@ -140,16 +171,36 @@ class Archiver:
         with ArchiveLock(state_dir):
             cache = ParentCache(state_dir, scope=self.api.endpoint)
             try:
-                try:
-                    return self._run_once(cache)
-                except MissingBlobs as error:
-                    # Our cache vouched for blobs the backend no longer has (retention lapsed, gc):
-                    # forget what the cache knows and send everything the backend lacks.
-                    logger.warning("%s; re-running without the cache", error)
-                    cache.forget_content()
-                    return self._run_once(cache)
+                self._ensure_index(cache)
+                for attempt in range(1, RUNS_MAX + 1):
+                    try:
+                        return self._run_once(cache)
+                    except MissingBlobs as error:
+                        if attempt == RUNS_MAX:
+                            raise CommitRefused(f"{error} (still, after {RUNS_MAX} passes)") from error
+                        # The index vouched for blobs the backend no longer has (gc, a lost pack):
+                        # read again the files that hold them, so their blobs are sent again.
+                        forgotten = cache.forget_unindexed_files()
+                        logger.warning("%s; sending them again (%d files to read again)", error, forgotten)
+                raise AssertionError("unreachable")
             finally:
                 cache.close()
+
+    def _ensure_index(self, cache: ParentCache) -> None:
+        """A cache without its local index (new, lost, from v1) learns the host's packs first.
+
+        A host's first run pays one GET /packs (an empty list); a lost cache is rebuilt from every
+        pack's trailer, so nothing already stored is sent again."""
+        if cache.index_ready:
+            return
+        progress = Progress(not self.options.quiet)
+        try:
+            report = rebuild_index(self.api, self.transfer, cache, progress=progress.show)
+        finally:
+            progress.done()
+        if report.packs_read:
+            logger.info("local index rebuilt: %d packs, %d blobs", report.packs_read, report.blobs_indexed)
+        cache.mark_index_ready()
 
     def _run_once(self, cache: ParentCache) -> ArchiveResult:
         run_id = uuid.uuid4().hex
@@ -157,39 +208,34 @@ class Archiver:
         stats = RunStats()
         warnings: list[str] = []
         progress = Progress(not self.options.quiet)
-        self._adopt_unfinished_packs(cache)
-        shipper = PackShipper(self.api, self.transfer, before_put=cache.add_unfinished_packs)
-        sink = BlobSink(self.api, shipper, known_stored=cache.all_stored())
+        shipper = PackShipper(self.api, self.transfer, on_stored=lambda pack: _index_pack(cache, pack))
+        sink = BlobSink(shipper, known=cache.indexed_hashes())
 
         picked = run_pickers(self.config.pickers_dir, self.config.content.picker_timeout_s)
         warnings.extend(picked.warnings)
         walked = walk(picked.paths, self.options.root_path)
         warnings.extend(walked.warnings)
+        content = RunContent(previous_memo=cache.tree_memo())
         memo: dict[str, tuple[str, str]] = {}  # directory trees, for the next run (see _build_trees)
-        referenced: set[str] = set()  # every blob the manifest will need, for the next run's cache
 
-        def add_snapshot_blob(kind: str, plaintext: bytes) -> str:
-            digest = sink.add_plaintext(kind, plaintext)
-            referenced.add(digest)
-            return digest
+        def on_stream(index: str, chunks: list[str]) -> None:
+            content.chunks_of[index] = tuple(chunks)
 
         try:
             outcomes = self._read_files(walked.root, cache, sink, stats, warnings, progress)
-            memo = cache.tree_memo()
-            root = (
-                self._build_trees(walked.root, outcomes, sink, stats, referenced, memo)
-                if picked.paths
-                else None
-            )
-            snapshots, snapshot_warnings = take_snapshots(
+            if picked.paths:
+                memo = dict(content.previous_memo)
+                content.root = self._build_trees(walked.root, outcomes, sink, stats, memo, content.built)
+            content.snapshots, snapshot_warnings = take_snapshots(
                 self.config.snapshots_dir,
                 self.config.content.snapshot_timeout_s,
-                add_snapshot_blob,
+                sink.add_plaintext,
                 on_bytes=lambda n: self._count_snapshot_bytes(stats, progress, n),
+                on_stream=on_stream,
             )
             warnings.extend(snapshot_warnings)
-            stats.snapshots = len(snapshots)
-            if not picked.paths and not snapshots:
+            stats.snapshots = len(content.snapshots)
+            if not picked.paths and not content.snapshots:
                 warnings.append(f"nothing to back up: no paths from {self.config.pickers_dir}, no snapshots")
             progress.show("finishing uploads", force=True)
             sink.finish()
@@ -199,15 +245,15 @@ class Archiver:
             raise
         progress.done()
         manifest_stats = self._manifest_stats(stats, shipper, run_id, len(warnings))
-        manifest_id = self._commit(cache, run_id, root, snapshots, warnings, manifest_stats)
+        manifest_id = self._commit(cache, run_id, content, warnings, manifest_stats)
         fault_point("mid-commit")
         cache.record_commit(
             manifest_id,
             ((path, o.state, o.content) for path, o in outcomes.items() if o.cacheable and not o.reused),
             scan_started_ns,
-            referenced,
             kept=(path for path, o in outcomes.items() if o.cacheable and o.reused),
             trees=memo,
+            snapshots=content.snapshots_for_cache(),
         )
         report = dict(manifest_stats)
         report.update(
@@ -216,28 +262,7 @@ class Archiver:
             warnings=warnings,
             requests=self.counter.as_dict(),
         )
-        return ArchiveResult(manifest_id, root or "", warnings, report)
-
-    def _adopt_unfinished_packs(self, cache: ParentCache) -> None:
-        """After a crash, have the backend register the packs the crashed run PUT but never registered.
-
-        Their blobs then count as stored and are not sent again (a re-run packs blobs in another order,
-        so it cannot rebuild the same packs). Only an optimisation: if it fails, the data goes up again.
-        """
-        pack_ids = cache.unfinished_packs()
-        if not pack_ids:
-            return  # the previous run finished: nothing to adopt, no request
-        try:
-            outcome = self.api.adopt_packs(pack_ids)
-        except (ApiError, ApiUnavailable) as error:
-            logger.warning("could not adopt an unfinished run's packs (their data goes again): %s", error)
-            return
-        logger.info(
-            "unfinished run: %d packs adopted, %d already registered, %d not adopted",
-            len(outcome["adopted"]),
-            len(outcome["registered"]),
-            len(outcome["skipped"]),
-        )
+        return ArchiveResult(manifest_id, content.root or "", warnings, report)
 
     @staticmethod
     def _count_snapshot_bytes(stats: RunStats, progress: Progress, count: int) -> None:
@@ -341,15 +366,15 @@ class Archiver:
         outcomes: dict[str, FileOutcome],
         sink: BlobSink,
         stats: RunStats,
-        referenced: set[str],
         memo: dict[str, tuple[str, str]],
+        built: dict[str, Tree],
     ) -> str:
         """Encode every directory bottom-up (children before parents); returns the root tree hash.
 
-        Adds every tree and file content hash to `referenced`. A directory whose tree would be made
-        from exactly what the last committed run made it from (`memo`: path -> (signature, tree)),
-        and whose tree the parent manifest holds, reuses that tree unencoded; `memo` is replaced by
-        this run's signatures for the next run.
+        A directory whose tree would be made from exactly what the last committed run made it from
+        (`memo`: path -> (signature, tree)), and whose tree the local index holds, reuses that tree
+        unencoded; `memo` is replaced by this run's signatures for the next run. Trees encoded go to
+        `built` (the commit plan walks them).
         """
         order: list[Node] = []
         stack = [root]
@@ -374,68 +399,151 @@ class Archiver:
                 entries = [
                     _tree_entry(child, outcome, subtree_of.get(id(child))) for child, outcome in children
                 ]
-                tree = sink.add_plaintext(
-                    "tree", encode_tree(Tree(tuple(e for e in entries if e is not None)))
-                )
+                encoded = Tree(tuple(e for e in entries if e is not None))
+                tree = sink.add_plaintext("tree", encode_tree(encoded))
+                built[tree] = encoded
             for child, outcome in children:
                 if outcome is not None:
-                    referenced.update(outcome.content)
                     stats.bytes_total += outcome.state.size
                 stats.files += child.type == "file"
                 stats.dirs += child.type == "dir"
             subtree_of[id(directory)] = tree
             memo_now[directory.path] = (signature, tree)
-            referenced.add(tree)
         return subtree_of[id(root)]
 
     # -- commit -----------------------------------------------------------------------------
 
     def _commit(
-        self,
-        cache: ParentCache,
-        run_id: str,
-        root: str | None,
-        snapshots: list[SnapshotRecord],
-        warnings: list[str],
-        stats: dict[str, Any],
+        self, cache: ParentCache, run_id: str, content: RunContent, warnings: list[str], stats: dict[str, Any]
     ) -> str:
         parent = cache.parent_manifest
         crashed_run = cache.inflight_run
         cache.mark_inflight(run_id)
-        for _attempt in range(2):
+        refusals = conflicts = 0
+        while True:
+            plan = self._plan(cache, parent, content)
             request = {
                 "parent": parent,
-                "root": root,
-                "snapshots": [s.to_json() for s in snapshots],
+                "root": content.root,
+                "snapshots": [s.to_json() for s in content.snapshots],
                 "warnings": _bounded_warnings(warnings),
                 "stats": stats,
                 "days_retained": self.config.content.days_retained,
+                **plan.request_fields(),
             }
             try:
-                result = self.api.commit_manifest(request)
-                return str(result["manifest_id"])
+                return str(self.api.commit_manifest(request)["manifest_id"])
             except ApiError as error:
                 if error.status == 422:
-                    raise MissingBlobs(f"commit refused: {error.message}") from error
+                    refusals += 1
+                    self._forget_refused(cache, error, refusals)
+                    continue
                 if error.status != 409:
                     raise
+                conflicts += 1
+                if conflicts > 2:
+                    raise CommitConflict(_conflict_message(parent, self._head())) from error
                 head = self._head()
-                if head is None:
-                    # No history at all (a new stack behind the same endpoint, or every manifest
-                    # expired): nothing to conflict with. Missing blobs, if any, come back as a 422.
-                    logger.warning("the backend has no manifest for this host; committing without a parent")
-                    parent = None
-                    continue
-                if _run_id_of(head) == run_id:
+                if head is not None and _run_id_of(head) == run_id:
                     return str(head["manifest_id"])  # our own commit landed; the reply was lost
-                if _run_id_of(head) == crashed_run or self.options.adopt_head:
-                    logger.warning("taking %s as parent (a crashed run's commit)", head["manifest_id"])
-                    parent = str(head["manifest_id"])
-                    cache.adopt_parent(parent)
-                    cache.mark_inflight(run_id)
-                    continue
-                raise CommitConflict(_conflict_message(parent, head)) from error
-        raise CommitConflict(_conflict_message(parent, self._head()))
+                parent = self._parent_after_conflict(cache, parent, head, run_id, crashed_run, error)
+
+    def _parent_after_conflict(
+        self,
+        cache: ParentCache,
+        parent: str | None,
+        head: dict | None,
+        run_id: str,
+        crashed_run: str | None,
+        error: ApiError,
+    ) -> str | None:
+        """The parent to commit on after a 409, or CommitConflict (a clone, a concurrent run)."""
+        if head is None:
+            # No history at all (a new stack behind the same endpoint, or every manifest expired):
+            # nothing to conflict with. Missing blobs, if any, come back as a 422.
+            logger.warning("the backend has no manifest for this host; committing without a parent")
+            return None
+        if _run_id_of(head) == crashed_run or self.options.adopt_head:
+            logger.warning("taking %s as parent (a crashed run's commit)", head["manifest_id"])
+            adopted = str(head["manifest_id"])
+            cache.adopt_parent(adopted)
+            cache.mark_inflight(run_id)
+            return adopted
+        raise CommitConflict(_conflict_message(parent, head)) from error
+
+    def _plan(self, cache: ParentCache, parent: str | None, content: RunContent) -> CommitPlan:
+        """The commit's `packs` and `locations`; MissingBlobs if the index cannot place what it needs."""
+        inputs = self._plan_inputs(cache, parent, content)
+        try:
+            listed, read = walk_changes(inputs)
+        except MissingBlob as error:  # a tree reused from the memo, whose pack is gone
+            raise MissingBlobs(f"a tree this run reuses cannot be read: {error}") from error
+        plan = resolve(listed, read, cache.locate(listed | read))
+        if plan.unlocated:
+            # A refusal dropped them, or they were never indexed: they may be in packs the index does
+            # not know yet (gc repacked them, another run of this host uploaded them).
+            rebuild_index(self.api, self.transfer, cache)
+            plan = resolve(listed, read, cache.locate(listed | read))
+        if plan.unlocated:
+            sample = ", ".join(sorted(plan.unlocated)[:3])
+            raise MissingBlobs(
+                f"{len(plan.unlocated)} blobs of this run are in no pack the backend has for this host "
+                f"(e.g. {sample})"
+            )
+        return plan
+
+    def _plan_inputs(self, cache: ParentCache, parent: str | None, content: RunContent) -> PlanInputs:
+        fetcher = BlobFetcher(self.api, self.transfer, cache)
+        side: ParentSide
+        if parent is None:
+            side, parent_root, parent_snapshots = ViewParent({}, lambda path: None), None, {}
+        elif cache.view_matches_parent:
+            # The usual case: the cache describes the parent; nothing is read.
+            memo = content.previous_memo
+            side = ViewParent(memo, lambda path: _cached_content(cache, path))
+            parent_root = memo[self.options.root_path][1] if self.options.root_path in memo else None
+            parent_snapshots = cache.parent_snapshots()
+        else:
+            # The parent came from the backend (a crashed run's commit, --adopt-head): read its trees.
+            manifest = self.api.get_manifest(parent)
+            side = FetchedParent(fetcher.fetch_all)
+            parent_root = manifest.get("root")
+            parent_snapshots = {
+                str(s["name"]): ParentSnapshot(s["content"], tuple(stream_chunks(fetcher, s["content"])))
+                for s in manifest.get("snapshots") or []
+                if s.get("content")
+            }
+        return PlanInputs(
+            root=content.root,
+            parent_root=parent_root,
+            root_path=self.options.root_path,
+            snapshots=content.snapshots,
+            chunks_of=content.chunks_of,
+            parent_snapshots=parent_snapshots,
+            built=content.built,
+            parent=side,
+            fetch=fetcher.fetch_all,
+        )
+
+    @staticmethod
+    def _forget_refused(cache: ParentCache, error: ApiError, refusals: int) -> None:
+        """Drop from the local index the packs and blobs a 422 names (docs/PACK_INDEX.md)."""
+        body = error.body if isinstance(error.body, dict) else {}
+        missing = [digest for digest in body.get("missing") or [] if isinstance(digest, str)]
+        packs = body.get("packs") if isinstance(body.get("packs"), dict) else {}
+        if not missing and not packs:
+            raise error  # refused for another reason (a malformed request): nothing to retry
+        if refusals >= COMMIT_REFUSALS_MAX:
+            raise CommitRefused(
+                f"the backend refused the commit {refusals} times, last: {error.message}"
+            ) from error
+        logger.warning(
+            "commit refused: packs %s, %d blobs missing; forgetting them and committing again",
+            ", ".join(f"{pack_id} ({why})" for pack_id, why in sorted(packs.items())[:5]) or "none",
+            len(missing),
+        )
+        cache.drop_packs(packs)
+        cache.drop_blobs(missing)
 
     def _head(self) -> dict | None:
         return self.api.latest_manifest()
@@ -453,7 +561,8 @@ class Archiver:
             "bytes_uploaded": shipper.counts.bytes_uploaded,
             "packs": shipper.counts.packs,
             "data_packs": shipper.counts.data_packs,
-            "packs_already_there": shipper.counts.packs_already_there,  # PUT answered 412 (a crashed run's)
+            # stored already (presign said so, or the PUT answered 412): a crashed run's, or identical bytes
+            "packs_already_there": shipper.counts.packs_already_there,
             "blobs_new": shipper.counts.blobs_new,
             "snapshots": stats.snapshots,
             "snapshot_bytes": stats.snapshot_bytes,
@@ -461,6 +570,15 @@ class Archiver:
             "elapsed_ms": int((time.monotonic() - stats.started) * 1000),
             "requests": self.counter.as_dict(),
         }
+
+
+def _index_pack(cache: ParentCache, pack: SealedPack) -> None:
+    cache.record_pack(pack.sha256, pack.size, pack.entries)
+
+
+def _cached_content(cache: ParentCache, path: str) -> tuple[str, ...] | None:
+    cached = cache.lookup(path)
+    return cached.content if cached is not None else None
 
 
 def run_bounded(work: Callable[[T], None], items: Iterable[T], workers: int) -> None:

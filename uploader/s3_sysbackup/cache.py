@@ -1,12 +1,19 @@
-"""The host's parent cache (sqlite in cache_dir) and the lock that keeps archives of one host apart.
+"""The host's cache (sqlite in cache_dir) and the lock that keeps archives of one host apart.
 
-It holds what the last *committed* run saw: per path (size, mtime_ns, ctime_ns, inode) -> blob list,
-the committed manifest id (the next commit's parent) and hashes known to be stored. It is written
-only after a successful commit, in one transaction, so a crashed run leaves the last good state.
+It holds two things:
+- the **parent view**: what the last *committed* run saw (per path (size, mtime_ns, ctime_ns, inode)
+  -> blob list, the tree per directory, the snapshots' chunk lists) and its manifest id (the next
+  commit's parent). Written only after a successful commit, in one transaction, so a crashed run
+  leaves the last good state. `view_of` names the manifest the view describes: after the parent is
+  taken from the backend (a crashed run's commit, --adopt-head) the view no longer matches it.
+- the **local index** (docs/PACK_INDEX.md, "Uploader"): blob hash -> (pack, offset, length, codec,
+  raw_length, kind) and pack -> size, for every pack this host uploaded (or the backend said it
+  stores), written as soon as the pack is in S3, before any commit. Dedup is a lookup here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -14,9 +21,11 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from sysbackup_domain.packs import PackEntry
 
 from .metadata import Stat
 
@@ -25,7 +34,10 @@ LOCK_NAME = "archive.lock"
 # A file modified this close to (or after) the previous scan may have changed again within the
 # same mtime tick, after we read it: re-read it instead of trusting the stat match ("racy git").
 RACY_WINDOW_NS = 1_000_000_000
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+V1_TABLES = ("stored", "unfinished_packs")  # the v1 index's, dropped by the upgrade
+SQL_BATCH = 500  # host parameters per IN (...) query
+BLOB_COLUMNS = "hash, pack_id, offset, length, codec, raw_length, kind"
 
 
 def host_state_dir(cache_dir: Path, endpoint: str, config_dir: Path) -> Path:
@@ -98,6 +110,22 @@ class ArchiveLock:
             self._fd = None
 
 
+@dataclass(frozen=True, slots=True)
+class IndexedBlob:
+    """Where the local index says a blob is."""
+
+    pack_id: str
+    entry: PackEntry
+
+
+@dataclass(frozen=True)
+class ParentSnapshot:
+    """A snapshot of the parent manifest: its stream index blob and the chunks that index lists."""
+
+    stream_index: str
+    chunks: tuple[str, ...]
+
+
 class ParentCache:
     def __init__(self, cache_dir: Path, scope: str) -> None:
         """`scope` names the stack the cache belongs to (the API endpoint); another scope starts empty."""
@@ -105,11 +133,16 @@ class ParentCache:
         self.path = cache_dir / DB_NAME
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self._lock = threading.Lock()  # packs are recorded from the shipping threads
+        # Packs are recorded from the shipping threads while the archive thread reads: one writer at a time.
+        self._lock = threading.RLock()
         self._create_schema()
-        if self._meta("scope") != scope or self._meta("schema") != SCHEMA_VERSION:
+        if self._meta("scope") != scope:
             self.clear()
-            self._set_meta({"scope": scope, "schema": SCHEMA_VERSION})
+        elif self._meta("schema") != SCHEMA_VERSION:
+            # A v1 cache: its parent and file rows stay good; the index is rebuilt from the packs.
+            for table in V1_TABLES:
+                self.db.execute(f"DROP TABLE IF EXISTS {table}")
+        self._set_meta({"scope": scope, "schema": SCHEMA_VERSION})
 
     def close(self) -> None:
         self.db.close()
@@ -121,13 +154,17 @@ class ParentCache:
             CREATE TABLE IF NOT EXISTS files (
                 path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
                 inode INTEGER, content TEXT, scanned_ns INTEGER);
-            CREATE TABLE IF NOT EXISTS stored (hash TEXT PRIMARY KEY);
-            CREATE TABLE IF NOT EXISTS unfinished_packs (pack_id TEXT PRIMARY KEY);
             CREATE TABLE IF NOT EXISTS trees (path BLOB PRIMARY KEY, signature TEXT, tree TEXT);
+            CREATE TABLE IF NOT EXISTS snapshots (name TEXT PRIMARY KEY, stream_index TEXT, chunks TEXT);
+            CREATE TABLE IF NOT EXISTS blobs (
+                hash TEXT PRIMARY KEY, pack_id TEXT NOT NULL, offset INTEGER, length INTEGER,
+                codec TEXT, raw_length INTEGER, kind TEXT);
+            CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack_id);
+            CREATE TABLE IF NOT EXISTS packs (pack_id TEXT PRIMARY KEY, size INTEGER);
             """
         )
 
-    # -- reading ----------------------------------------------------------------------------
+    # -- the parent view --------------------------------------------------------------------
 
     @property
     def parent_manifest(self) -> str | None:
@@ -138,9 +175,11 @@ class ParentCache:
         """The run id of a commit that was sent but whose outcome this cache never recorded."""
         return self._meta("inflight_run")
 
-    def unfinished_packs(self) -> list[str]:
-        """Packs a run presigned (and may have PUT) since the last recorded commit: a run crashed."""
-        return [row[0] for row in self.db.execute("SELECT pack_id FROM unfinished_packs ORDER BY pack_id")]
+    @property
+    def view_matches_parent(self) -> bool:
+        """True if the trees, file rows and snapshots here are the parent manifest's own."""
+        parent = self.parent_manifest
+        return parent is not None and self._meta("view_of") == parent
 
     def lookup(self, path: str) -> CachedFile | None:
         row = self.db.execute(
@@ -159,27 +198,60 @@ class ParentCache:
             for path, signature, tree in self.db.execute("SELECT path, signature, tree FROM trees")
         }
 
-    def known_stored(self, hashes: Iterable[str]) -> set[str]:
-        wanted = list(set(hashes))
-        found: set[str] = set()
-        for start in range(0, len(wanted), 500):
-            batch = wanted[start : start + 500]
+    def parent_snapshots(self) -> dict[str, ParentSnapshot]:
+        """Snapshot name -> its stream index and chunks, as the last committed run took them."""
+        return {
+            name: ParentSnapshot(index, tuple(json.loads(chunks)))
+            for name, index, chunks in self.db.execute("SELECT name, stream_index, chunks FROM snapshots")
+        }
+
+    # -- the local index --------------------------------------------------------------------
+
+    @property
+    def index_ready(self) -> bool:
+        """False until the index was built (a new or lost cache, a v1 cache): see index_rebuild."""
+        return self._meta("index_ready") == "1"
+
+    def mark_index_ready(self) -> None:
+        self._set_meta({"index_ready": "1"})
+
+    def indexed_hashes(self) -> set[str]:
+        """Every blob hash the local index knows (the archive's dedup set)."""
+        return {row[0] for row in self.db.execute("SELECT hash FROM blobs")}
+
+    def known_packs(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT pack_id, size FROM packs"))
+
+    def locate(self, hashes: Iterable[str]) -> dict[str, IndexedBlob]:
+        """The indexed ones of `hashes` -> where they are."""
+        found: dict[str, IndexedBlob] = {}
+        for batch in _sql_batches(list(set(hashes))):
             marks = ",".join("?" * len(batch))
-            found.update(
-                row[0] for row in self.db.execute(f"SELECT hash FROM stored WHERE hash IN ({marks})", batch)
-            )
+            rows = self.db.execute(f"SELECT {BLOB_COLUMNS} FROM blobs WHERE hash IN ({marks})", batch)
+            for digest, pack_id, offset, length, codec, raw_length, kind in rows:
+                entry = PackEntry(digest, kind, codec, offset, length, raw_length)
+                found[digest] = IndexedBlob(pack_id, entry)
         return found
 
-    def all_stored(self) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT hash FROM stored")}
+    def record_pack(self, pack_id: str, size: int, entries: Sequence[PackEntry]) -> None:
+        """Index a pack that is in S3 (its PUT succeeded, presign said stored, or its trailer was read)."""
+        rows = [(e.hash, pack_id, e.offset, e.length, e.codec, e.raw_length, e.kind) for e in entries]
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO packs VALUES (?, ?)", (pack_id, size))
+            self.db.executemany("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-    # -- writing ----------------------------------------------------------------------------
+    def drop_packs(self, pack_ids: Iterable[str]) -> None:
+        """Forget packs the backend refused (gone, condemned, corrupt...) and every blob indexed in them."""
+        with self._transaction():
+            for pack_id in set(pack_ids):
+                self.db.execute("DELETE FROM blobs WHERE pack_id = ?", (pack_id,))
+                self.db.execute("DELETE FROM packs WHERE pack_id = ?", (pack_id,))
 
-    def add_unfinished_packs(self, pack_ids: Iterable[str]) -> None:
-        """Remember packs about to be PUT, before the PUT: a crash before their registration leaves
-        them in the bucket unregistered, and the next run adopts them instead of sending the data again."""
-        with self._lock, self._transaction():
-            self.db.executemany("INSERT OR IGNORE INTO unfinished_packs VALUES (?)", ((i,) for i in pack_ids))
+    def drop_blobs(self, hashes: Iterable[str]) -> None:
+        with self._transaction():
+            self.db.executemany("DELETE FROM blobs WHERE hash = ?", ((h,) for h in set(hashes)))
+
+    # -- writing the parent view ------------------------------------------------------------
 
     def mark_inflight(self, run_id: str) -> None:
         self._set_meta({"inflight_run": run_id})
@@ -189,13 +261,13 @@ class ParentCache:
         manifest_id: str,
         files: Iterable[tuple[str, FileState, tuple[str, ...]]],
         scanned_ns: int,
-        stored: Iterable[str],
         kept: Iterable[str] = (),
         trees: dict[str, tuple[str, str]] | None = None,
+        snapshots: dict[str, ParentSnapshot] | None = None,
     ) -> None:
         """Make the cache a committed run's view, atomically: `files` are the rows it read, `kept` the
-        paths whose rows it reused as they are, every other row goes; `stored` = what it references;
-        `trees`: directory path -> (signature of what its tree was made from, tree hash).
+        paths whose rows it reused as they are, every other row goes; `trees`: directory path ->
+        (signature of what its tree was made from, tree hash); `snapshots`: what its snapshots hold.
 
         Only differences are written: a no-change run of 100k files rewrites nothing."""
         rows = [
@@ -203,25 +275,27 @@ class ParentCache:
             for path, s, c in files
         ]
         wanted_paths = {os.fsencode(path) for path in kept}.union(row[0] for row in rows)
-        wanted_hashes = set(stored)
         with self._transaction():
             gone = [row for row in self.db.execute("SELECT path FROM files") if row[0] not in wanted_paths]
             self.db.executemany("DELETE FROM files WHERE path = ?", gone)
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            # Only what this manifest references: those blobs live as long as it is retained,
-            # while anything older may have been collected since.
-            had = {row[0] for row in self.db.execute("SELECT hash FROM stored")}
-            self.db.executemany("DELETE FROM stored WHERE hash = ?", ((h,) for h in had - wanted_hashes))
-            self.db.executemany("INSERT INTO stored VALUES (?)", ((h,) for h in wanted_hashes - had))
             if trees is not None:
                 self.db.execute("DELETE FROM trees")
                 self.db.executemany(
                     "INSERT INTO trees VALUES (?, ?, ?)",
                     ((os.fsencode(path), signature, tree) for path, (signature, tree) in trees.items()),
                 )
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('parent', ?)", (manifest_id,))
+            self.db.execute("DELETE FROM snapshots")
+            self.db.executemany(
+                "INSERT INTO snapshots VALUES (?, ?, ?)",
+                (
+                    (name, snapshot.stream_index, json.dumps(list(snapshot.chunks)))
+                    for name, snapshot in (snapshots or {}).items()
+                ),
+            )
+            view = (("parent", manifest_id), ("view_of", manifest_id))
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", view)
             self.db.execute("DELETE FROM meta WHERE key = 'inflight_run'")
-            self.db.execute("DELETE FROM unfinished_packs")  # the run finished: its packs are registered
 
     def adopt_parent(self, manifest_id: str) -> None:
         """Take `manifest_id` as the parent (our own crashed commit turned out to have landed)."""
@@ -229,16 +303,22 @@ class ParentCache:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('parent', ?)", (manifest_id,))
             self.db.execute("DELETE FROM meta WHERE key = 'inflight_run'")
 
-    def forget_content(self) -> None:
-        """Drop file and stored-hash knowledge (the backend says blobs we thought stored are gone)."""
+    def forget_unindexed_files(self) -> int:
+        """Drop the file rows naming a blob the local index no longer has (a refused commit dropped its
+        pack): the next run reads those files again and sends their blobs. Returns how many went."""
+        indexed = self.indexed_hashes()
         with self._transaction():
-            self.db.execute("DELETE FROM trees")
-            self.db.execute("DELETE FROM files")
-            self.db.execute("DELETE FROM stored")
+            gone = [
+                (path,)
+                for path, content in self.db.execute("SELECT path, content FROM files")
+                if not indexed.issuperset(json.loads(content))
+            ]
+            self.db.executemany("DELETE FROM files WHERE path = ?", gone)
+        return len(gone)
 
     def clear(self) -> None:
         with self._transaction():
-            for table in ("files", "stored", "meta", "unfinished_packs", "trees"):
+            for table in ("files", "meta", "trees", "snapshots", "blobs", "packs"):
                 self.db.execute(f"DELETE FROM {table}")
 
     def _meta(self, key: str) -> str | None:
@@ -249,16 +329,18 @@ class ParentCache:
         with self._transaction():
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self.db)
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
 
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+def _sql_batches(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), SQL_BATCH):
+        yield items[start : start + SQL_BATCH]

@@ -1,7 +1,10 @@
-"""Reading blobs back: locate them (POST /downloads), fetch each pack's ranges once, verify every blob.
+"""Reading blobs back: locate them in the local index, fetch each pack's ranges once, verify every blob.
 
-Blobs of one pack that sit close together are fetched with one ranged GET (S3 bills per request);
-every blob is decompressed and re-hashed (`open_blob`) before anyone sees a byte of it.
+Where a blob is comes from the host's local index (docs/PACK_INDEX.md); a blob it does not know, or
+a pack the backend no longer serves, makes the fetcher rebuild the index from the backend's pack
+list once. URLs come from `POST /downloads {"packs"}`. Blobs of one pack that sit close together are
+fetched with one ranged GET (S3 bills per request); every blob is decompressed and re-hashed
+(`open_blob`) before anyone sees a byte of it.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.manifest import decode_stream_index
 from sysbackup_domain.packs import PackEntry, open_blob
 from sysbackup_domain.tree import Tree, TreeEntry, decode_tree
 
 from .api import ApiClient
+from .cache import IndexedBlob
+from .index_rebuild import LocalIndex, rebuild_index
 from .transfer import Transfer, TransferError
 
 logger = logging.getLogger(__name__)
@@ -30,14 +34,13 @@ PARALLEL_GETS = 4
 # Fetched or being fetched, not yet consumed: every GET stays busy while memory holds at most
 # 4 x MAX_RANGE_BYTES (spans rarely exceed a 16 MiB pack: ~64 MiB).
 SPANS_AHEAD = PARALLEL_GETS
-# Hashes located per round: bounds memory and keeps presigned URLs fresh. A pack whose blobs fall in
-# two rounds is read twice (in parts), so rounds are large: 20 POST /downloads calls, 4 at a time.
+# Hashes located per round: bounds memory and keeps presigned URLs (300 s) fresh. A pack whose blobs
+# fall in two rounds is read twice (in parts), so rounds are large.
 LOCATE_BATCH = 20_000
-ENTRY_FIELDS = ("kind", "codec", "offset", "length", "raw_length")
 
 
 class MissingBlob(RuntimeError):
-    """The backend does not know where a blob is."""
+    """Neither the local index nor the backend's packs hold a blob."""
 
 
 @dataclass(frozen=True)
@@ -69,32 +72,49 @@ def plan_spans(pack_id: str, entries: Sequence[PackEntry]) -> list[Span]:
     return spans
 
 
+Located = dict[str, IndexedBlob]
+
+
 class BlobFetcher:
-    def __init__(self, api: ApiClient, transfer: Transfer, host: str | None = None) -> None:
+    def __init__(
+        self,
+        api: ApiClient,
+        transfer: Transfer,
+        index: LocalIndex,
+        host: str | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.api = api
         self.transfer = transfer
+        self.index = index
         self.host = host
+        self.progress = progress
+        self.rebuilt = False  # the index was rebuilt from the backend's pack list by this fetcher
 
-    def locate(self, hashes: Iterable[str]) -> tuple[dict[str, tuple[str, PackEntry]], dict[str, str]]:
-        """({hash: (pack_id, entry in that pack)}, {pack_id: url}); MissingBlob if any is unknown."""
+    def rebuild_index(self) -> None:
+        """Learn the packs the backend lists that the index does not know (once per fetcher)."""
+        rebuild_index(self.api, self.transfer, self.index, host=self.host, progress=self.progress)
+        self.rebuilt = True
+
+    def locate(self, hashes: Iterable[str]) -> tuple[Located, dict[str, str]]:
+        """({hash: where}, {pack_id: presigned GET url}); MissingBlob if any blob cannot be found."""
         wanted = set(hashes)
-        locations, urls = self.api.locate_blobs(wanted, host=self.host)
-        missing = wanted - set(locations)
-        if missing:
-            sample = ", ".join(sorted(missing)[:5])
-            raise MissingBlob(f"{len(missing)} blobs are not stored in the backend (e.g. {sample})")
-        located: dict[str, tuple[str, PackEntry]] = {}
-        for digest in wanted:
-            location = locations[digest]
-            try:
-                pack_id = location["pack_id"]
-                entry = PackEntry.from_json({key: location[key] for key in ENTRY_FIELDS} | {"hash": digest})
-            except (InvalidDocument, TypeError, KeyError) as error:
-                raise InvalidDocument(f"POST /downloads: bad location for {digest}: {error}") from error
-            if pack_id not in urls:
-                raise MissingBlob(f"POST /downloads gave no URL for pack {pack_id}")
-            located[digest] = (pack_id, entry)
-        return located, urls
+        while True:
+            located = self.index.locate(wanted)
+            unknown = wanted - located.keys()
+            if unknown:
+                if self.rebuilt:
+                    raise MissingBlob(_describe_unknown(unknown))
+                self.rebuild_index()
+                continue
+            downloads = self.api.download_urls({blob.pack_id for blob in located.values()}, host=self.host)
+            if not downloads.missing:
+                return located, downloads.urls
+            # Repacked, collected or refused: forget those packs; the rebuild finds where their blobs went.
+            self.index.drop_packs(downloads.missing)
+            if self.rebuilt:
+                raise MissingBlob(_describe_gone(downloads.missing))
+            self.rebuild_index()
 
     def fetch(self, hashes: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         """Yield (hash, verified plaintext) for every hash, pack by pack. Raises CorruptBlob."""
@@ -106,13 +126,11 @@ class BlobFetcher:
     def fetch_all(self, hashes: Iterable[str]) -> dict[str, bytes]:
         return dict(self.fetch(hashes))
 
-    def fetch_located(
-        self, located: dict[str, tuple[str, PackEntry]], urls: dict[str, str]
-    ) -> Iterator[tuple[str, bytes]]:
+    def fetch_located(self, located: Located, urls: dict[str, str]) -> Iterator[tuple[str, bytes]]:
         """Like `fetch`, for blobs already located (the caller needed their sizes first)."""
         by_pack: dict[str, list[PackEntry]] = {}
-        for pack_id, entry in located.values():
-            by_pack.setdefault(pack_id, []).append(entry)
+        for blob in located.values():
+            by_pack.setdefault(blob.pack_id, []).append(blob.entry)
         spans = iter([span for pack_id, group in by_pack.items() for span in plan_spans(pack_id, group)])
         with ThreadPoolExecutor(max_workers=PARALLEL_GETS, thread_name_prefix="get") as pool:
             # A sliding window, not pool.map: map would fetch everything at once and hold it all
@@ -137,8 +155,20 @@ class BlobFetcher:
         except TransferError as error:
             # Presigned GETs expire quickly; one fresh URL, then give up.
             logger.info("pack %s: %s; asking for a fresh URL", span.pack_id, error)
-            _, fresh = self.api.locate_blobs([span.entries[0].hash], host=self.host)
+            fresh = self.api.download_urls([span.pack_id], host=self.host).urls
+            if span.pack_id not in fresh:
+                raise MissingBlob(f"pack {span.pack_id} is no longer served") from error
             return self.transfer.get_range(fresh[span.pack_id], span.start, span.end - span.start)
+
+
+def _describe_unknown(unknown: set[str]) -> str:
+    sample = ", ".join(sorted(unknown)[:5])
+    return f"{len(unknown)} blobs are in no pack the backend lists for this host (e.g. {sample})"
+
+
+def _describe_gone(gone: dict[str, str]) -> str:
+    sample = ", ".join(f"{pack_id} ({why})" for pack_id, why in sorted(gone.items())[:5])
+    return f"{len(gone)} packs holding needed blobs are not served: {sample}"
 
 
 def fetch_tree(fetcher: BlobFetcher, digest: str) -> Tree:

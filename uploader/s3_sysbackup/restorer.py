@@ -291,7 +291,7 @@ class Restorer:
                 position = 0
                 for digest in slot.entry.content:
                     uses.setdefault(digest, []).append((slot.parts, position))
-                    position += located[digest][1].raw_length
+                    position += located[digest].entry.raw_length
                 if position != (slot.entry.size or 0):
                     raise RestoreError(
                         f"/{'/'.join(slot.parts)}: chunks add up to {position} bytes, "

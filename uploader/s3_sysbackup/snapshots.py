@@ -37,12 +37,20 @@ KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL, so a snapshotter can clean up
 READER_JOIN_S = 5.0  # a background process may keep stdout open after the snapshotter exits
 
 AddBlob = Callable[[str, bytes], str]  # (kind, plaintext) -> hash
+OnStream = Callable[[str, list[str]], None]  # (stream index hash, the chunks it lists)
 
 
 def take_snapshots(
-    directory: Path, timeout_s: float, add_blob: AddBlob, on_bytes: Callable[[int], None] | None = None
+    directory: Path,
+    timeout_s: float,
+    add_blob: AddBlob,
+    on_bytes: Callable[[int], None] | None = None,
+    on_stream: OnStream | None = None,
 ) -> tuple[list[SnapshotRecord], list[str]]:
-    """Run every snapshotter; returns their records and warnings (a failed one is a warning)."""
+    """Run every snapshotter; returns their records and warnings (a failed one is a warning).
+
+    `on_stream` gets each stream's index hash and chunk list (the commit compares them with the
+    parent's)."""
     records: list[SnapshotRecord] = []
     scripts = list(runnable_scripts(directory))
     warnings = [
@@ -50,7 +58,7 @@ def take_snapshots(
         for path in _not_executable(directory, scripts)
     ]
     for script in scripts:
-        record = take_snapshot(script, timeout_s, add_blob, on_bytes)
+        record = take_snapshot(script, timeout_s, add_blob, on_bytes, on_stream)
         if record.error:
             warnings.append(f"snapshot {record.name}: {record.error}")
         records.append(record)
@@ -72,7 +80,11 @@ def _not_executable(directory: Path, scripts: list[Path]) -> list[Path]:
 
 
 def take_snapshot(
-    script: Path, timeout_s: float, add_blob: AddBlob, on_bytes: Callable[[int], None] | None = None
+    script: Path,
+    timeout_s: float,
+    add_blob: AddBlob,
+    on_bytes: Callable[[int], None] | None = None,
+    on_stream: OnStream | None = None,
 ) -> SnapshotRecord:
     """Run one snapshotter, chunking its stream into `add_blob` as it comes; never raises for its failure.
 
@@ -112,6 +124,8 @@ def take_snapshot(
         restore_through = None
         error = error or f"its restore-through command is longer than {MAX_DESCRIPTION_CHARS} characters"
     index = add_blob("data", encode_stream_index(chunks))
+    if on_stream is not None:
+        on_stream(index, chunks)
     return SnapshotRecord(script.name, description, restore_through, size, index, status, error)
 
 

@@ -1,4 +1,4 @@
-"""archive -> restore through the in-memory backend: packs, dedup, the parent cache, crashes, conflicts."""
+"""archive -> restore through the in-memory v2 backend: packs, local dedup, the cache, crashes, conflicts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import restorer as restorer_module
-from s3_sysbackup.api import ApiError
 from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict, _bounded_warnings, run_bounded
 from s3_sysbackup.fetch import BlobFetcher, stream_chunks
+from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
 from s3_sysbackup.sink import FAULT_ENV, InjectedFault
@@ -109,12 +109,23 @@ def trust_fresh_files(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def backend_blob(backend: FakeBackend, digest: str) -> bytes:
-    pack_id, entry = backend.blobs[digest]
-    return open_blob(entry, backend.packs[pack_id][entry.offset : entry.offset + entry.length])
+    pack_id = backend.blobs()[digest]
+    entry = next(e for e in verify_pack(backend.objects[pack_id]) if e.hash == digest)
+    return open_blob(entry, backend.objects[pack_id][entry.offset : entry.offset + entry.length])
+
+
+def fresh_fetcher(backend: FakeBackend, transfer) -> BlobFetcher:
+    """A fetcher whose index starts empty: it learns the packs from GET /packs and their trailers."""
+    return BlobFetcher(backend, transfer, MemoryIndex())  # type: ignore[arg-type]
+
+
+def new_calls(backend: FakeBackend, before: dict[str, int]) -> dict[str, int]:
+    after = backend.counter.as_dict().get("api", {})
+    return {route: n - before.get(route, 0) for route, n in after.items() if n - before.get(route, 0)}
 
 
 def restore(backend: FakeBackend, transfer, manifest_id: str, target: Path, paths=(), overwrite=False):
-    fetcher = BlobFetcher(backend, transfer)  # type: ignore[arg-type]
+    fetcher = fresh_fetcher(backend, transfer)
     return Restorer(fetcher, str(target), overwrite=overwrite).restore(
         backend.get_manifest(manifest_id), paths
     )
@@ -143,8 +154,8 @@ def test_packs_are_valid_and_data_and_trees_are_separate(run_archive, config_dir
     build_sample_tree(host_root)
     pick(config_dir, "/data")
     run_archive()
-    assert backend.packs
-    kinds_per_pack = [{entry.kind for entry in verify_pack(pack)} for pack in backend.packs.values()]
+    assert backend.objects
+    kinds_per_pack = [{entry.kind for entry in verify_pack(pack)} for pack in backend.objects.values()]
     assert all(len(kinds) == 1 for kinds in kinds_per_pack)
     assert {"data"} in kinds_per_pack and {"tree"} in kinds_per_pack
 
@@ -153,14 +164,13 @@ def test_unchanged_second_run_reads_and_uploads_nothing(run_archive, config_dir,
     build_sample_tree(host_root)
     pick(config_dir, "/data")
     first = run_archive()
-    api_calls_before = backend.counter.as_dict()["api"]
+    before = backend.counter.as_dict()["api"]
     second = run_archive()
-    api_calls_after = backend.counter.as_dict()["api"]
-    new_calls = {route: n - api_calls_before.get(route, 0) for route, n in api_calls_after.items()}
     assert second.stats["files_read"] == 0
     assert second.stats["files_reused"] == first.stats["files_read"]
     assert second.stats["packs"] == 0 and second.stats["bytes_uploaded"] == 0
-    assert {route: n for route, n in new_calls.items() if n} == {"POST /manifests": 1}
+    assert new_calls(backend, before) == {"POST /manifests": 1}
+    assert backend.commit_requests[-1]["packs"] == [] and backend.commit_requests[-1]["locations"] == {}
     assert second.root == first.root
     assert backend.manifests[second.manifest_id]["parent"] == first.manifest_id
 
@@ -170,7 +180,9 @@ def test_changed_file_alone_is_read_again(run_archive, config_dir, host_root, ba
     pick(config_dir, "/data")
     first = run_archive()
     (data / "sub" / "deeper" / "file").write_bytes(b"changed content")
+    before = backend.counter.as_dict()["api"]
     second = run_archive()
+    assert new_calls(backend, before) == {"POST /packs/presign": 1, "POST /manifests": 1}
     assert second.stats["files_read"] == 1
     assert second.root != first.root
     assert second.stats["bytes_uploaded"] < 64 * 1024  # the new file and a few trees, no big.bin
@@ -189,23 +201,6 @@ def test_failing_picker_is_a_warning_and_others_still_count(run_archive, config_
     assert result.stats["files"] == 2  # both pickers' paths
 
 
-def test_crash_after_register_then_rerun_sends_nothing_again(
-    run_archive, config_dir, host_root, backend, transfer, monkeypatch
-):
-    build_sample_tree(host_root)
-    pick(config_dir, "/data")
-    monkeypatch.setenv(FAULT_ENV, "after-register")
-    with pytest.raises(InjectedFault):
-        run_archive()
-    registered_by_crash = set(backend.registered)
-    assert registered_by_crash and backend.head is None
-    monkeypatch.delenv(FAULT_ENV)
-    result = run_archive()
-    assert backend.head == result.manifest_id
-    # Only what the crashed run had not registered yet (trees come after data) went up.
-    assert not set(transfer.puts[len(registered_by_crash) :]) & registered_by_crash
-
-
 def crash_once(run_archive, monkeypatch: pytest.MonkeyPatch, fault: str, **options) -> None:
     """One archive run that crashes at `fault` (S3SB_FAULT), leaving the environment clean after."""
     monkeypatch.setenv(FAULT_ENV, fault)
@@ -214,44 +209,37 @@ def crash_once(run_archive, monkeypatch: pytest.MonkeyPatch, fault: str, **optio
     monkeypatch.delenv(FAULT_ENV)
 
 
-def test_crash_after_pack_put_then_rerun_uploads_no_byte_twice(
-    run_archive, make_config, config_dir, host_root, backend, transfer, monkeypatch
-):
-    build_sample_tree(host_root)
-    pick(config_dir, "/data")
-    crash_once(run_archive, monkeypatch, "after-pack-put", config=make_config(workers=4))
-    put_by_crash = set(backend.packs)
-    assert put_by_crash and not backend.registered
-    crashed_blobs = {entry.hash for pack_id in put_by_crash for entry in verify_pack(backend.packs[pack_id])}
-    puts_before = len(transfer.puts)
-
-    # Parallel readers: the re-run's packs need not be byte-identical; the crashed ones are adopted instead.
-    result = run_archive(config=make_config(workers=4))
-
-    assert put_by_crash <= backend.registered
-    assert backend.counter.as_dict()["api"]["POST /packs/adopt"] == 1
-    sent_again = transfer.puts[puts_before:]
-    new_blobs = {entry.hash for pack_id in sent_again for entry in verify_pack(backend.packs[pack_id])}
-    assert not new_blobs & crashed_blobs  # nothing that had arrived went up again
-    assert result.stats["packs_already_there"] == 0
-    assert result.exit_code == EXIT_OK
-    run_archive(config=make_config(workers=4))  # a run after a finished one asks nothing
-    assert backend.counter.as_dict()["api"]["POST /packs/adopt"] == 1
-
-
-def test_adoption_failing_only_costs_the_bytes_again(
+def test_crash_after_indexing_then_rerun_sends_nothing_again(
     run_archive, config_dir, host_root, backend, transfer, monkeypatch
 ):
     build_sample_tree(host_root)
     pick(config_dir, "/data")
-    crash_once(run_archive, monkeypatch, "after-pack-put")
-
-    def refuse(pack_ids):
-        raise ApiError("POST /packs/adopt", 404, "no such route (an older backend)")
-
-    monkeypatch.setattr(backend, "adopt_packs", refuse)
+    crash_once(run_archive, monkeypatch, "after-index")
+    put_by_crash = list(transfer.puts)
+    assert put_by_crash and backend.head is None
     result = run_archive()
-    assert result.exit_code == EXIT_OK and backend.head == result.manifest_id
+    assert backend.head == result.manifest_id
+    # Only what the crashed run had not indexed yet (trees come after data) went up.
+    assert not set(transfer.puts[len(put_by_crash) :]) & set(put_by_crash)
+
+
+def test_crash_after_pack_put_then_rerun_finds_identical_packs_stored(
+    run_archive, make_config, config_dir, host_root, backend, transfer, monkeypatch, tmp_path
+):
+    data = build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    crash_once(run_archive, monkeypatch, "after-pack-put", config=make_config(workers=1))
+    put_by_crash = set(backend.objects)
+    assert put_by_crash and backend.head is None
+
+    # One reader: the re-run builds byte-identical packs, which presign answers as stored.
+    result = run_archive(config=make_config(workers=1))
+
+    assert result.stats["packs_already_there"] == len(put_by_crash)
+    assert len(transfer.puts) == len(set(transfer.puts))  # no pack was PUT twice
+    target = tmp_path / "restored"
+    restore(backend, transfer, result.manifest_id, target)
+    assert (target / "data" / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
 
 
 def test_crash_after_commit_then_rerun_adopts_its_own_commit(
@@ -278,21 +266,6 @@ def test_someone_elses_head_is_a_clear_conflict(run_archive, config_dir, host_ro
     )
     with pytest.raises(CommitConflict, match="cloned"):
         run_archive()
-
-
-def test_blobs_gone_from_backend_are_sent_again(
-    run_archive, config_dir, host_root, backend, transfer, tmp_path
-):
-    data = build_sample_tree(host_root)
-    pick(config_dir, "/data")
-    run_archive()
-    backend.blobs.clear()  # as if retention lapsed and gc collected everything
-    backend.packs.clear()
-    backend.registered.clear()
-    result = run_archive()
-    target = tmp_path / "restored"
-    restore(backend, transfer, result.manifest_id, target)
-    assert (target / "data" / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
 
 
 def test_locked_file_keeps_its_previous_version(
@@ -341,7 +314,7 @@ def test_snapshot_stream_round_trips(run_archive, config_dir, backend, transfer,
     snapshot = backend.get_manifest(result.manifest_id)["snapshots"][0]
     assert snapshot["name"] == "db" and snapshot["description"] == "nightly dump"
     assert snapshot["restore_through"] == "psql db" and snapshot["size"] == len(payload)
-    fetcher = BlobFetcher(backend, transfer)  # type: ignore[arg-type]
+    fetcher = fresh_fetcher(backend, transfer)
     chunks = stream_chunks(fetcher, snapshot["content"])
     assert len(chunks) > 3
     out = io.BytesIO()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..api import ApiClient
+from ..cache import ParentCache, host_state_dir
 from ..config import Config, load_config
 from ..credentials import load_credentials
+from ..fetch import BlobFetcher
+from ..index_rebuild import MemoryIndex
 from ..net import RequestCounter
 from ..transfer import Transfer
 
@@ -30,6 +35,30 @@ def open_session(args: argparse.Namespace) -> Session:
     counter = RequestCounter()
     api = ApiClient(config.api.endpoint, config.api.region, credentials, counter=counter)
     return Session(config, api, Transfer(counter=counter), counter)
+
+
+@contextlib.contextmanager
+def blob_fetcher(session: Session, host: str | None) -> Iterator[BlobFetcher]:
+    """A fetcher over this host's local index (the archive's cache), or, for another host's backups
+    (`--host`, a restore principal), over an index built now from `GET /packs?host=`."""
+    if host is not None:
+        fetcher = BlobFetcher(session.api, session.transfer, MemoryIndex(), host=host, progress=_progress)
+        fetcher.rebuild_index()
+        yield fetcher
+        return
+    config = session.config
+    cache = ParentCache(
+        host_state_dir(config.content.cache_dir, session.api.endpoint, config.config_dir),
+        scope=session.api.endpoint,
+    )
+    try:
+        yield BlobFetcher(session.api, session.transfer, cache, progress=_progress)
+    finally:
+        cache.close()
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def report_failure(command: str, error: BaseException) -> int:

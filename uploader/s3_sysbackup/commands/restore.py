@@ -12,7 +12,7 @@ from ..archiver import write_stats_json
 from ..fetch import BlobFetcher
 from ..restorer import Restorer, RestoreResult, resolve_manifest_id
 from ..snapshot_restore import SnapshotRestore, restore_through_command, write_to_file
-from .common import Session, add_host_option, open_session, report_failure
+from .common import Session, add_host_option, blob_fetcher, open_session, report_failure
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         session = open_session(args)
         manifest_id = resolve_manifest_id(session.api, args.manifest, args.host)
         manifest = session.api.get_manifest(manifest_id, host=args.host)
-        fetcher = BlobFetcher(session.api, session.transfer, host=args.host)
-        if args.snapshot is not None:
-            return _restore_snapshot(args, fetcher, manifest)
         started = time.monotonic()
-        result = Restorer(fetcher, args.target, overwrite=args.overwrite).restore(manifest, args.paths)
+        with blob_fetcher(session, args.host) as fetcher:
+            if args.snapshot is not None:
+                return _restore_snapshot(args, fetcher, manifest)
+            result = Restorer(fetcher, args.target, overwrite=args.overwrite).restore(manifest, args.paths)
         if args.stats_json is not None:
             write_stats_json(args.stats_json, _restore_stats(result, session, time.monotonic() - started))
     except (OSError, RuntimeError, ValueError) as error:

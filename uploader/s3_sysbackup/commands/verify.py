@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..fetch import BlobFetcher
 from ..restorer import resolve_manifest_id
 from ..verify import verify_manifest
-from .common import add_host_option, open_session, report_failure
+from .common import add_host_option, blob_fetcher, open_session, report_failure
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
         session = open_session(args)
         manifest_id = resolve_manifest_id(session.api, args.manifest, args.host)
         manifest = session.api.get_manifest(manifest_id, host=args.host)
-        fetcher = BlobFetcher(session.api, session.transfer, host=args.host)
-        report = verify_manifest(fetcher, manifest, args.read_data)
+        with blob_fetcher(session, args.host) as fetcher:
+            report = verify_manifest(fetcher, manifest, args.read_data)
     except (OSError, RuntimeError, ValueError) as error:
         return report_failure("verify", error)
     for note in report.notes:

@@ -1,0 +1,202 @@
+"""What a commit sends besides the manifest: `packs` and `locations` (docs/PACK_INDEX.md).
+
+The backend's commit walk pairs each new tree with the parent's tree at the same place, from the
+root down, and stops where they are equal. This module walks the same pairs on the host:
+- `packs`: the packs (from the local index) of every blob the walk will look for in them: new trees,
+  new stream indexes, and file/stream chunks the parent did not hold at the same place;
+- `locations`: where the trees and stream indexes the walk reads are, the new ones and the parent's.
+
+The parent's side comes from the cache's view of the parent (tree memo, file rows, snapshot chunk
+lists) when the view is the parent's own: no request. Otherwise (the parent was taken from the
+backend after a crash or a lost cache) the parent's trees are read through the local index.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sysbackup_domain.manifest import MAX_COMMIT_PACKS, BlobLocation, SnapshotRecord, decode_stream_index
+from sysbackup_domain.tree import Tree, TreeEntry, decode_tree
+
+from .cache import IndexedBlob, ParentSnapshot
+
+# The contract allows 100,000 locations, but each is ~200 bytes of JSON and API Gateway takes 10 MB:
+# past this many, new trees are left to the listed packs' trailers (the parent's are sent first).
+MAX_LOCATIONS_SENT = 20_000
+
+FetchBlobs = Callable[[Iterable[str]], Mapping[str, bytes]]  # verified plaintext by hash
+
+
+class PlanTooLarge(RuntimeError):
+    """The commit would need more packs listed than the backend takes in one request."""
+
+
+@dataclass(frozen=True)
+class ParentChild:
+    """What the parent had at a place: a file's content or a directory's tree."""
+
+    content: frozenset[str] = frozenset()
+    subtree: str | None = None
+
+
+class ParentSide(Protocol):
+    """The parent manifest's entries at a place, by name (only names the new tree has are asked)."""
+
+    def child(self, path: str, tree: str, name: str) -> ParentChild | None: ...
+
+    def prefetch(self, trees: Iterable[str]) -> None: ...
+
+
+@dataclass
+class ViewParent:
+    """The parent from the cache's own view of it: tree memo (path -> tree) and file rows."""
+
+    memo: Mapping[str, tuple[str, str]]
+    file_content: Callable[[str], tuple[str, ...] | None]
+
+    def child(self, path: str, tree: str, name: str) -> ParentChild | None:
+        child_path = os.path.join(path, name)
+        remembered = self.memo.get(child_path)
+        if remembered is not None:
+            return ParentChild(subtree=remembered[1])
+        content = self.file_content(child_path)
+        return ParentChild(content=frozenset(content)) if content is not None else None
+
+    def prefetch(self, trees: Iterable[str]) -> None:
+        pass  # nothing to read
+
+
+@dataclass
+class FetchedParent:
+    """The parent's trees read from storage (the cache's view is of another manifest)."""
+
+    fetch: FetchBlobs
+    trees: dict[str, dict[str, TreeEntry]] = field(default_factory=dict)  # tree -> name -> entry
+
+    def child(self, path: str, tree: str, name: str) -> ParentChild | None:
+        entry = self.trees[tree].get(name)
+        if entry is None:
+            return None
+        if entry.type == "dir":
+            return ParentChild(subtree=entry.subtree)
+        return ParentChild(content=frozenset(entry.content)) if entry.type == "file" else None
+
+    def prefetch(self, trees: Iterable[str]) -> None:
+        wanted = set(trees) - self.trees.keys()
+        if wanted:
+            for digest, data in self.fetch(wanted).items():
+                self.trees[digest] = {entry.name: entry for entry in decode_tree(data).entries}
+
+
+@dataclass
+class CommitPlan:
+    packs: list[str]
+    locations: dict[str, dict]
+    unlocated: set[str]  # blobs the walk needs that the local index does not know
+
+    def request_fields(self) -> dict:
+        return {"packs": self.packs, "locations": self.locations}
+
+
+@dataclass
+class PlanInputs:
+    root: str | None
+    parent_root: str | None
+    root_path: str
+    snapshots: list[SnapshotRecord]
+    chunks_of: Mapping[str, tuple[str, ...]]  # stream index hash -> its chunks (this run's snapshots)
+    parent_snapshots: Mapping[str, ParentSnapshot]
+    built: Mapping[str, Tree]  # trees this run encoded, by hash
+    parent: ParentSide
+    fetch: FetchBlobs  # for new trees not in `built` (a tree reused from the memo)
+
+
+def walk_changes(inputs: PlanInputs) -> tuple[set[str], set[str]]:
+    """(blobs whose packs the commit lists, blobs whose locations it sends), as the backend walks."""
+    listed: set[str] = set()
+    read: set[str] = set()
+    _walk_trees(inputs, listed, read)
+    for snapshot in inputs.snapshots:
+        index = snapshot.content
+        if index is None:
+            continue
+        before = inputs.parent_snapshots.get(snapshot.name)
+        if before is not None and before.stream_index == index:
+            continue
+        listed.add(index)
+        read.add(index)
+        held = set(before.chunks) if before is not None else set()
+        if before is not None:
+            read.add(before.stream_index)
+        listed.update(chunk for chunk in _chunks(inputs, index) if chunk not in held)
+    return listed, read
+
+
+def _chunks(inputs: PlanInputs, index: str) -> tuple[str, ...]:
+    chunks = inputs.chunks_of.get(index)
+    if chunks is None:
+        chunks = tuple(decode_stream_index(inputs.fetch([index])[index]))
+    return chunks
+
+
+def _walk_trees(inputs: PlanInputs, listed: set[str], read: set[str]) -> None:
+    new_trees: dict[str, Tree] = dict(inputs.built)
+    level: list[tuple[str, str, str | None]] = []
+    if inputs.root is not None:
+        level.append((inputs.root_path, inputs.root, inputs.parent_root))
+    while level:
+        level = [(path, new, old) for path, new, old in level if new != old]
+        unbuilt = {new for _, new, _ in level if new not in new_trees}
+        if unbuilt:
+            new_trees.update((digest, decode_tree(data)) for digest, data in inputs.fetch(unbuilt).items())
+        inputs.parent.prefetch({old for _, _, old in level if old is not None})
+        following: list[tuple[str, str, str | None]] = []
+        for path, new, old in level:
+            listed.add(new)
+            read.add(new)
+            if old is not None:
+                read.add(old)
+            for entry in new_trees[new].entries:
+                before = inputs.parent.child(path, old, entry.name) if old is not None else None
+                following.extend(_compare_entry(path, entry, before, listed))
+        level = following
+
+
+def _compare_entry(
+    path: str, entry: TreeEntry, before: ParentChild | None, listed: set[str]
+) -> list[tuple[str, str, str | None]]:
+    """List the entry's chunks the parent's same-named file lacks; a directory is walked next."""
+    if entry.type == "dir" and entry.subtree is not None:
+        return [(os.path.join(path, entry.name), entry.subtree, before.subtree if before else None)]
+    held = before.content if before is not None else frozenset()
+    listed.update(digest for digest in entry.content if digest not in held)
+    return []
+
+
+def resolve(listed: set[str], read: set[str], located: Mapping[str, IndexedBlob]) -> CommitPlan:
+    """Turn blobs into pack ids and locations with the local index's answers (`located`)."""
+    packs = sorted({located[digest].pack_id for digest in listed if digest in located})
+    locations: dict[str, dict] = {}
+    # The parent's blobs first: nothing else tells the backend where they are.
+    for digest in sorted(read - listed) + sorted(read & listed):
+        if len(locations) >= MAX_LOCATIONS_SENT:
+            break
+        if digest in located:
+            locations[digest] = _location(located[digest])
+    overflow = [digest for digest in read - listed if digest in located and digest not in locations]
+    packs = sorted(set(packs).union(located[digest].pack_id for digest in overflow))
+    if len(packs) > MAX_COMMIT_PACKS:
+        raise PlanTooLarge(
+            f"this run's new blobs are in {len(packs)} packs, more than the {MAX_COMMIT_PACKS} one commit "
+            "may list (docs/PACK_INDEX.md)"
+        )
+    unlocated = (listed | read) - located.keys()
+    return CommitPlan(packs, locations, unlocated)
+
+
+def _location(blob: IndexedBlob) -> dict:
+    entry = blob.entry
+    return BlobLocation(blob.pack_id, entry.offset, entry.length, entry.codec, entry.raw_length).to_json()
