@@ -56,6 +56,9 @@ MAX_RANGE_GAP_BYTES = 1024 * 1024
 # Presigned packs up to this size are read whole (one GET serves trailer and blobs) and verified inline.
 INLINE_VERIFY_MAX_BYTES = 4 * 1024 * 1024
 INLINE_VERIFY_MAX_PACKS = 20
+# The parent's hinted trees are read in one batch at the first need, up to these bounds (the rest as needed).
+PREFETCH_MAX_BLOBS = 2000
+PREFETCH_MAX_BYTES = 32 * 1024 * 1024
 
 # Why a listed pack was refused (the 422 body's `packs`).
 REASON_UNKNOWN = "unknown"
@@ -78,8 +81,6 @@ class WalkState:
     invalid: dict[str, str] = field(default_factory=dict)
     # Listed packs refused after their record looked usable (a blob that does not match the trailer).
     refused_packs: dict[str, str] = field(default_factory=dict)
-    # Nodes walked against no parent: every blob under them is proven, wherever they appear again.
-    walked: list[str] = field(default_factory=list)
     trees_read: int = 0
     # Listed packs the manifest's new blobs were found in: their locks must cover the new manifest's
     # retain_until, and the presigned ones go to the verifier.
@@ -329,6 +330,12 @@ class TreeWalker:
         self.store = store
         self.listed = listed
         self.locations = locations
+        # Nodes this call compared against nothing: every blob under them is proven (or reported) wherever
+        # they appear again (kept per call only: the job's state stays small; a repeat in a later call is
+        # merely walked again).
+        self.walked: set[str] = set()
+        # The parent-side blobs the hints locate, read at the first need in one batch (see _prefetch).
+        self._prefetched: dict[str, bytes] | None = None
 
     def run(self, state: WalkState, budget: Budget) -> None:
         """Walk until done or out of time; always makes at least one step of progress."""
@@ -341,11 +348,10 @@ class TreeWalker:
 
     def step(self, state: WalkState) -> None:
         """Visit up to NODES_PER_STEP pairs: read both sides of the changed ones and compare them."""
-        walked = set(state.walked)
         nodes: list[_Node] = []
         while state.stack and len(nodes) < NODES_PER_STEP:
             new, parent, kind = state.stack.pop()
-            if new == parent or new in walked:
+            if new == parent or new in self.walked:
                 continue  # the parent's node, stored; or one this walk already proved whole
             place = self._new_place(state, new)
             if place is not None:
@@ -361,7 +367,7 @@ class TreeWalker:
                 state.stack.extend([n.new, n.parent, n.kind] for n in reversed(nodes[position:]))
                 return
             checks += children.width
-            self._compare(state, node, children, walked)
+            self._compare(state, node, children)
 
     def _new_place(self, state: WalkState, blob: str) -> BlobPlace | None:
         """Where a new node is: only a usable listed pack's trailer proves it stored."""
@@ -372,14 +378,42 @@ class TreeWalker:
         self._note_pack(state, place.pack_id)
         return place
 
-    def _parent_place(self, blob: str, kind: str) -> BlobPlace | None:
-        place = self.listed.holder(blob)
-        if place is not None:
-            return place
+    def _hinted_place(self, blob: str) -> BlobPlace | None:
+        """Where a hint says a blob the listed packs do not hold is, if the host may read that pack."""
         location = self.locations.get(blob)
         if location is None or not self.listed.readable_hint(location):
             return None
-        return BlobPlace(location.pack_id, location.entry(blob, "tree" if kind == TREE else "data"))
+        return BlobPlace(location.pack_id, location.entry(blob, "tree"))
+
+    def _parent_plaintexts(self, state: WalkState, parents: set[str]) -> dict[str, bytes]:
+        """The parent sides: from listed packs, else where the hints say (all hinted ones read at once)."""
+        if self._prefetched is None and any(self.listed.holder(blob) is None for blob in parents):
+            self._prefetched = self._prefetch(state)
+        held = self._prefetched or {}
+        places = {
+            blob: place
+            for blob in parents - held.keys()
+            if (place := self.listed.holder(blob) or self._hinted_place(blob)) is not None
+        }
+        return {
+            **self._fetch(state, places, from_trailer=False),
+            **{b: held[b] for b in parents & held.keys()},
+        }
+
+    def _prefetch(self, state: WalkState) -> dict[str, bytes]:
+        """Every hinted blob outside the listed packs (the parent's trees on the changed paths), read in one
+        batch: one ranged GET per pack and cluster instead of one per level of the tree."""
+        places: dict[str, BlobPlace] = {}
+        total = 0
+        for blob in self.locations:
+            place = None if self.listed.holder(blob) is not None else self._hinted_place(blob)
+            if place is None:
+                continue
+            if len(places) >= PREFETCH_MAX_BLOBS or total + place.entry.length > PREFETCH_MAX_BYTES:
+                break
+            places[blob] = place
+            total += place.entry.length
+        return self._fetch(state, places, from_trailer=False)
 
     @staticmethod
     def _note_pack(state: WalkState, pack_id: str) -> None:
@@ -388,14 +422,9 @@ class TreeWalker:
 
     def _read(self, state: WalkState, nodes: list[_Node]) -> None:
         """Read the new and parent sides of the nodes (each checked against its hash)."""
-        new_places = {node.new: node.new_place for node in nodes}
-        parent_places = {
-            node.parent: place
-            for node in nodes
-            if node.parent is not None and (place := self._parent_place(node.parent, node.kind)) is not None
-        }
-        plain = self._fetch(state, new_places, from_trailer=True)
-        parent_plain = self._fetch(state, {b: p for b, p in parent_places.items() if b not in plain}, False)
+        plain = self._fetch(state, {node.new: node.new_place for node in nodes}, from_trailer=True)
+        parents = {node.parent for node in nodes if node.parent is not None} - plain.keys()
+        parent_plain = self._parent_plaintexts(state, parents) if parents else {}
         for node in nodes:
             node.new_plain = plain.get(node.new)
             if node.new_plain is None and node.new not in state.missing:
@@ -429,7 +458,6 @@ class TreeWalker:
         try:
             if node.kind == TREE:
                 tree = decode_tree(node.new_plain)
-                state.trees_read += 1
                 return _Children(tree=tree, chunks=[], width=max(1, len(tree.entries)))
             chunks = decode_stream_index(node.new_plain)
             return _Children(tree=None, chunks=chunks, width=max(1, len(chunks)))
@@ -437,9 +465,10 @@ class TreeWalker:
             state.invalid[node.new] = f"not a valid {node.kind}: {error}"
             return None
 
-    def _compare(self, state: WalkState, node: _Node, children: _Children, walked: set[str]) -> None:
+    def _compare(self, state: WalkState, node: _Node, children: _Children) -> None:
         """Check the node's children against its parent side."""
         if children.tree is not None:
+            state.trees_read += 1
             self._compare_trees(state, children.tree, self._parent_tree(node))
         else:
             known = set(self._parent_chunks(node))
@@ -448,8 +477,7 @@ class TreeWalker:
                     self._check_data(state, chunk)
         if node.parent_plain is None:
             # Compared against nothing: proven whole (with its subtrees queued) wherever it appears again.
-            walked.add(node.new)
-            state.walked.append(node.new)
+            self.walked.add(node.new)
 
     def _compare_trees(self, state: WalkState, tree: Tree, parent: Tree | None) -> None:
         before = {entry.name: entry for entry in parent.entries} if parent is not None else {}

@@ -37,16 +37,16 @@ def four_checks_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def nodes_compared_per_step(backend: Services, host: str, root: str, packs: list[BuiltPack]) -> list[int]:
-    """Walk step by step; how many nodes each step compared (every node here has no parent side)."""
+    """Walk step by step; how many trees each step compared."""
     pack_ids = [pack.pack_id for pack in packs]
     listed = ListedPacks(backend.registry, backend.store, host, backend.registry.get_many(pack_ids))
     walker = TreeWalker(backend.store, listed.load(pack_ids), {})
     state = WalkState.start([(root, None, TREE)])
     compared: list[int] = []
     for _ in range(50):
-        before = len(state.walked)
+        before = state.trees_read
         walker.step(state)
-        compared.append(len(state.walked) - before)
+        compared.append(state.trees_read - before)
         if state.done:
             assert state.problem_count == 0
             return compared
