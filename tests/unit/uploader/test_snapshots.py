@@ -14,6 +14,7 @@ from s3_sysbackup import snapshots as snapshots_module
 from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS
 from s3_sysbackup.cli import main
 from s3_sysbackup.fetch import BlobFetcher
+from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.listing import format_table, human_bytes
 from s3_sysbackup.restorer import RestoreError, write_snapshot
 from s3_sysbackup.snapshot_restore import restore_through_command, write_to_file
@@ -235,7 +236,8 @@ def archived(run_archive, config_dir, backend, transfer, payload_file, tmp_path)
         config_dir / "snapshots.d" / "bad", "echo '::restore-through::cat'\necho partial >&$1\nexit 1\n"
     )
     result = run_archive()
-    return backend.get_manifest(result.manifest_id), BlobFetcher(backend, transfer), restored  # type: ignore[arg-type]
+    fetcher = BlobFetcher(backend, transfer, MemoryIndex())  # type: ignore[arg-type]
+    return backend.get_manifest(result.manifest_id), fetcher, restored
 
 
 def test_restore_pipes_the_stream_into_its_command(archived):

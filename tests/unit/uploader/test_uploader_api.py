@@ -83,13 +83,35 @@ def client(server: ScriptedServer, secret: str = SECRET_KEY, attempts: int = 4) 
 
 
 def test_signed_requests_verify_and_parse(server: ScriptedServer):
-    server.script = [(200, {"stored": ["a" * 64]}, {})]
+    server.script = [(200, {"uploads": [{"pack_id": "b" * 64, "url": "u"}], "stored": ["a" * 64]}, {})]
     api = client(server)
-    assert api.check_blobs(["b" * 64, "a" * 64]) == {"a" * 64}
+    uploads, stored = api.presign_packs([{"sha256": "a" * 64, "size": 20}, {"sha256": "b" * 64, "size": 30}])
+    assert stored == {"a" * 64} and [u["pack_id"] for u in uploads] == ["b" * 64]
     method, path, body = server.seen[0]
-    assert (method, path) == ("POST", "/blobs/check")
-    assert json.loads(body) == {"hashes": ["a" * 64, "b" * 64]}
-    assert api.counter.as_dict() == {"api": {"POST /blobs/check": 1}}
+    assert (method, path) == ("POST", "/packs/presign")
+    assert json.loads(body) == {"packs": [{"sha256": "a" * 64, "size": 20}, {"sha256": "b" * 64, "size": 30}]}
+    assert api.counter.as_dict() == {"api": {"POST /packs/presign": 1}}
+
+
+def test_pack_list_follows_pages_and_passes_the_host(server: ScriptedServer):
+    first = {"packs": [{"pack_id": "a" * 64, "size": 20, "state": "verified"}], "next": "tok en"}
+    second = {"packs": [{"pack_id": "b" * 64, "size": 30, "state": "presigned"}], "next": None}
+    server.script = [(200, first, {}), (200, second, {})]
+    packs = client(server).list_packs(host="other")
+    assert [p["pack_id"] for p in packs] == ["a" * 64, "b" * 64]
+    assert [path for _, path, _ in server.seen] == [
+        "/packs?host=other&limit=1000",
+        "/packs?host=other&limit=1000&next=tok+en",
+    ]
+
+
+def test_download_urls_ask_for_packs_and_report_the_refused(server: ScriptedServer):
+    answer = {"urls": {"a" * 64: "https://s3/a"}, "sizes": {"a" * 64: 20}, "missing": {"b" * 64: "unknown"}}
+    server.script = [(200, answer, {})]
+    downloads = client(server).download_urls(["b" * 64, "a" * 64])
+    assert downloads.urls == {"a" * 64: "https://s3/a"} and downloads.sizes == {"a" * 64: 20}
+    assert downloads.missing == {"b" * 64: "unknown"}
+    assert json.loads(server.seen[0][2]) == {"packs": ["a" * 64, "b" * 64]}
 
 
 def test_a_bad_signature_is_a_403_api_error_not_a_clock_problem(server: ScriptedServer):
@@ -113,10 +135,10 @@ def test_persistent_server_errors_give_up_clearly(server: ScriptedServer):
 
 
 def test_client_errors_carry_the_server_message_without_retry(server: ScriptedServer):
-    server.script = [(400, {"message": "hashes: not a blob hash"}, {})]
+    server.script = [(400, {"message": "packs: not a blob hash"}, {})]
     api = client(server)
     with pytest.raises(ApiError, match="not a blob hash") as raised:
-        api.check_blobs(["x"])
+        api.download_urls(["x"])
     assert raised.value.status == 400 and len(server.seen) == 1
 
 

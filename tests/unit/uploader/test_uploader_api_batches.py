@@ -1,4 +1,4 @@
-"""Check and locate calls over more hashes than one request takes: split, sent in parallel, merged."""
+"""Download-URL calls over more packs than one request takes: split, sent in parallel, merged."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from botocore.credentials import Credentials
-from s3_sysbackup.api import CHECK_BATCH, DOWNLOAD_BATCH, PARALLEL_CALLS, ApiClient, ApiError
+from s3_sysbackup.api import DOWNLOAD_BATCH, PARALLEL_CALLS, ApiClient, ApiError
 
 
 class AnsweringServer(ThreadingHTTPServer):
-    """Answers from the request itself: a hash is stored when it starts with "a"; one pack per hash."""
+    """Answers from the request itself: a pack is served when its id starts with "a", else missing."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
@@ -42,14 +42,14 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         if path == self.server.fail_path:
             status, answer = 422, {"message": "no"}
-        elif path == "/blobs/check":
-            status, answer = 200, {"stored": [h for h in request["hashes"] if h.startswith("a")]}
         else:
-            locations = {h: {"pack_id": f"p{h}", "offset": 0} for h in request["blobs"]}
-            status, answer = (
-                200,
-                {"locations": locations, "urls": {f"p{h}": f"u{h}" for h in request["blobs"]}},
-            )
+            served = [p for p in request["packs"] if p.startswith("a")]
+            answer = {
+                "urls": {p: f"u{p}" for p in served},
+                "sizes": {p: 100 for p in served},
+                "missing": {p: "unknown" for p in request["packs"] if p not in served},
+            }
+            status = 200
         with self.server.lock:
             self.server.in_flight -= 1
         data = json.dumps(answer).encode()
@@ -78,26 +78,27 @@ def hashes(count: int) -> list[str]:
     return [f"{'ab'[n % 2]}{n:063d}" for n in range(count)]
 
 
-def test_check_splits_sends_in_parallel_and_merges(server: AnsweringServer) -> None:
-    wanted = hashes(CHECK_BATCH * 5 + 7)
+def test_download_urls_split_send_in_parallel_and_merge(server: AnsweringServer) -> None:
+    wanted = hashes(DOWNLOAD_BATCH * 5 + 7)
     api = client(server)
-    assert api.check_blobs(wanted) == {h for h in wanted if h.startswith("a")}
-    sent = [h for body in server.bodies for h in body["hashes"]]
-    assert sorted(sent) == sorted(wanted)  # each hash asked once
-    assert max(len(body["hashes"]) for body in server.bodies) <= CHECK_BATCH
+    downloads = api.download_urls(wanted)
+    assert downloads.urls == {h: f"u{h}" for h in wanted if h.startswith("a")}
+    assert set(downloads.missing) == {h for h in wanted if h.startswith("b")}
+    sent = [h for body in server.bodies for h in body["packs"]]
+    assert sorted(sent) == sorted(wanted)  # each pack asked once
+    assert max(len(body["packs"]) for body in server.bodies) <= DOWNLOAD_BATCH
     assert 1 < server.most_at_once <= PARALLEL_CALLS
-    assert api.counter.as_dict() == {"api": {"POST /blobs/check": 6}}
+    assert api.counter.as_dict() == {"api": {"POST /downloads": 6}}
 
 
-def test_locate_merges_every_batch(server: AnsweringServer) -> None:
-    wanted = hashes(DOWNLOAD_BATCH * 2 + 1)
-    locations, urls = client(server).locate_blobs(wanted)
-    assert set(locations) == set(wanted)
-    assert urls == {f"p{h}": f"u{h}" for h in wanted}
+def test_no_packs_no_call(server: AnsweringServer) -> None:
+    api = client(server)
+    assert api.download_urls([]).urls == {}
+    assert server.bodies == []
 
 
 def test_a_failing_batch_fails_the_call(server: AnsweringServer) -> None:
-    server.fail_path = "/blobs/check"
+    server.fail_path = "/downloads"
     with pytest.raises(ApiError) as raised:
-        client(server).check_blobs(hashes(CHECK_BATCH * 3))
+        client(server).download_urls(hashes(DOWNLOAD_BATCH * 3))
     assert raised.value.status == 422

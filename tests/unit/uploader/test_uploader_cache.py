@@ -1,8 +1,9 @@
-"""The parent cache: when a file may be trusted unread, atomic updates, and the one-run-at-a-time lock."""
+"""The cache: when a file may be trusted unread, atomic updates, the local index, the run lock."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from s3_sysbackup.cache import (
     CacheLockedError,
     FileState,
     ParentCache,
+    ParentSnapshot,
     host_state_dir,
 )
+from sysbackup_domain.packs import PackEntry
 
 SECOND = 1_000_000_000
 STATE = FileState(size=10, mtime_ns=100 * SECOND, ctime_ns=100 * SECOND, inode=42)
@@ -44,33 +47,40 @@ def test_a_file_modified_just_before_the_scan_is_read_again():
 
 def test_record_commit_replaces_the_whole_view(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="https://api.one")
-    cache.record_commit("m1", [("/a", STATE, ("1" * 64,)), ("/gone", STATE, ())], SCANNED, {"1" * 64})
-    cache.record_commit("m2", [("/a", STATE, ("2" * 64,))], SCANNED, {"2" * 64})
-    assert cache.parent_manifest == "m2"
+    first_snapshots = {"db": ParentSnapshot("d" * 64, ("1" * 64,)), "old": ParentSnapshot("e" * 64, ())}
+    cache.record_commit(
+        "m1", [("/a", STATE, ("1" * 64,)), ("/gone", STATE, ())], SCANNED, snapshots=first_snapshots
+    )
+    cache.record_commit(
+        "m2", [("/a", STATE, ("2" * 64,))], SCANNED, snapshots={"db": ParentSnapshot("f" * 64, ())}
+    )
+    assert cache.parent_manifest == "m2" and cache.view_matches_parent
     assert cache.lookup("/gone") is None
     cached = cache.lookup("/a")
     assert cached is not None and cached.content == ("2" * 64,) and cached.state == STATE
-    assert cache.all_stored() == {"2" * 64}  # only what the parent references is vouched for
+    assert cache.parent_snapshots() == {"db": ParentSnapshot("f" * 64, ())}
 
 
 def test_non_utf8_paths_round_trip(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
     odd = os.fsdecode(b"/data/latin1-\xe9\nnewline")
-    cache.record_commit("m1", [(odd, STATE, ())], SCANNED, ())
+    cache.record_commit("m1", [(odd, STATE, ())], SCANNED)
     assert cache.lookup(odd) is not None
 
 
 def test_another_stack_starts_from_scratch(tmp_path: Path):
-    ParentCache(tmp_path, scope="https://api.one").record_commit(
-        "m1", [("/a", STATE, ())], SCANNED, {"1" * 64}
-    )
+    one = ParentCache(tmp_path, scope="https://api.one")
+    one.record_commit("m1", [("/a", STATE, ())], SCANNED)
+    one.record_pack("p" * 64, 100, [entry("1" * 64, 0)])
+    one.mark_index_ready()
     other = ParentCache(tmp_path, scope="https://api.two")
-    assert other.parent_manifest is None and other.lookup("/a") is None and other.all_stored() == set()
+    assert other.parent_manifest is None and other.lookup("/a") is None
+    assert other.indexed_hashes() == set() and other.known_packs() == {} and not other.index_ready
 
 
 def test_uncommitted_run_leaves_the_last_good_state(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
-    cache.record_commit("m1", [("/a", STATE, ())], SCANNED, ())
+    cache.record_commit("m1", [("/a", STATE, ())], SCANNED)
     cache.mark_inflight("run-2")  # a run that crashes after this never calls record_commit
     reopened = ParentCache(tmp_path, scope="s")
     assert reopened.parent_manifest == "m1" and reopened.inflight_run == "run-2"
@@ -97,33 +107,67 @@ def test_record_commit_keeps_reused_rows_as_they_were(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
     other = FileState(20, STATE.mtime_ns, STATE.ctime_ns, 43)
     cache.record_commit(
-        "m1",
-        [("/kept", STATE, ("1" * 64,)), ("/reread", STATE, ()), ("/gone", STATE, ())],
-        SCANNED,
-        {"1" * 64},
+        "m1", [("/kept", STATE, ("1" * 64,)), ("/reread", STATE, ()), ("/gone", STATE, ())], SCANNED
     )
     later = SCANNED + 10 * SECOND
-    cache.record_commit("m2", [("/reread", other, ("2" * 64,))], later, {"1" * 64, "2" * 64}, kept=["/kept"])
+    cache.record_commit("m2", [("/reread", other, ("2" * 64,))], later, kept=["/kept"])
     kept, reread = cache.lookup("/kept"), cache.lookup("/reread")
     assert kept == CachedFile(STATE, ("1" * 64,), SCANNED)  # untouched, read-time included
     assert reread == CachedFile(other, ("2" * 64,), later)
     assert cache.lookup("/gone") is None
-    assert cache.all_stored() == {"1" * 64, "2" * 64}
-    cache.record_commit("m3", [], later, {"2" * 64}, kept=["/reread"])
-    assert cache.lookup("/kept") is None and cache.all_stored() == {"2" * 64}
+    cache.record_commit("m3", [], later, kept=["/reread"])
+    assert cache.lookup("/kept") is None
     assert cache.parent_manifest == "m3"
 
 
-def test_unfinished_packs_outlive_a_crash_and_go_with_the_next_commit(tmp_path: Path):
-    crashed = ParentCache(tmp_path, scope="https://api.one")
-    assert crashed.unfinished_packs() == []  # a fresh cache: nothing to adopt, no request
-    crashed.add_unfinished_packs(["b" * 64, "a" * 64])
-    crashed.add_unfinished_packs(["a" * 64])
-    crashed.close()  # the process dies here
+def entry(digest: str, offset: int, length: int = 10) -> PackEntry:
+    return PackEntry(digest, "data", "none", offset, length, length)
 
-    rerun = ParentCache(tmp_path, scope="https://api.one")
-    assert rerun.unfinished_packs() == ["a" * 64, "b" * 64]
-    rerun.record_commit("m1", [], SCANNED, ())
-    assert rerun.unfinished_packs() == []
-    rerun.add_unfinished_packs(["c" * 64])
-    assert ParentCache(tmp_path, scope="https://api.two").unfinished_packs() == []  # another stack
+
+def test_the_local_index_outlives_a_crash_and_answers_lookups(tmp_path: Path):
+    crashed = ParentCache(tmp_path, scope="s")
+    crashed.record_pack("p" * 64, 100, [entry("1" * 64, 0), entry("2" * 64, 10)])
+    crashed.close()  # the process dies before any commit
+
+    rerun = ParentCache(tmp_path, scope="s")
+    assert rerun.indexed_hashes() == {"1" * 64, "2" * 64} and rerun.known_packs() == {"p" * 64: 100}
+    located = rerun.locate(["2" * 64, "3" * 64])
+    assert set(located) == {"2" * 64}
+    assert located["2" * 64].pack_id == "p" * 64 and located["2" * 64].entry == entry("2" * 64, 10)
+
+
+def test_dropping_a_pack_forgets_its_blobs_and_the_files_that_need_them(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    cache.record_pack("p" * 64, 100, [entry("1" * 64, 0), entry("2" * 64, 10)])
+    cache.record_pack("q" * 64, 50, [entry("3" * 64, 0)])
+    cache.record_commit("m1", [("/a", STATE, ("1" * 64,)), ("/b", STATE, ("3" * 64,))], SCANNED)
+    cache.drop_packs(["p" * 64])
+    assert cache.indexed_hashes() == {"3" * 64} and cache.known_packs() == {"q" * 64: 50}
+    assert cache.forget_unindexed_files() == 1
+    assert cache.lookup("/a") is None and cache.lookup("/b") is not None
+    cache.drop_blobs(["3" * 64])
+    assert cache.indexed_hashes() == set()
+
+
+def test_a_parent_taken_from_the_backend_is_not_described_by_the_view(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    assert not cache.view_matches_parent  # no parent at all
+    cache.record_commit("m1", [], SCANNED)
+    assert cache.view_matches_parent
+    cache.adopt_parent("m2")  # a crashed run's commit had landed
+    assert cache.parent_manifest == "m2" and not cache.view_matches_parent
+
+
+def test_a_v1_cache_keeps_its_parent_and_files_and_rebuilds_its_index(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    cache.record_commit("m1", [("/a", STATE, ("1" * 64,))], SCANNED)
+    cache.close()
+    db = sqlite3.connect(tmp_path / "cache.sqlite", isolation_level=None)
+    db.execute("CREATE TABLE stored (hash TEXT PRIMARY KEY)")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    db.close()
+    upgraded = ParentCache(tmp_path, scope="s")
+    assert upgraded.parent_manifest == "m1" and upgraded.lookup("/a") is not None
+    assert not upgraded.index_ready
+    tables = {row[0] for row in upgraded.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "stored" not in tables
