@@ -25,7 +25,7 @@ from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
 from sysbackup_domain.manifest import BlobLocation, decode_stream_index
-from sysbackup_domain.packs import PackEntry, open_blob, verify_pack
+from sysbackup_domain.packs import PackEntry, open_blob
 from sysbackup_domain.tree import Tree, decode_tree
 
 from .registry import (
@@ -37,6 +37,7 @@ from .registry import (
     PackRegistry,
 )
 from .store import PackStore, pack_key
+from .verification import checked_pack_entries
 
 logger = Logger(child=True)
 
@@ -252,7 +253,7 @@ class ListedPacks:
             if not whole:
                 return self.store.read_pack_trailer(record.pack_id, record.size), None, None
             body = self.store.read(pack_key(record.pack_id))
-            return verify_pack(body), body, None
+            return checked_pack_entries(record.pack_id, body), body, None
         except ClientError as error:
             if not _is_missing_object(error):
                 raise
