@@ -13,7 +13,7 @@ import boto3
 import pytest
 from sysbackup_backend import walk
 from sysbackup_backend.api import Services
-from sysbackup_backend.commit import Committer, VerifyQueue
+from sysbackup_backend.commit import Committer, VerifyQueue, verify_queue_from_environment
 from sysbackup_backend.errors import Conflict, NotFound, Unprocessable
 from sysbackup_backend.gc import EPOCH_KEY
 from sysbackup_backend.retention_worker import RetentionQueue
@@ -612,3 +612,30 @@ def test_host_may_lengthen_retention_but_not_shorten_it(backend: Services) -> No
     now = datetime.now(timezone.utc)
     assert parse_iso_utc(longer.body["retain_until"]) > now + timedelta(days=99)
     assert parse_iso_utc(shorter.body["retain_until"]) > now + timedelta(days=29)
+
+
+def test_a_refused_pack_the_manifest_does_not_need_does_not_stop_it(backend: Services) -> None:
+    tree = HostTree(backend)
+    foreign = store_pack(backend, "beta", [("data", b"beta's file")])
+    outcome = backend.committer.start(
+        "alpha", commit_body(tree.root_hash, packs=[*tree.packs, foreign]), Budget(PLENTY)
+    )
+    assert outcome.status_code == 201
+
+
+def test_verify_messages_hold_at_most_300_packs_each(backend: Services) -> None:
+    sqs, url = sqs_queue("verify-many")
+    pack_ids = [blob_hash(str(number).encode()) for number in range(650)]
+    assert VerifyQueue(url, sqs).request([*pack_ids, *pack_ids[:5]], "m1") == 3
+    bodies = received(sqs, url)
+    assert sorted(len(body["packs"]) for body in bodies) == [50, 300, 300]
+    assert sorted(pack for body in bodies for pack in body["packs"]) == sorted(pack_ids)
+    assert {body["source"] for body in bodies} == {"m1"}
+
+
+def test_the_verify_queue_comes_from_the_environment(backend: Services) -> None:
+    sqs, url = sqs_queue("verify-env")
+    assert verify_queue_from_environment({}, lambda: sqs) is None
+    queue = verify_queue_from_environment({"VERIFY_QUEUE_URL": url}, lambda: sqs)
+    assert queue is not None and queue.request(["a" * 64], "m2") == 1
+    assert received(sqs, url) == [{"packs": ["a" * 64], "source": "m2"}]
