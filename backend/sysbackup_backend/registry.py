@@ -1,8 +1,10 @@
 """The pack registry (BlobIndexTable): one item per pack, as in docs/PACK_INDEX.md.
 
-No other module writes pack items. Timestamps are stored as ISO-8601 UTC strings (`iso_utc`), which compare
-in time order; methods take a stored value (`retain_until`, `condemned_at`) as the string the record holds,
-and "now" as a datetime.
+Besides the pack item, a pack has a membership item per host of `hosts` other than its first `host`, so
+that the ByHost index lists, under each host, every pack the host may use. No other module writes them.
+
+Timestamps are stored as ISO-8601 UTC strings (`iso_utc`), which compare in time order; methods take a
+stored value (`retain_until`, `condemned_at`) as the string the record holds, and "now" as a datetime.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from sysbackup_domain.retention import iso_utc
 from .dynamo import batch_get, is_condition_failure
 
 PACK_SK = "pack"
+MEMBER_SK_PREFIX = "host#"
+# A TransactWriteItems holds 100 items: a pack item and up to this many membership items.
+MEMBERS_PER_TRANSACTION = 99
 BY_HOST_INDEX = "ByHost"
 
 PACK_PRESIGNED = "presigned"
@@ -37,6 +42,19 @@ def pack_pk(pack_id: str) -> str:
 
 def pack_key(pack_id: str) -> dict[str, str]:
     return {"pk": pack_pk(pack_id), "sk": PACK_SK}
+
+
+def membership_key(pack_id: str, host: str) -> dict[str, str]:
+    return {"pk": pack_pk(pack_id), "sk": f"{MEMBER_SK_PREFIX}{host}"}
+
+
+def membership_item(pack_id: str, host: str) -> dict[str, str]:
+    """What puts the pack under `host` in the ByHost index."""
+    return {**membership_key(pack_id, host), "host": host}
+
+
+def _pack_id_of(item: dict[str, Any]) -> str:
+    return str(item["pk"]).removeprefix("pack#")
 
 
 def _now_iso() -> str:
@@ -77,7 +95,7 @@ class PackRecord:
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> PackRecord:
         return cls(
-            pack_id=str(item["pk"]).removeprefix("pack#"),
+            pack_id=_pack_id_of(item),
             host=str(item["host"]),
             hosts=frozenset(str(host) for host in item.get("hosts", ())),
             size=int(item["size"]),
@@ -119,21 +137,32 @@ class PackRegistry:
     def list_host(
         self, host: str, limit: int, after: str | None = None
     ) -> tuple[list[PackRecord], str | None]:
-        """Up to `limit` packs `host` first presigned, in pack id order from after `after` (a pack id);
-        the pack id to continue after, or None when there are no more."""
-        request: dict[str, Any] = {
-            "TableName": self.table_name,
-            "IndexName": BY_HOST_INDEX,
-            "KeyConditionExpression": "host = :host",
-            "ExpressionAttributeValues": {":host": host},
-            "Limit": limit,
-        }
+        """Up to `limit` packs `host` may use (its own and, through membership items, shared ones), in pack
+        id order after `after` (a pack id); the pack id to continue after, or None when there are no more."""
+        condition = "#host = :host"
+        values = {":host": host}
         if after is not None:
-            request["ExclusiveStartKey"] = {**pack_key(after), "host": host}
-        response = self.client.query(**request)
-        records = [PackRecord.from_item(item) for item in response.get("Items", [])]
-        more = "LastEvaluatedKey" in response and bool(records)
-        return records, records[-1].pack_id if more else None
+            # A host holds one item per pack in the index (the pack's or a membership): "after" is exact.
+            condition += " AND pk > :after"
+            values[":after"] = pack_pk(after)
+        response = self.client.query(
+            TableName=self.table_name,
+            IndexName=BY_HOST_INDEX,
+            KeyConditionExpression=condition,
+            ExpressionAttributeNames={"#host": "host"},
+            ExpressionAttributeValues=values,
+            Limit=limit,
+        )
+        items = response.get("Items", [])
+        shared = self.get_many(_pack_id_of(item) for item in items if item["sk"] != PACK_SK)
+        records = [
+            PackRecord.from_item(item) if item["sk"] == PACK_SK else shared[_pack_id_of(item)]
+            for item in items
+            # a pack deleted since the query leaves a membership without its pack item
+            if item["sk"] == PACK_SK or _pack_id_of(item) in shared
+        ]
+        last = _pack_id_of(items[-1]) if items else None
+        return records, last if "LastEvaluatedKey" in response else None
 
     def scan(self) -> Iterator[PackRecord]:
         """Every pack record (gc's view of the registry)."""
@@ -166,13 +195,23 @@ class PackRegistry:
         return self._create_or_get(item)
 
     def add_host(self, pack_id: str, host: str) -> bool:
-        """Let `host` use the pack; False if there is no item or gc is deleting the pack."""
-        return self._update(
-            pack_id,
-            "ADD hosts :host",
-            "attribute_exists(pk) AND #state <> :deleting",
-            {":host": {host}, ":deleting": PACK_DELETING},
-        )
+        """Let `host` use the pack (and list it); False if there is no item or gc is deleting the pack."""
+        add = {
+            "Update": {
+                "TableName": self.table_name,
+                "Key": pack_key(pack_id),
+                "UpdateExpression": "ADD hosts :host",
+                # Not the first host: its pack item lists the pack under it already.
+                "ConditionExpression": "attribute_exists(pk) AND #state <> :deleting AND #host <> :name",
+                "ExpressionAttributeNames": {**_STATE, "#host": "host"},
+                "ExpressionAttributeValues": {":host": {host}, ":deleting": PACK_DELETING, ":name": host},
+            }
+        }
+        member = {"Put": {"TableName": self.table_name, "Item": membership_item(pack_id, host)}}
+        if self._transact([add, member]):
+            return True
+        record = self.get(pack_id)  # the first host, already a member; else missing or being deleted
+        return record is not None and record.state != PACK_DELETING and host in record.hosts
 
     # --- the commit and the verifier ---------------------------------------------------------------------
 
@@ -254,7 +293,13 @@ class PackRegistry:
         )
 
     def delete(self, pack_id: str) -> bool:
-        """Drop the item of a pack gc is deleting (its object versions are gone); False if it is not."""
+        """Drop the items of a pack gc is deleting (its object versions are gone); False if it is not."""
+        record = self.get(pack_id)
+        if record is None or record.state != PACK_DELETING:
+            return False
+        # A deleting pack gains no members (add_host refuses it): its memberships can go first.
+        for host in sorted(record.hosts - {record.host}):
+            self.client.delete_item(TableName=self.table_name, Key=membership_key(pack_id, host))
         return _conditionally(
             self.client.delete_item,
             {
@@ -271,10 +316,11 @@ class PackRegistry:
     ) -> PackRecord:
         """A pack gc wrote (verified: gc built it from checked blobs); an existing item is returned as is."""
         allowed = set(hosts)
+        first = min(allowed)
         now = _now_iso()
         item = {
             **pack_key(pack_id),
-            "host": min(allowed),
+            "host": first,
             "hosts": allowed,
             "size": size,
             "state": PACK_VERIFIED,
@@ -283,7 +329,8 @@ class PackRegistry:
             "retain_until": retain_until,
             "blob_count": blob_count,
         }
-        return self._create_or_get(item)
+        members = [membership_item(pack_id, host) for host in sorted(allowed - {first})]
+        return self._create_or_get(item, members)
 
     # --- the retention worker ----------------------------------------------------------------------------
 
@@ -298,22 +345,39 @@ class PackRegistry:
 
     # --- helpers -------------------------------------------------------------------------------------------
 
-    def _create_or_get(self, item: dict[str, Any]) -> PackRecord:
-        """Put `item` if the pack has none; else the existing record, unchanged."""
+    def _create_or_get(self, item: dict[str, Any], members: list[dict[str, Any]] | None = None) -> PackRecord:
+        """Put `item` (and its membership items) if the pack has none; else the existing record, unchanged."""
+        members = members or []
+        create = {
+            "Put": {
+                "TableName": self.table_name,
+                "Item": item,
+                "ConditionExpression": "attribute_not_exists(pk)",
+            }
+        }
+        puts = [{"Put": {"TableName": self.table_name, "Item": member}} for member in members]
         while True:
-            created = _conditionally(
-                self.client.put_item,
-                {
-                    "TableName": self.table_name,
-                    "Item": item,
-                    "ConditionExpression": "attribute_not_exists(pk)",
-                },
-            )
-            if created:
+            if self._transact([create, *puts[:MEMBERS_PER_TRANSACTION]]):
+                for member in members[MEMBERS_PER_TRANSACTION:]:
+                    self.client.put_item(TableName=self.table_name, Item=member)
                 return PackRecord.from_item(item)
-            existing = self.get(str(item["pk"]).removeprefix("pack#"))
+            existing = self.get(_pack_id_of(item))
             if existing is not None:  # else gc deleted it in between: try again
                 return existing
+
+    def _transact(self, items: list[dict[str, Any]]) -> bool:
+        """One TransactWriteItems (a single item as its plain call); False if a condition failed."""
+        if len(items) == 1:
+            ((kind, request),) = items[0].items()
+            call = {"Put": self.client.put_item, "Update": self.client.update_item}[kind]
+            return _conditionally(call, request)
+        try:
+            self.client.transact_write_items(TransactItems=items)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise
+            return False
+        return True
 
     def _update(self, pack_id: str, expression: str, condition: str, values: dict[str, Any]) -> bool:
         """A conditional update; False when the condition does not hold."""

@@ -238,3 +238,72 @@ def test_pack_key_matches_the_stored_item(backend: Services) -> None:
     _presigned(backend.registry, _pack_id(19))
     item = backend.registry.client.get_item(TableName=backend.registry.table_name, Key=pack_key(_pack_id(19)))
     assert item["Item"]["pk"] == f"pack#{_pack_id(19)}"
+
+
+# --- membership items: every pack a host may use is listed under it ------------------------------------
+
+
+def _listed(registry: PackRegistry, host: str, page_size: int = 1000) -> list[str]:
+    listed: list[str] = []
+    after: str | None = None
+    for _ in range(100):
+        page, after = registry.list_host(host, page_size, after)
+        listed.extend(record.pack_id for record in page)
+        if after is None:
+            return listed
+    raise AssertionError("list_host never ended")
+
+
+def test_a_host_added_to_a_pack_lists_it_with_its_own(backend: Services) -> None:
+    registry = backend.registry
+    _presigned(registry, _pack_id(50), "alpha")
+    _presigned(registry, _pack_id(51), "beta")
+    _presigned(registry, _pack_id(52), "beta")
+    assert registry.add_host(_pack_id(50), "beta")
+    assert _listed(registry, "beta") == [_pack_id(50), _pack_id(51), _pack_id(52)]
+    assert _listed(registry, "beta", page_size=1) == [_pack_id(50), _pack_id(51), _pack_id(52)]
+    shared = registry.list_host("beta", 1)[0][0]
+    assert shared == _record(registry, _pack_id(50))  # the whole record, from the pack item
+    assert _listed(registry, "alpha") == [_pack_id(50)]
+
+
+def test_adding_the_first_host_or_a_member_again_writes_no_second_listing(backend: Services) -> None:
+    registry = backend.registry
+    _presigned(registry, _pack_id(53), "alpha")
+    assert registry.add_host(_pack_id(53), "alpha")
+    assert registry.add_host(_pack_id(53), "beta")
+    assert registry.add_host(_pack_id(53), "beta")
+    assert _listed(registry, "alpha") == [_pack_id(53)]
+    assert _listed(registry, "beta") == [_pack_id(53)]
+    assert _record(registry, _pack_id(53)).hosts == {"alpha", "beta"}
+
+
+def test_a_repacked_pack_is_listed_under_each_of_its_hosts(backend: Services) -> None:
+    registry = backend.registry
+    record = registry.record_repacked(_pack_id(54), {"gamma", "alpha", "beta"}, 500, 2, TEST_RETAIN_UNTIL)
+    assert record.host == "alpha"
+    for host in ("alpha", "beta", "gamma"):
+        assert _listed(registry, host) == [_pack_id(54)]
+    assert _listed(registry, "delta") == []
+
+
+def test_delete_drops_the_memberships_and_scan_never_sees_them(backend: Services) -> None:
+    registry = backend.registry
+    registry.record_repacked(_pack_id(55), {"alpha", "beta"}, 500, 2, TEST_RETAIN_UNTIL)
+    _presigned(registry, _pack_id(56), "gamma")
+    registry.add_host(_pack_id(56), "beta")
+    assert sorted(record.pack_id for record in registry.scan()) == [_pack_id(55), _pack_id(56)]
+    registry.condemn(_pack_id(55), NOW)
+    assert registry.start_deleting(_pack_id(55), _condemned_at(registry, _pack_id(55)))
+    assert registry.delete(_pack_id(55))
+    assert _listed(registry, "beta") == [_pack_id(56)]
+    remaining = registry.client.scan(TableName=registry.table_name)["Items"]
+    assert {item["pk"] for item in remaining} == {f"pack#{_pack_id(56)}"}
+
+
+def test_a_membership_whose_pack_item_is_gone_is_not_listed(backend: Services) -> None:
+    registry = backend.registry
+    _presigned(registry, _pack_id(57), "alpha")
+    registry.add_host(_pack_id(57), "beta")
+    registry.client.delete_item(TableName=registry.table_name, Key=pack_key(_pack_id(57)))
+    assert registry.list_host("beta", 10) == ([], None)
