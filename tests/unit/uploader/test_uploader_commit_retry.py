@@ -1,50 +1,32 @@
-"""A commit refused because gc condemned blobs the host's cache vouched for (issue 6): the run starts over
-once without the cache and sends those blobs again, through a backend that models condemnation as the real
-one does (docs/ARCHITECTURE.md): a condemned blob is never answered by the dedup check, its pack stays in
-the bucket (a PUT of the same pack answers 412) and presign still calls that pack registered; a fresh claim
-(register) stores the blob again for the host."""
+"""A commit refused (422) because the local index vouched for packs gc condemned, repacked or deleted:
+the host forgets what the refusal names, re-lists its packs (GET /packs) for ones it does not know,
+sends what is still missing and commits again (docs/PACK_INDEX.md). Also: presign's 409 `collecting`.
+The fake backend refuses as the contract says (uploader_fakes: a walk over the listed packs)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import pick
+from s3_sysbackup import cache as cache_module
 from s3_sysbackup import sink as sink_module
 from s3_sysbackup.api import ApiError
-from s3_sysbackup.archiver import ArchiveOptions, Archiver
-from sysbackup_domain.manifest import parse_commit_request, referenced_blobs
-from sysbackup_domain.packs import PackEntry
+from s3_sysbackup.archiver import ArchiveOptions, Archiver, CommitRefused
+from s3_sysbackup.fetch import BlobFetcher
+from s3_sysbackup.index_rebuild import MemoryIndex
+from s3_sysbackup.restorer import Restorer
+from s3_sysbackup.sink import FAULT_ENV, InjectedFault
+from sysbackup_domain.packs import parse_trailer
 from uploader_fakes import FakeBackend
 
 
-@dataclass
-class CondemningBackend(FakeBackend):
-    condemned: set[str] = field(default_factory=set)
-
-    def condemn_everything(self) -> None:
-        """What gc does to every blob once no live manifest reaches it (here: all of them)."""
-        self.condemned = set(self.blobs)
-
-    def check_blobs(self, hashes: Iterable[str]) -> set[str]:
-        return super().check_blobs(hashes) - self.condemned
-
-    def register_packs(self, packs: Sequence[Mapping[str, Any]]) -> list[str]:
-        registered = super().register_packs(packs)
-        for pack in packs:
-            self.condemned -= {PackEntry.from_json(blob).hash for blob in pack["blobs"]}
-        return registered
-
-    def commit_manifest(self, body: Mapping[str, Any]) -> dict:
-        condemned = sorted(set(referenced_blobs(parse_commit_request(dict(body)))) & self.condemned)
-        if condemned:
-            self._count("POST /manifests")
-            answer = {"message": "the manifest references blobs that are not stored", "condemned": condemned}
-            raise ApiError("POST /manifests", 422, answer["message"], answer)
-        return super().commit_manifest(body)
+@pytest.fixture(autouse=True)
+def trust_fresh_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "RACY_WINDOW_NS", 0)
 
 
 def write_files(root: Path) -> Path:
@@ -55,28 +37,96 @@ def write_files(root: Path) -> Path:
     return data
 
 
-def test_blobs_condemned_under_the_cache_are_sent_again_on_the_retry(
-    make_config, config_dir, host_root, transfer
+def crash_after_index(run_archive, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULT_ENV, "after-index")
+    with pytest.raises(InjectedFault):
+        run_archive()
+    monkeypatch.delenv(FAULT_ENV)
+
+
+def restored_bytes(backend: FakeBackend, transfer, manifest_id: str, target: Path, path: str) -> bytes:
+    fetcher = BlobFetcher(backend, transfer, MemoryIndex())  # type: ignore[arg-type]
+    Restorer(fetcher, str(target)).restore(backend.get_manifest(manifest_id))
+    return (target / path).read_bytes()
+
+
+def uncommitted_data_pack(backend: FakeBackend, transfer, already: set[str]) -> str:
+    """The data pack a crashed run put that no manifest holds."""
+    (pack_id,) = [
+        p for p in transfer.puts if p not in already and parse_trailer(backend.objects[p])[0].kind == "data"
+    ]
+    return pack_id
+
+
+def test_a_pack_gc_collected_under_the_index_is_sent_again(
+    run_archive, config_dir, host_root, backend, transfer, monkeypatch, tmp_path
 ) -> None:
-    backend = CondemningBackend()
+    data = write_files(host_root)
+    pick(config_dir, "/data")
+    run_archive()
+    (data / "a.txt").write_bytes(b"new content\n" * 40)
+    before = set(transfer.puts)
+    crash_after_index(run_archive, monkeypatch)  # the new content's pack is indexed, never committed
+    orphan = uncommitted_data_pack(backend, transfer, before)
+    backend.condemn(orphan)
+    backend.collect(orphan)  # gc: no manifest holds it, the grace period went by
+
+    result = run_archive()
+
+    assert backend.head == result.manifest_id
+    assert transfer.puts.count(orphan) == 2  # refused as unknown, forgotten, read again and sent again
+    refused = [r for r in backend.commit_requests if orphan in r["packs"]]
+    assert refused  # the first commit listed the collected pack
+    assert restored_bytes(backend, transfer, result.manifest_id, tmp_path / "r", "data/a.txt") == (
+        b"new content\n" * 40
+    )
+
+
+def test_a_repacked_pack_is_found_by_listing_the_packs_again(
+    run_archive, config_dir, host_root, backend, transfer, monkeypatch, tmp_path
+) -> None:
+    data = write_files(host_root)
+    pick(config_dir, "/data")
+    run_archive()
+    (data / "a.txt").write_bytes(b"repacked content\n" * 40)
+    before = set(transfer.puts)
+    crash_after_index(run_archive, monkeypatch)
+    old = uncommitted_data_pack(backend, transfer, before)
+    new = backend.repack(old)  # gc copied its blobs into `new` and condemned `old`
+    puts_before = len(transfer.puts)
+    calls_before = dict(backend.counter.as_dict()["api"])
+
+    result = run_archive()
+
+    assert backend.head == result.manifest_id
+    assert len(transfer.puts) == puts_before  # nothing sent again: the blobs are in the repacked pack
+    assert new in backend.commit_requests[-1]["packs"] and old not in backend.commit_requests[-1]["packs"]
+    calls = backend.counter.as_dict()["api"]
+    assert calls["POST /manifests"] - calls_before["POST /manifests"] == 2  # refused once, then accepted
+    assert calls["GET /packs"] - calls_before.get("GET /packs", 0) == 1
+    assert restored_bytes(backend, transfer, result.manifest_id, tmp_path / "r", "data/a.txt") == (
+        b"repacked content\n" * 40
+    )
+
+
+@dataclass
+class RefusingBackend(FakeBackend):
+    """Refuses every commit, naming a pack that does not exist (a backend gone wrong)."""
+
+    def commit_manifest(self, body: Mapping[str, Any]) -> dict:
+        self._count("POST /manifests")
+        answer = {"message": "refused", "missing": [], "packs": {"f" * 64: "unknown"}}
+        raise ApiError("POST /manifests", 422, "refused", answer)
+
+
+def test_a_commit_that_never_converges_fails_clearly(make_config, config_dir, host_root, transfer) -> None:
+    backend = RefusingBackend()
     transfer.backend = backend
     write_files(host_root)
     pick(config_dir, "/data")
-    config = make_config(workers=1)  # one reader: the retry builds byte-identical packs (presign: registered)
-
-    def run() -> Any:
-        return Archiver(config, backend, transfer, ArchiveOptions(quiet=True, root_path=str(host_root))).run()  # type: ignore[arg-type]
-
-    first = run()
-    backend.condemn_everything()  # the run's manifest was forgotten by gc, and a grace period went by
-    assert backend.condemned
-    registers_before = backend.counter.as_dict().get("api", {}).get("POST /packs/register", 0)
-
-    second = run()
-
-    assert second.manifest_id != first.manifest_id and backend.head == second.manifest_id
-    assert backend.condemned == set()  # every blob the manifest needs was claimed again
-    assert backend.counter.as_dict()["api"]["POST /packs/register"] > registers_before
+    with pytest.raises(CommitRefused, match="refused the commit 3 times"):
+        Archiver(make_config(), backend, transfer, ArchiveOptions(quiet=True, root_path=str(host_root))).run()  # type: ignore[arg-type]
+    assert backend.counter.as_dict()["api"]["POST /manifests"] == 3
 
 
 @dataclass

@@ -21,7 +21,7 @@ from s3_sysbackup.api import ApiError, PackDownloads
 from s3_sysbackup.net import RequestCounter
 from s3_sysbackup.transfer import TransferError
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
-from sysbackup_domain.hashing import sha256_base64
+from sysbackup_domain.hashing import blob_hash, sha256_base64
 from sysbackup_domain.manifest import (
     CommitRequest,
     decode_stream_index,
@@ -72,19 +72,13 @@ class FakeBackend:
         self.registry.pop(pack_id, None)
 
     def repack(self, pack_id: str) -> str:
-        """gc copied the pack's blobs into a new pack (other bytes) and condemned the old one."""
-        entries = parse_trailer(self.objects[pack_id])
-
-        writer = PackWriter()
+        """gc copied the pack's blobs, with another pack's, into a new pack and condemned the old one."""
         data = self.objects[pack_id]
-        for entry in reversed(entries):  # another order: other bytes, another id
-            writer.add_stored(
-                entry.hash,
-                entry.kind,
-                entry.codec,
-                data[entry.offset : entry.offset + entry.length],
-                entry.raw_length,
-            )
+        writer = PackWriter()
+        writer.add(blob_hash(pack_id.encode()), "data", pack_id.encode())  # a live blob of another pack
+        for entry in parse_trailer(data):
+            stored = data[entry.offset : entry.offset + entry.length]
+            writer.add_stored(entry.hash, entry.kind, entry.codec, stored, entry.raw_length)
         packed, _ = writer.finish()
         new_id = hashlib.sha256(packed).hexdigest()
         self.objects[new_id] = packed
