@@ -119,6 +119,8 @@ def test_another_hosts_uploaded_pack_is_stored_for_the_caller_too(upload_api: An
     shared = record(backend, pack)
     assert shared.hosts == {"alpha", "beta"} and shared.usable_by("beta")
     assert shared.host == "alpha"
+    # beta's GET /packs lists it: a beta that lost its cache rebuilds its index with it.
+    assert [record.pack_id for record in backend.registry.list_host("beta", 10)[0]] == [pack.pack_id]
 
 
 def test_another_hosts_pack_not_uploaded_yet_gets_the_caller_a_url(
