@@ -172,9 +172,11 @@ def read_stored_blobs(
             return b""  # only empty blobs: nothing to fetch
         try:
             return store.read_range(pack_key(pack_id), start, end - 1)
-        except (ClientError, OSError) as error:  # gone, or a range past its end: not there as claimed
+        except (ClientError, OSError) as error:
+            if isinstance(error, ClientError) and not _is_missing_object(error):
+                raise  # S3 failing is no finding about the pack: the call fails, the host retries
             logger.info("pack range unreadable", extra={"pack_id": pack_id, "error": str(error)})
-            return None
+            return None  # gone, or a range past its end: not there as claimed
 
     with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(reads))) as pool:
         for (_, start, end, blobs), span in zip(reads, pool.map(fetch, reads), strict=True):
@@ -210,21 +212,27 @@ class ListedPacks:
         self.holders: dict[str, BlobPlace] = {}  # blob -> its entry in the first usable listed pack
         self.bodies: dict[str, bytes] = {}  # packs read whole
         self.verified_inline: dict[str, int] = {}  # pack -> blob count, for the commit's transaction
+        self._unread: list[PackRecord] = []  # usable listed packs whose trailers are not read yet
 
     def load(self, pack_ids: Sequence[str]) -> ListedPacks:
-        """Classify the listed packs and read the usable ones' trailers (in parallel)."""
-        usable: list[PackRecord] = []
+        """Classify the listed packs; their trailers are read at the first lookup (a walk that finds
+        everything in the parent reads none)."""
         for pack_id in pack_ids:
             record = self.records.get(pack_id)
             reason = self._refusal(record)
             if reason is not None:
                 self.refused[pack_id] = reason
             elif record is not None:
-                usable.append(record)
+                self._unread.append(record)
+        return self
+
+    def _read_trailers(self) -> None:
+        """Read the usable packs' trailers in parallel; small presigned ones whole, verified inline."""
+        usable, self._unread = self._unread, []
+        if not usable:
+            return
         small = [record.pack_id for record in usable if _verifiable_inline(record)]
         inline = set(small[:INLINE_VERIFY_MAX_PACKS])
-        if not usable:
-            return self
         with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(usable))) as pool:
             loaded = list(pool.map(lambda record: self._read(record, record.pack_id in inline), usable))
         for record, (entries, body, problem) in zip(usable, loaded, strict=True):
@@ -236,7 +244,6 @@ class ListedPacks:
                 self.verified_inline[record.pack_id] = len(entries)
             for entry in entries:
                 self.holders.setdefault(entry.hash, BlobPlace(record.pack_id, entry))
-        return self
 
     def _refusal(self, record: PackRecord | None) -> str | None:
         if record is None:
@@ -268,7 +275,11 @@ class ListedPacks:
             self.reject(pack_id, why)
         else:
             logger.info("listed pack unreadable", extra={"pack_id": pack_id, "reason": why})
-            self.refused[pack_id] = REASON_UNREADABLE
+            self.unreadable(pack_id)
+
+    def unreadable(self, pack_id: str) -> str:
+        """A pack (or a range of it) is not in the bucket as its record says: refused, marked nothing."""
+        return self._refuse(pack_id, REASON_UNREADABLE)
 
     def reject(self, pack_id: str, why: str) -> str:
         """A usable-looking pack whose content is not what its trailer says: corrupt if still unverified
@@ -283,6 +294,9 @@ class ListedPacks:
                 "verified pack does not match its trailer", extra={"pack_id": pack_id, "reason": why}
             )
             reason = REASON_UNREADABLE
+        return self._refuse(pack_id, reason)
+
+    def _refuse(self, pack_id: str, reason: str) -> str:
         self.refused[pack_id] = reason
         self.verified_inline.pop(pack_id, None)
         self.bodies.pop(pack_id, None)
@@ -290,6 +304,9 @@ class ListedPacks:
         return reason
 
     def holder(self, blob: str) -> BlobPlace | None:
+        """The blob's entry in a usable listed pack, or None."""
+        if self._unread:
+            self._read_trailers()
         return self.holders.get(blob)
 
     def readable_hint(self, location: BlobLocation | None) -> bool:
@@ -440,7 +457,9 @@ class TreeWalker:
         for blob, place, stored in read_stored_blobs(self.store, places, self.listed.bodies):
             try:
                 if stored is None:
-                    raise CorruptBlob(f"blob {blob}: its range could not be read")
+                    if from_trailer:
+                        state.refused_packs[place.pack_id] = self.listed.unreadable(place.pack_id)
+                    continue
                 found[blob] = open_blob(place.entry, stored)
             except CorruptBlob as error:
                 if from_trailer:

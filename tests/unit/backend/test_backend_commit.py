@@ -11,6 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from sysbackup_backend import walk
 from sysbackup_backend.api import Services
 from sysbackup_backend.commit import Committer, VerifyQueue, verify_queue_from_environment
@@ -214,7 +215,9 @@ def test_unchanged_root_is_committed_without_reading_anything(backend: Services)
     tree = HostTree(backend)
     parent = first_commit(backend, tree)
     counter = CallCounter(backend.store.client, backend.registry.client)
-    outcome = backend.committer.start("alpha", commit_body(tree.root_hash, parent=parent), Budget(PLENTY))
+    # Even packs listed by an over-approximating host are not read when the parent holds everything.
+    body = commit_body(tree.root_hash, parent=parent, packs=tree.packs)
+    outcome = backend.committer.start("alpha", body, Budget(PLENTY))
     assert outcome.status_code == 201
     assert sorted(counter.calls) == ["BatchGetItem", "PutObject", "TransactWriteItems"]
 
@@ -639,3 +642,21 @@ def test_the_verify_queue_comes_from_the_environment(backend: Services) -> None:
     queue = verify_queue_from_environment({"VERIFY_QUEUE_URL": url}, lambda: sqs)
     assert queue is not None and queue.request(["a" * 64], "m2") == 1
     assert received(sqs, url) == [{"packs": ["a" * 64], "source": "m2"}]
+
+
+def test_s3_failing_is_no_finding_about_a_pack(backend: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(walk, "INLINE_VERIFY_MAX_BYTES", 0)  # trailers and trees read by ranges
+    tree = HostTree(backend)
+
+    def s3_down(*_: Any) -> bytes:
+        raise ClientError(
+            {"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}, "GetObject"
+        )
+
+    monkeypatch.setattr(backend.store, "read_range", s3_down)
+    with pytest.raises(ClientError):
+        backend.committer.start("alpha", commit_body(tree.root_hash, packs=tree.packs), Budget(PLENTY))
+    for pack in tree.packs:
+        record = backend.registry.get(pack.pack_id)
+        assert record is not None and record.state == "presigned"
+    assert backend.catalogue.head("alpha") is None
