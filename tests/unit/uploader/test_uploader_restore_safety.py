@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import pick
 from s3_sysbackup.fetch import BlobFetcher
+from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.restorer import RestoreError, Restorer
 from sysbackup_domain.errors import CorruptBlob, InvalidDocument
 from sysbackup_domain.hashing import blob_hash
@@ -19,16 +19,14 @@ from uploader_fakes import FakeBackend
 
 
 def store(backend: FakeBackend, *blobs: tuple[str, bytes]) -> list[str]:
-    """Put raw blobs into the fake backend as one registered pack (bypassing the archiver)."""
+    """Put raw blobs into the fake backend as one pack (bypassing the archiver)."""
     writer = PackWriter()
     hashes = []
     for kind, data in blobs:
         hashes.append(blob_hash(data))
         writer.add(hashes[-1], kind, data)
-    pack, entries = writer.finish()
-    pack_id = hashlib.sha256(pack).hexdigest()
-    backend.packs[pack_id] = pack
-    backend.register_packs([{"pack_id": pack_id, "blobs": [e.to_json() for e in entries]}])
+    pack, _ = writer.finish()
+    backend.store_pack(pack)
     return hashes
 
 
@@ -47,11 +45,11 @@ def hostile_manifest(backend: FakeBackend, evil_name: str) -> str:
     evil = honest.replace(b'"name":"placeholder"', b'"name":' + json.dumps(evil_name).encode())
     assert evil != honest
     (root,) = store(backend, ("tree", evil))
-    return backend.commit_manifest({"parent": backend.head, "root": root, "snapshots": []})["manifest_id"]
+    return backend.plant_manifest(root)
 
 
 def restore(backend, transfer, manifest_id: str, target: Path, paths=(), overwrite=False):
-    fetcher = BlobFetcher(backend, transfer)  # type: ignore[arg-type]
+    fetcher = BlobFetcher(backend, transfer, MemoryIndex())  # type: ignore[arg-type]
     return Restorer(fetcher, str(target), overwrite=overwrite).restore(
         backend.get_manifest(manifest_id), paths
     )
@@ -129,22 +127,23 @@ def test_selecting_a_path_not_in_the_backup_is_an_error(archived, backend, trans
 
 
 def test_a_flipped_byte_in_a_pack_is_a_corrupt_blob(archived, backend, transfer, tmp_path):
-    for pack_id, pack in backend.packs.items():
+    for pack_id, pack in backend.objects.items():
         entries = verify_pack(pack)
         if entries[0].kind == "data":
             damaged = bytearray(pack)
             damaged[entries[0].offset] ^= 0x01
-            backend.packs[pack_id] = bytes(damaged)
+            backend.objects[pack_id] = bytes(damaged)
     with pytest.raises(CorruptBlob):
         restore(backend, transfer, archived, tmp_path / "target")
 
 
 def test_tree_blobs_are_verified_too(archived, backend, transfer, tmp_path):
     root = backend.get_manifest(archived)["root"]
-    pack_id, entry = backend.blobs[root]
-    damaged = bytearray(backend.packs[pack_id])
+    pack_id = backend.blobs()[root]
+    entry = next(e for e in verify_pack(backend.objects[pack_id]) if e.hash == root)
+    damaged = bytearray(backend.objects[pack_id])
     damaged[entry.offset + entry.length - 1] ^= 0x40
-    backend.packs[pack_id] = bytes(damaged)
+    backend.objects[pack_id] = bytes(damaged)
     with pytest.raises(CorruptBlob):
         restore(backend, transfer, archived, tmp_path / "target")
     assert not os.path.exists(tmp_path / "target" / "data")

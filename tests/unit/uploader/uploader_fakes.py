@@ -86,6 +86,20 @@ class FakeBackend:
         self.condemn(pack_id)
         return new_id
 
+    def store_pack(self, data: bytes) -> str:
+        """A pack in S3 and the registry, as if this host uploaded it (tests that build packs by hand)."""
+        pack_id = hashlib.sha256(data).hexdigest()
+        self.objects[pack_id] = data
+        self.registry[pack_id] = FakePack(len(data), "verified")
+        return pack_id
+
+    def plant_manifest(self, root: str) -> str:
+        """A manifest no commit walk checked (what a compromised store could serve to a restore)."""
+        manifest_id = new_manifest_id(datetime.now(timezone.utc), f"{next(self._ids):08x}")  # type: ignore[call-overload]
+        self.manifests[manifest_id] = {"id": manifest_id, "parent": self.head, "root": root, "snapshots": []}
+        self.head = manifest_id
+        return manifest_id
+
     # -- POST /packs/presign -------------------------------------------------------------------
 
     def presign_packs(self, packs: Sequence[Mapping[str, Any]]) -> tuple[list[dict], set[str]]:
