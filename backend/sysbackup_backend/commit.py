@@ -37,7 +37,7 @@ from .jobs import JOB_FAILED, JOB_RUNNING, JOB_SUCCEEDED, Job, JobStore
 from .registry import PACK_PRESIGNED, PackRecord, PackRegistry, pack_key
 from .retention_worker import RetentionQueue
 from .store import PackStore, manifest_key
-from .walk import STREAM, TREE, Budget, ListedPacks, TreeWalker, WalkState
+from .walk import MAX_REPORTED_PROBLEMS, STREAM, TREE, Budget, ListedPacks, TreeWalker, WalkState
 
 logger = Logger(child=True)
 
@@ -137,8 +137,12 @@ def _refusal(state: WalkState, listed: ListedPacks) -> Unprocessable | None:
         parts.append(f"{len(state.invalid)} blobs are not what they are referenced as ({named})")
     if used_refused:
         parts.append(f"packs holding its blobs were refused ({_named(used_refused)})")
+    # The body is also a job's stored result (a DynamoDB item, < 400 KB): the first MAX_REPORTED_PROBLEMS;
+    # the host learns of the rest when it commits again.
     return Unprocessable(
-        "the manifest cannot be committed: " + "; ".join(parts), missing=missing, packs=reasons
+        "the manifest cannot be committed: " + "; ".join(parts),
+        missing=missing[:MAX_REPORTED_PROBLEMS],
+        packs=reasons,
     )
 
 

@@ -660,3 +660,17 @@ def test_s3_failing_is_no_finding_about_a_pack(backend: Services, monkeypatch: p
         record = backend.registry.get(pack.pack_id)
         assert record is not None and record.state == "presigned"
     assert backend.catalogue.head("alpha") is None
+
+
+def test_a_job_refusing_many_blobs_reports_the_first_thousand(backend: Services) -> None:
+    lost = sorted(blob_hash(f"never sent {number}".encode()) for number in range(1200))
+    inner = tree_bytes([file_entry(f"f{number}", [blob]) for number, blob in enumerate(lost)])
+    root = tree_bytes([dir_entry("inner", blob_hash(inner))])
+    packs = [store_pack(backend, "alpha", [("tree", inner), ("tree", root)])]
+    started = backend.committer.start("alpha", commit_body(blob_hash(root), packs=packs), Budget(0))
+    assert started.status_code == 202
+    failed = backend.committer.resume("alpha", started.body["job_id"], Budget(0))
+    assert (failed.status_code, failed.body["missing"]) == (422, lost[:1000])
+    assert "1200 blobs are not stored" in failed.body["message"]
+    again = backend.committer.resume("alpha", started.body["job_id"], Budget(0))
+    assert (again.status_code, again.body["missing"]) == (422, lost[:1000])
