@@ -354,6 +354,7 @@ class TreeWalker:
         self.walked: set[str] = set()
         # The parent-side blobs the hints locate, read at the first need in one batch (see _prefetch).
         self._prefetched: dict[str, bytes] | None = None
+        self._noted: set[str] = set()  # state.packs, as a set during a step
 
     def run(self, state: WalkState, budget: Budget) -> None:
         """Walk until done or out of time; always makes at least one step of progress."""
@@ -366,6 +367,7 @@ class TreeWalker:
 
     def step(self, state: WalkState) -> None:
         """Visit up to NODES_PER_STEP pairs: read both sides of the changed ones and compare them."""
+        self._noted = set(state.packs)  # a set: every data child is noted
         nodes: list[_Node] = []
         while state.stack and len(nodes) < NODES_PER_STEP:
             new, parent, kind = state.stack.pop()
@@ -433,9 +435,9 @@ class TreeWalker:
             total += place.entry.length
         return self._fetch(state, places, from_trailer=False)
 
-    @staticmethod
-    def _note_pack(state: WalkState, pack_id: str) -> None:
-        if pack_id not in state.packs:
+    def _note_pack(self, state: WalkState, pack_id: str) -> None:
+        if pack_id not in self._noted:
+            self._noted.add(pack_id)
             state.packs.append(pack_id)
 
     def _read(self, state: WalkState, nodes: list[_Node]) -> None:
