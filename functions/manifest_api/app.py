@@ -43,6 +43,8 @@ def _answer(outcome: CommitOutcome) -> Response:
 @app.post("/manifests")
 @tracer.capture_method
 def create_manifest() -> Response:
+    """201 committed, 202 {job_id} to poll, 409 {current} for a stale parent, 422 {message, missing, packs}
+    when blobs are not stored in the parent or a listed pack the host may use (docs/PACK_INDEX.md)."""
     host = writing_host(app)
     return _answer(services().committer.start(host, json_body(app), walk_budget(app)))
 
