@@ -674,3 +674,32 @@ def test_a_job_refusing_many_blobs_reports_the_first_thousand(backend: Services)
     assert "1200 blobs are not stored" in failed.body["message"]
     again = backend.committer.resume("alpha", started.body["job_id"], Budget(0))
     assert (again.status_code, again.body["missing"]) == (422, lost[:1000])
+
+
+def nested(leaf: bytes, depth: int) -> list[bytes]:
+    """Trees of a chain of `depth` directories down to a file holding `leaf`, the root last."""
+    trees = [tree_bytes([file_entry("leaf", [blob_hash(leaf)]), file_entry("same", [blob_hash(b"same")])])]
+    for level in range(depth):
+        trees.append(tree_bytes([dir_entry(f"level{level}", blob_hash(trees[-1]))]))
+    return trees
+
+
+def test_a_deep_one_file_change_reads_the_parents_path_in_one_get(backend: Services) -> None:
+    old_trees = nested(b"old leaf", depth=5)
+    old_pack = store_pack(
+        backend, "alpha", [("data", b"old leaf"), ("data", b"same"), *(("tree", t) for t in old_trees)]
+    )
+    parent = backend.committer.start(
+        "alpha", commit_body(blob_hash(old_trees[-1]), packs=[old_pack]), Budget(PLENTY)
+    )
+    new_trees = nested(b"new leaf", depth=5)
+    new_pack = store_pack(backend, "alpha", [("data", b"new leaf"), *(("tree", t) for t in new_trees)])
+    body = commit_body(
+        blob_hash(new_trees[-1]),
+        parent=parent.body["manifest_id"],
+        packs=[new_pack],
+        locations={**locations_of(old_pack), **locations_of(new_pack)},
+    )
+    gets = KeyedGets(backend)
+    assert backend.committer.start("alpha", body, Budget(PLENTY)).status_code == 201
+    assert sorted(gets.keys) == sorted([f"packs/{new_pack.pack_id}", f"packs/{old_pack.pack_id}"])
