@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import pick
+from s3_sysbackup import cache as cache_module
 from s3_sysbackup.cli import build_parser, main
+from s3_sysbackup.commands.common import Session, blob_fetcher
+from s3_sysbackup.restorer import Restorer
+from s3_sysbackup.verify import verify_manifest
 
 
 def test_every_command_parses_its_options():
@@ -45,3 +50,24 @@ def test_a_broken_config_is_one_clear_line_and_exit_1(tmp_path: Path, capsys: py
     assert main(["--config-dir", str(tmp_path), *command]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"s3-sysbackup {command[0]}: error: {tmp_path / 'conf'}: [api] endpoint is required"]
+
+
+def test_restore_and_verify_read_this_hosts_own_index(
+    run_archive, config_dir, host_root, backend, transfer, make_config, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(cache_module, "RACY_WINDOW_NS", 0)
+    (host_root / "data").mkdir()
+    (host_root / "data" / "f").write_bytes(b"restore me")
+    pick(config_dir, "/data")
+    result = run_archive()
+    session = Session(make_config(), backend, transfer, backend.counter)  # type: ignore[arg-type]
+    listed_before = backend.counter.as_dict()["api"]["GET /packs"]
+    with blob_fetcher(session, host=None) as fetcher:
+        report = verify_manifest(fetcher, backend.get_manifest(result.manifest_id), read_data=True)
+    assert report.blobs == 1 and report.bytes_verified == len(b"restore me")
+    assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before  # the archive's index served
+
+    with blob_fetcher(session, host="test-host") as other:  # a restore principal's --host
+        Restorer(other, str(tmp_path / "r")).restore(backend.get_manifest(result.manifest_id))
+    assert (tmp_path / "r" / "data" / "f").read_bytes() == b"restore me"
+    assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before + 1
