@@ -120,6 +120,12 @@ def _listed_pack_ids(request: CommitRequest) -> list[str]:
     return list(dict.fromkeys([*request.packs, *hinted]))
 
 
+def _readable(request: CommitRequest) -> set[str]:
+    """Blobs besides trees the walk may read from listed packs: stream indexes (and what the host hinted)."""
+    contents = {snapshot.content for snapshot in request.snapshots if snapshot.content is not None}
+    return contents | request.locations.keys()
+
+
 def _refusal(state: WalkState, listed: ListedPacks) -> Unprocessable | None:
     """The 422 for a finished walk that found problems, or None if the manifest may be committed."""
     reasons = {**listed.refused, **state.refused_packs}
@@ -264,7 +270,9 @@ class Committer:
     ) -> CommitOutcome:
         """Walk, then commit; a walk gc overtook (it condemned meanwhile) starts again from the top."""
         while True:
-            listed = ListedPacks(self.registry, self.store, host, records).load(request.packs)
+            listed = ListedPacks(self.registry, self.store, host, records, _readable(request)).load(
+                request.packs
+            )
             TreeWalker(self.store, listed, request.locations).run(state, budget)
             if not state.done:
                 return self._defer(host, body, state, job)

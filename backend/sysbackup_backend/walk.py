@@ -202,14 +202,24 @@ class ListedPacks:
     ones hold (their trailers). Small presigned packs are read whole and verified here."""
 
     def __init__(
-        self, registry: PackRegistry, store: PackStore, host: str, records: Mapping[str, PackRecord]
+        self,
+        registry: PackRegistry,
+        store: PackStore,
+        host: str,
+        records: Mapping[str, PackRecord],
+        readable: Iterable[str] = (),
     ) -> None:
         self.registry = registry
         self.store = store
         self.host = host
         self.records = dict(records)
         self.refused: dict[str, str] = {}
-        self.holders: dict[str, BlobPlace] = {}  # blob -> its entry in the first usable listed pack
+        # Every blob of the usable listed packs -> the first such pack holding it; the entry (where it is)
+        # only for what the walk may read: trees, and the `readable` blobs (the request's stream indexes and
+        # hinted blobs), as a million-blob first backup's entries would not fit a Lambda's memory.
+        self.packs_of: dict[str, str] = {}
+        self.entries: dict[str, PackEntry] = {}
+        self._readable = frozenset(readable)
         self.bodies: dict[str, bytes] = {}  # packs read whole
         self.verified_inline: dict[str, int] = {}  # pack -> blob count, for the commit's transaction
         self._unread: list[PackRecord] = []  # usable listed packs whose trailers are not read yet
@@ -234,16 +244,23 @@ class ListedPacks:
         small = [record.pack_id for record in usable if _verifiable_inline(record)]
         inline = set(small[:INLINE_VERIFY_MAX_PACKS])
         with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(usable))) as pool:
-            loaded = list(pool.map(lambda record: self._read(record, record.pack_id in inline), usable))
-        for record, (entries, body, problem) in zip(usable, loaded, strict=True):
-            if problem is not None:
-                self._refuse_read(record.pack_id, *problem)
+            loaded = pool.map(lambda record: self._read(record, record.pack_id in inline), usable)
+            for record, (entries, body, problem) in zip(usable, loaded, strict=True):
+                if problem is not None:
+                    self._refuse_read(record.pack_id, *problem)
+                    continue
+                if body is not None:
+                    self.bodies[record.pack_id] = body
+                    self.verified_inline[record.pack_id] = len(entries)
+                self._index(record.pack_id, entries)
+
+    def _index(self, pack_id: str, entries: list[PackEntry]) -> None:
+        for entry in entries:
+            if entry.hash in self.packs_of:
                 continue
-            if body is not None:
-                self.bodies[record.pack_id] = body
-                self.verified_inline[record.pack_id] = len(entries)
-            for entry in entries:
-                self.holders.setdefault(entry.hash, BlobPlace(record.pack_id, entry))
+            self.packs_of[entry.hash] = pack_id
+            if entry.kind == "tree" or entry.hash in self._readable:
+                self.entries[entry.hash] = entry
 
     def _refusal(self, record: PackRecord | None) -> str | None:
         if record is None:
@@ -300,14 +317,21 @@ class ListedPacks:
         self.refused[pack_id] = reason
         self.verified_inline.pop(pack_id, None)
         self.bodies.pop(pack_id, None)
-        self.holders = {blob: place for blob, place in self.holders.items() if place.pack_id != pack_id}
+        self.packs_of = {blob: holder for blob, holder in self.packs_of.items() if holder != pack_id}
+        self.entries = {blob: entry for blob, entry in self.entries.items() if blob in self.packs_of}
         return reason
 
-    def holder(self, blob: str) -> BlobPlace | None:
-        """The blob's entry in a usable listed pack, or None."""
+    def pack_of(self, blob: str) -> str | None:
+        """The usable listed pack holding the blob, or None."""
         if self._unread:
             self._read_trailers()
-        return self.holders.get(blob)
+        return self.packs_of.get(blob)
+
+    def place(self, blob: str) -> BlobPlace | None:
+        """Where in a usable listed pack a tree or a stream index of the request is, or None."""
+        pack_id = self.pack_of(blob)
+        entry = self.entries.get(blob)
+        return BlobPlace(pack_id, entry) if pack_id is not None and entry is not None else None
 
     def readable_hint(self, location: BlobLocation | None) -> bool:
         """A hint is read only from a pack the host may read (its own, not being deleted)."""
@@ -391,7 +415,7 @@ class TreeWalker:
 
     def _new_place(self, state: WalkState, blob: str) -> BlobPlace | None:
         """Where a new node is: only a usable listed pack's trailer proves it stored."""
-        place = self.listed.holder(blob)
+        place = self.listed.place(blob)
         if place is None:
             state.missing.append(blob)
             return None
@@ -407,13 +431,13 @@ class TreeWalker:
 
     def _parent_plaintexts(self, state: WalkState, parents: set[str]) -> dict[str, bytes]:
         """The parent sides: from listed packs, else where the hints say (all hinted ones read at once)."""
-        if self._prefetched is None and any(self.listed.holder(blob) is None for blob in parents):
+        if self._prefetched is None and any(self.listed.place(blob) is None for blob in parents):
             self._prefetched = self._prefetch(state)
         held = self._prefetched or {}
         places = {
             blob: place
             for blob in parents - held.keys()
-            if (place := self.listed.holder(blob) or self._hinted_place(blob)) is not None
+            if (place := self.listed.place(blob) or self._hinted_place(blob)) is not None
         }
         return {
             **self._fetch(state, places, from_trailer=False),
@@ -426,7 +450,7 @@ class TreeWalker:
         places: dict[str, BlobPlace] = {}
         total = 0
         for blob in self.locations:
-            place = None if self.listed.holder(blob) is not None else self._hinted_place(blob)
+            place = None if self.listed.place(blob) is not None else self._hinted_place(blob)
             if place is None:
                 continue
             if len(places) >= PREFETCH_MAX_BLOBS or total + place.entry.length > PREFETCH_MAX_BYTES:
@@ -513,11 +537,11 @@ class TreeWalker:
                     self._check_data(state, blob)
 
     def _check_data(self, state: WalkState, blob: str) -> None:
-        place = self.listed.holder(blob)
-        if place is None:
+        pack_id = self.listed.pack_of(blob)
+        if pack_id is None:
             state.missing.append(blob)
         else:
-            self._note_pack(state, place.pack_id)
+            self._note_pack(state, pack_id)
 
     @staticmethod
     def _parent_tree(node: _Node) -> Tree | None:
