@@ -27,7 +27,7 @@ from sysbackup_domain.manifest import (
     encode_manifest,
     new_manifest_id,
 )
-from sysbackup_domain.packs import open_blob, parse_trailer
+from sysbackup_domain.packs import PackEntry, open_blob, parse_trailer
 from sysbackup_domain.retention import iso_utc
 from sysbackup_domain.tree import decode_tree
 from sysbackup_testkit import BUCKET, BuiltPack, build_pack, file_entry, stream_index_bytes, tree_bytes
@@ -172,30 +172,50 @@ def write_manifest(
 # --------------------------------------------------------------------------------------------- checks
 
 
-def holders(services: Services, blob: str) -> dict[str, PackRecord]:
-    """Every registry pack whose trailer lists the blob."""
-    found: dict[str, PackRecord] = {}
-    for record in services.registry.scan():
-        head = services.store.head_pack(record.pack_id)
-        if head is not None and blob in {
-            e.hash for e in services.store.read_pack_trailer(record.pack_id, head.size)
-        }:
-            found[record.pack_id] = record
-    return found
+@dataclass
+class Bucket:
+    """The registry and the packs in the bucket as they are now: each pack's record, bytes and entries."""
+
+    records: dict[str, PackRecord]
+    data: dict[str, bytes]
+    holders: dict[str, list[tuple[str, PackEntry]]]  # blob -> (pack id, entry) of every pack holding it
+
+    @classmethod
+    def read(cls, services: Services) -> Bucket:
+        records = {record.pack_id: record for record in services.registry.scan()}
+        bucket = cls(records, {}, {})
+        for pack_id in records:
+            if services.store.head_pack(pack_id) is not None:
+                bucket.data[pack_id] = services.store.read(f"packs/{pack_id}")
+                for entry in parse_trailer(bucket.data[pack_id]):
+                    bucket.holders.setdefault(entry.hash, []).append((pack_id, entry))
+        return bucket
+
+    def packs_of(self, blob: str) -> list[PackRecord]:
+        return [self.records[pack_id] for pack_id, _ in self.holders.get(blob, [])]
+
+    def read_blob(self, host: str, blob: str) -> bytes:
+        """The blob as `host` may download it (from a pack holding the host, not being deleted)."""
+        for pack_id, entry in self.holders.get(blob, []):
+            record = self.records[pack_id]
+            if host in record.hosts and record.state != PACK_DELETING:
+                return open_blob(entry, self.data[pack_id][entry.offset : entry.offset + entry.length])
+        raise AssertionError(f"blob {blob} is in no pack {host} can download")
 
 
-def reachable(services: Services, host: str, manifest_id: str) -> dict[str, bytes]:
-    """Every blob the manifest reaches, with its plaintext as `host` can download it (a pack that holds the
-    host and is not being deleted, per POST /downloads); AssertionError if one cannot be read."""
+def reachable(services: Services, host: str, manifest_id: str, bucket: Bucket | None = None) -> set[str]:
+    """Every blob the manifest reaches, each read (and hash-checked) as `host` can download it;
+    AssertionError if one cannot be."""
+    bucket = bucket or Bucket.read(services)
     summary = services.catalogue.get(host, manifest_id)
     assert summary is not None
     document = decode_manifest(services.store.read(summary.key))
     pending = [(document.root, "tree")] + [(s.content, "stream") for s in document.snapshots if s.content]
-    found: dict[str, bytes] = {}
+    found: set[str] = set()
     while pending:
         blob, kind = pending.pop()
-        plain = read_blob(services, host, blob)
-        found[blob] = plain
+        plain = bucket.read_blob(host, blob)
+        found.add(blob)
         if kind == "tree":
             for entry in decode_tree(plain).entries:
                 pending.extend((content, "data") for content in entry.content)
@@ -206,18 +226,9 @@ def reachable(services: Services, host: str, manifest_id: str) -> dict[str, byte
     return found
 
 
-def read_blob(services: Services, host: str, blob: str) -> bytes:
-    for record in holders(services, blob).values():
-        if host in record.hosts and record.state != PACK_DELETING:
-            data = services.store.read(f"packs/{record.pack_id}")
-            entry = next(e for e in parse_trailer(data) if e.hash == blob)
-            return open_blob(entry, data[entry.offset : entry.offset + entry.length])
-    raise AssertionError(f"blob {blob} is in no pack {host} can download")
-
-
-def restorable(services: Services, host: str, manifest_id: str) -> bool:
+def restorable(services: Services, host: str, manifest_id: str, bucket: Bucket | None = None) -> bool:
     try:
-        reachable(services, host, manifest_id)
+        reachable(services, host, manifest_id, bucket)
     except AssertionError:
         return False
     return True
@@ -225,16 +236,10 @@ def restorable(services: Services, host: str, manifest_id: str) -> bool:
 
 def usable_for_every_kept_manifest(services: Services) -> bool:
     """gc's promise: each blob a catalogued manifest reaches has a holder its host may use (not condemned)."""
-    records = {record.pack_id: record for record in services.registry.scan()}
-    by_blob: dict[str, set[str]] = {}
-    for record in records.values():
-        head = services.store.head_pack(record.pack_id)
-        if head is not None:
-            for entry in services.store.read_pack_trailer(record.pack_id, head.size):
-                by_blob.setdefault(entry.hash, set()).add(record.pack_id)
+    bucket = Bucket.read(services)
     for summary in all_manifests(services):
-        for blob in reachable(services, summary.host, summary.manifest_id):
-            if not any(records[pack].usable_by(summary.host) for pack in by_blob.get(blob, ())):
+        for blob in reachable(services, summary.host, summary.manifest_id, bucket):
+            if not any(record.usable_by(summary.host) for record in bucket.packs_of(blob)):
                 return False
     return True
 
