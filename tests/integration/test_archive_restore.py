@@ -157,8 +157,8 @@ def test_crashed_runs_are_finished_by_the_next_run_without_resending(
             capture_output=True, text=True, timeout=600, env=env,
         )  # fmt: skip
 
-    crashed = archive("after-pack-put")
-    assert crashed.returncode == 1 and "injected fault at after-pack-put" in crashed.stderr
+    crashed = archive("after-index")
+    assert crashed.returncode == 1 and "injected fault at after-index" in crashed.stderr
     finished = archive()
     assert finished.returncode == 0, finished.stderr
     figures = json.loads((work / "stats.json").read_text())

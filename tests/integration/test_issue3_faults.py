@@ -1,10 +1,11 @@
 """Crashes at the named fault points (S3SB_FAULT, uploader README), then a re-run.
 
 The re-run must commit a good manifest without sending again what already arrived: the host's local
-index (docs/PACK_INDEX.md, "Uploader") records a pack's blobs as soon as its PUT succeeded, so a re-run
-finds them there (a local lookup, no API call) even though parallel readers make its own packs differ
-byte for byte. A pack PUT by a run that never committed, whose host lost its cache, stays visible in the
-pack registry (host, size, lock) for gc to collect as an orphan.
+index (docs/PACK_INDEX.md, "Uploader") records a pack's blobs right after its PUT (`after-index` and later),
+so a re-run finds them there (a local lookup, no API call) even though parallel readers make its own packs
+differ byte for byte. A pack PUT but not yet indexed (`after-pack-put`) is sent at most once more; it stays
+visible in the pack registry (host, size, lock) for gc to collect as an orphan, unless a cache-less re-run
+learns it from `GET /packs` and uses it.
 (tests/integration/test_archive_restore.py covers the same fault points with its crafted tree.)
 """
 
@@ -73,7 +74,7 @@ def crash_at(stack: LocalStack, host: LocalHost, tmp_path: Path, fault: str) -> 
     return landed
 
 
-@pytest.mark.parametrize("fault", ["after-pack-put", "mid-commit"])
+@pytest.mark.parametrize("fault", ["after-index", "mid-commit"])
 def test_a_rerun_after_a_crash_sends_no_data_again(
     stack: LocalStack, host_config: LocalHost, source: Path, tmp_path: Path, fault: str
 ) -> None:
@@ -110,25 +111,23 @@ def test_a_rerun_after_a_crash_sends_no_data_again(
     assert_restores_exactly(host_config, source, tmp_path / "restored")
 
 
-def test_a_pack_put_and_never_committed_stays_visible_as_an_orphan(
+def test_a_pack_put_but_not_indexed_is_sent_once_more_and_stays_visible_as_an_orphan(
     stack: LocalStack, host_config: LocalHost, source: Path, tmp_path: Path
 ) -> None:
-    """The host lost its cache after the crash (reinstalled): nothing references the pack; gc must see it."""
-    orphans = set(crash_at(stack, host_config, tmp_path, "after-pack-put"))
-    shutil.rmtree(tmp_path / "cache")
+    """The crashed run's data pack holds data.bin, changed before the re-run: nothing can reference it."""
+    orphans = crash_at(stack, host_config, tmp_path, "after-pack-put")
     (source / "data.bin").write_bytes(os.urandom(3 * MIB))
     time.sleep(1.1)
     finished = archive(host_config, tmp_path / "finished.json")
     assert finished.returncode == 0, finished.process.stderr
-    # No parent manifest to rebuild an index from: the data is sent again, in new packs.
+    # The crashed run had built the index (an empty first one): no rebuild, the data is sent again, once.
     assert "GET /packs" not in finished.stats["requests"]["api"], finished.stats
-    assert finished.stats["bytes_uploaded"] >= 3 * MIB
+    crashed_bytes = sum(item["size"] for item in orphans.values())
+    assert 3 * MIB <= finished.stats["bytes_uploaded"] <= crashed_bytes + TREES_AT_MOST, finished.stats
 
     stack.wait_idle(timeout=120)
     registry = pack_registry(stack)
-    # The crashed run PUT the data pack (trees come after it), whose data.bin has changed since: the re-run's
-    # packs cannot be byte-identical to it, so nothing references it.
-    assert set(packs_of(stack, host_config.name)) > orphans
+    assert set(packs_of(stack, host_config.name)) > set(orphans)
     for pack_id in orphans:
         item = registry[pack_id]
         # What gc needs to find and judge it: who presigned it, when, its size and lock, its state.
@@ -136,6 +135,28 @@ def test_a_pack_put_and_never_committed_stays_visible_as_an_orphan(
         assert item["created_at"] and item["retain_until"]
         assert item["state"] == "presigned", item  # no commit read it, no message asked to verify it
         assert len(object_versions(stack, f"packs/{pack_id}")) == 1
+    assert_restores_exactly(host_config, source, tmp_path / "restored")
+
+
+def test_a_cacheless_rerun_after_a_pack_put_learns_the_pack_and_sends_no_data_again(
+    stack: LocalStack, host_config: LocalHost, source: Path, tmp_path: Path
+) -> None:
+    """The host lost its cache after the crash (reinstalled): the new cache's index is built from GET /packs,
+    which lists the crashed run's pack, so its blobs are found there instead of being sent again."""
+    landed = crash_at(stack, host_config, tmp_path, "after-pack-put")
+    shutil.rmtree(tmp_path / "cache")
+
+    rerun = archive(host_config, tmp_path / "rerun.json")
+
+    assert rerun.returncode == 0, rerun.process.stderr
+    figures = rerun.stats
+    assert {"GET /packs", "POST /downloads"} <= set(figures["requests"]["api"]), figures
+    assert figures["data_packs"] == 0 and figures["bytes_uploaded"] <= TREES_AT_MOST, figures
+    stack.wait_idle(timeout=120)
+    registry = pack_registry(stack)
+    for pack_id in landed:
+        assert len(object_versions(stack, f"packs/{pack_id}")) == 1
+        assert registry[pack_id]["state"] == "verified", registry[pack_id]  # the commit used it
     assert_restores_exactly(host_config, source, tmp_path / "restored")
 
 
