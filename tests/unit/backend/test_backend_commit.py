@@ -703,3 +703,17 @@ def test_a_deep_one_file_change_reads_the_parents_path_in_one_get(backend: Servi
     gets = KeyedGets(backend)
     assert backend.committer.start("alpha", body, Budget(PLENTY)).status_code == 201
     assert sorted(gets.keys) == sorted([f"packs/{new_pack.pack_id}", f"packs/{old_pack.pack_id}"])
+
+
+def test_more_packs_than_one_batch_get_holds_are_all_read(backend: Services) -> None:
+    contents = [f"file {number}".encode() for number in range(150)]
+    packs = [store_pack(backend, "alpha", [("data", content)]) for content in contents]
+    root = tree_bytes([file_entry(f"f{number}", [blob_hash(c)]) for number, c in enumerate(contents)])
+    packs.append(store_pack(backend, "alpha", [("tree", root)]))  # the last listed: past the first batch
+    counter = CallCounter(backend.registry.client)
+    outcome = backend.committer.start("alpha", commit_body(blob_hash(root), packs=packs), Budget(PLENTY))
+    assert outcome.status_code == 201
+    assert counter.calls.count("BatchGetItem") == 2  # HEAD, epoch and 98 packs; then the other 53
+    # 20 small presigned packs at most are verified inline; the others go to the verifier.
+    states = [record.state for record in backend.registry.get_many(p.pack_id for p in packs).values()]
+    assert states.count("verified") == 20
