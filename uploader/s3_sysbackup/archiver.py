@@ -164,6 +164,9 @@ class Archiver:
         self.transfer = transfer
         self.options = options
         self.counter: RequestCounter = api.counter
+        # A cache with neither parent nor index is new or was lost: the backend's head, if any, is
+        # this host's own last commit (a clone keeps its cache, and the original's next run catches it).
+        self.cache_was_lost = False
 
     def run(self) -> ArchiveResult:
         pin_mmap_threshold()  # pack-sized buffers go back to the kernel when freed (see heap.py)
@@ -171,6 +174,7 @@ class Archiver:
         with ArchiveLock(state_dir):
             cache = ParentCache(state_dir, scope=self.api.endpoint)
             try:
+                self.cache_was_lost = cache.parent_manifest is None and not cache.index_ready
                 self._ensure_index(cache)
                 for attempt in range(1, RUNS_MAX + 1):
                     try:
@@ -463,9 +467,9 @@ class Archiver:
             # nothing to conflict with. Missing blobs, if any, come back as a 422.
             logger.warning("the backend has no manifest for this host; committing without a parent")
             return None
-        if _run_id_of(head) == crashed_run or self.options.adopt_head:
-            logger.warning("taking %s as parent (a crashed run's commit)", head["manifest_id"])
+        if _run_id_of(head) == crashed_run or self.options.adopt_head or self.cache_was_lost:
             adopted = str(head["manifest_id"])
+            logger.warning("taking %s as parent (a crashed run's commit, or a lost cache)", adopted)
             cache.adopt_parent(adopted)
             cache.mark_inflight(run_id)
             return adopted
@@ -504,7 +508,7 @@ class Archiver:
             parent_root = memo[self.options.root_path][1] if self.options.root_path in memo else None
             parent_snapshots = cache.parent_snapshots()
         else:
-            # The parent came from the backend (a crashed run's commit, --adopt-head): read its trees.
+            # The parent came from the backend (a crashed run's commit, a lost cache): read its trees.
             manifest = self.api.get_manifest(parent)
             side = FetchedParent(fetcher.fetch_all)
             parent_root = manifest.get("root")
@@ -716,7 +720,7 @@ def _conflict_message(parent: str | None, head: dict | None) -> str:
         f"the backend's latest manifest for this host is {head_id}, but this host's cache says its last "
         f"commit was {parent}. Either this machine was cloned from another host that uses the same "
         "credentials (give each host its own IAM user), or another archive run committed concurrently. "
-        "If the cache directory was lost or reset on this very host, re-run with --adopt-head."
+        "If this host's cache was reset (not lost) on this very host, re-run with --adopt-head."
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import pick
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import index_rebuild as rebuild_module
+from s3_sysbackup.archiver import CommitConflict
 from s3_sysbackup.fetch import BlobFetcher, MissingBlob
 from s3_sysbackup.index_rebuild import MemoryIndex, read_trailer, rebuild_index
 from s3_sysbackup.restorer import Restorer
@@ -49,10 +50,12 @@ def test_a_lost_cache_is_rebuilt_and_nothing_is_sent_again(
     first = run_archive()
     shutil.rmtree(tmp_path / "cache")  # the host lost its cache
     puts_before = len(transfer.puts)
+    presigns_before = backend.counter.as_dict()["api"]["POST /packs/presign"]
 
-    second = run_archive(adopt_head=True)
+    second = run_archive()  # a new cache takes the backend's head as parent: no --adopt-head needed
 
     assert len(transfer.puts) == puts_before and second.stats["bytes_uploaded"] == 0
+    assert backend.counter.as_dict()["api"]["POST /packs/presign"] == presigns_before
     assert second.root == first.root
     assert backend.manifests[second.manifest_id]["parent"] == first.manifest_id
     calls = backend.counter.as_dict()["api"]
@@ -70,7 +73,7 @@ def test_after_a_lost_cache_a_change_is_committed_against_the_parents_own_trees(
     shutil.rmtree(tmp_path / "cache")
     (data / "sub" / "f1").write_bytes(b"changed after the cache was lost")
 
-    result = run_archive(adopt_head=True)
+    result = run_archive()
 
     assert backend.head == result.manifest_id
     request = backend.commit_requests[-1]
@@ -98,6 +101,15 @@ def test_a_crashed_runs_landed_commit_is_the_parent_and_its_trees_are_read(
     assert backend.manifests[result.manifest_id]["parent"] == crashed
     calls = backend.counter.as_dict()["api"]
     assert calls["GET /manifests/{manifest_id}"] - before.get("GET /manifests/{manifest_id}", 0) == 1
+
+
+def test_a_clone_that_kept_its_cache_is_still_a_conflict(run_archive, config_dir, host_root, backend):
+    write_files(host_root)
+    pick(config_dir, "/data")
+    run_archive()
+    backend.commit_manifest({"parent": backend.head, "root": None, "snapshots": [], "stats": {"run_id": "x"}})
+    with pytest.raises(CommitConflict, match="cloned"):
+        run_archive()
 
 
 def test_restore_of_another_host_starts_from_its_pack_list(
