@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,21 @@ def test_restore_and_verify_read_this_hosts_own_index(
         Restorer(other, str(tmp_path / "r")).restore(backend.get_manifest(result.manifest_id))
     assert (tmp_path / "r" / "data" / "f").read_bytes() == b"restore me"
     assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before + 1
+
+
+def test_a_cache_that_cannot_be_opened_falls_back_to_an_index_in_memory(
+    run_archive, config_dir, host_root, backend, transfer, make_config, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(cache_module, "RACY_WINDOW_NS", 0)
+    (host_root / "data").mkdir()
+    (host_root / "data" / "f").write_bytes(b"recovered")
+    pick(config_dir, "/data")
+    result = run_archive()
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_bytes(b"")
+    config = make_config()
+    config = dataclasses.replace(config, content=dataclasses.replace(config.content, cache_dir=blocked))
+    session = Session(config, backend, transfer, backend.counter)  # type: ignore[arg-type]
+    with blob_fetcher(session, host=None) as fetcher:
+        Restorer(fetcher, str(tmp_path / "r")).restore(backend.get_manifest(result.manifest_id))
+    assert (tmp_path / "r" / "data" / "f").read_bytes() == b"recovered"

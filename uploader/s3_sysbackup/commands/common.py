@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sqlite3
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,21 +41,27 @@ def open_session(args: argparse.Namespace) -> Session:
 @contextlib.contextmanager
 def blob_fetcher(session: Session, host: str | None) -> Iterator[BlobFetcher]:
     """A fetcher over this host's local index (the archive's cache), or, for another host's backups
-    (`--host`, a restore principal), over an index built now from `GET /packs?host=`."""
-    if host is not None:
-        fetcher = BlobFetcher(session.api, session.transfer, MemoryIndex(), host=host, progress=_progress)
-        fetcher.rebuild_index()
-        yield fetcher
-        return
-    config = session.config
-    cache = ParentCache(
-        host_state_dir(config.content.cache_dir, session.api.endpoint, config.config_dir),
-        scope=session.api.endpoint,
-    )
-    try:
-        yield BlobFetcher(session.api, session.transfer, cache, progress=_progress)
-    finally:
-        cache.close()
+    (`--host`, a restore principal), over an index built now from `GET /packs?host=`. A cache that
+    cannot be opened (a recovery on another machine, as a user who may not write cache_dir) is
+    replaced by an index in memory: the restore still works, it reads every pack's trailer first."""
+    if host is None:
+        config = session.config
+        state_dir = host_state_dir(config.content.cache_dir, session.api.endpoint, config.config_dir)
+        try:
+            cache = ParentCache(state_dir, scope=session.api.endpoint)
+        except (OSError, sqlite3.Error) as error:
+            logger.warning(
+                "cannot open the cache in %s (%s); indexing this host's packs in memory", state_dir, error
+            )
+        else:
+            try:
+                yield BlobFetcher(session.api, session.transfer, cache, progress=_progress)
+            finally:
+                cache.close()
+            return
+    fetcher = BlobFetcher(session.api, session.transfer, MemoryIndex(), host=host, progress=_progress)
+    fetcher.rebuild_index()
+    yield fetcher
 
 
 def _progress(line: str) -> None:
