@@ -56,9 +56,11 @@ def source(host_config: LocalHost, tmp_path: Path) -> Iterator[Path]:
         yield tree
 
 
-def measured_archive(meter: Meter, stack: LocalStack, host: LocalHost, stats: Path) -> tuple[dict, Usage]:
+def measured_archive(
+    meter: Meter, stack: LocalStack, host: LocalHost, stats: Path, *extra: str
+) -> tuple[dict, Usage]:
     before = meter.start()
-    run = archive(host, stats)
+    run = archive(host, stats, *extra)
     assert run.returncode == 0, run.process.stderr
     return run.stats, meter.usage_since(before, {stack.bucket})
 
@@ -122,8 +124,9 @@ def test_restore_and_archive_from_a_lost_cache_rebuild_the_index(
     assert {"GET /packs", "POST /downloads"} <= set(requests["api"]), requests
     assert not DYNAMODB_WRITES & set(usage.dynamodb), usage.dynamodb  # a restore writes nothing
 
+    # A lost cache on this very host: the operator says so (--adopt-head; a clone would be refused).
     shutil.rmtree(cache, ignore_errors=True)
-    again, usage = measured_archive(meter, stack, host_config, tmp_path / "again.json")
+    again, usage = measured_archive(meter, stack, host_config, tmp_path / "again.json", "--adopt-head")
     # Every file read again (no parent cache), every blob found in the rebuilt index: nothing sent.
     assert again["files_read"] == again["files"] == SMALL_FILES + 1, again
     assert again["packs"] == 0 and again["bytes_uploaded"] == 0, again

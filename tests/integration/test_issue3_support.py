@@ -68,8 +68,11 @@ class Run:
         return self.process.returncode
 
 
-def archive(host: LocalHost, stats_path: Path, fault: str | None = None, timeout: float = 900) -> Run:
-    """`s3-sysbackup archive` as the host's CLI runs it; `fault` sets S3SB_FAULT (test-only crash points)."""
+def archive(
+    host: LocalHost, stats_path: Path, *extra: str, fault: str | None = None, timeout: float = 900
+) -> Run:
+    """`s3-sysbackup archive [extra]` as the host's CLI runs it; `fault` sets S3SB_FAULT (test-only crash
+    points)."""
     stats_path.unlink(missing_ok=True)
     env = (
         {**os.environ, "S3SB_FAULT": fault}
@@ -78,7 +81,7 @@ def archive(host: LocalHost, stats_path: Path, fault: str | None = None, timeout
     )
     process = subprocess.run(
         [sys.executable, "-m", "s3_sysbackup.cli", "--config-dir", str(host.config_dir), "archive", "-q",
-         "--stats-json", str(stats_path)],
+         "--stats-json", str(stats_path), *extra],
         capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
