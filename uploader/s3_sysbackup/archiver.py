@@ -175,7 +175,8 @@ class Archiver:
             cache = ParentCache(state_dir, scope=self.api.endpoint)
             try:
                 self.cache_was_lost = cache.parent_manifest is None and not cache.index_ready
-                self._ensure_index(cache)
+                if self._ensure_index(cache) and self.cache_was_lost:
+                    self._adopt_head_of_lost_cache(cache)
                 for attempt in range(1, RUNS_MAX + 1):
                     try:
                         return self._run_once(cache)
@@ -190,13 +191,14 @@ class Archiver:
             finally:
                 cache.close()
 
-    def _ensure_index(self, cache: ParentCache) -> None:
-        """A cache without its local index (new, lost, from v1) learns the host's packs first.
+    def _ensure_index(self, cache: ParentCache) -> int:
+        """A cache without its local index (new, lost, from v1) learns the host's packs first; returns
+        how many packs the backend listed (0 if the index was there).
 
         A host's first run pays one GET /packs (an empty list); a lost cache is rebuilt from every
         pack's trailer, so nothing already stored is sent again."""
         if cache.index_ready:
-            return
+            return 0
         progress = Progress(not self.options.quiet)
         try:
             report = rebuild_index(self.api, self.transfer, cache, progress=progress.show)
@@ -205,6 +207,15 @@ class Archiver:
         if report.packs_read:
             logger.info("local index rebuilt: %d packs, %d blobs", report.packs_read, report.blobs_indexed)
         cache.mark_index_ready()
+        return report.packs_listed
+
+    def _adopt_head_of_lost_cache(self, cache: ParentCache) -> None:
+        """A lost cache of a host with packs: its head is the parent (asked now, rather than after a 409
+        for a commit planned against no parent, which would list every pack the host has)."""
+        head = self._head()
+        if head is not None:
+            logger.warning("this host's cache is new: taking %s as parent", head["manifest_id"])
+            cache.adopt_parent(str(head["manifest_id"]))
 
     def _run_once(self, cache: ParentCache) -> ArchiveResult:
         run_id = uuid.uuid4().hex

@@ -51,9 +51,12 @@ def test_a_lost_cache_is_rebuilt_and_nothing_is_sent_again(
     shutil.rmtree(tmp_path / "cache")  # the host lost its cache
     puts_before = len(transfer.puts)
     presigns_before = backend.counter.as_dict()["api"]["POST /packs/presign"]
+    commits_before = len(backend.commit_requests)
 
     second = run_archive()  # a new cache takes the backend's head as parent: no --adopt-head needed
 
+    assert len(backend.commit_requests) == commits_before + 1  # asked for the head first: no 409
+    assert backend.commit_requests[-1]["packs"] == []
     assert len(transfer.puts) == puts_before and second.stats["bytes_uploaded"] == 0
     assert backend.counter.as_dict()["api"]["POST /packs/presign"] == presigns_before
     assert second.root == first.root
