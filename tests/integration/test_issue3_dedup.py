@@ -97,6 +97,7 @@ def test_a_host_dedups_locally_and_another_host_stores_its_own_packs(
     assert second_packs
     for pack_id in second_packs.keys() & first_packs.keys():  # byte-identical packs, shared by both
         assert pack_registry(stack)[pack_id]["hosts"] == {first.name, second.name}
+    assert_restores(second, shared_tree, tmp_path / "restored-second")
 
     # Within one host, a copy of a file it stored is a local lookup: read and hashed, no data sent, and
     # the only API calls are the new trees' presign and the commit.
@@ -109,11 +110,13 @@ def test_a_host_dedups_locally_and_another_host_stores_its_own_packs(
     assert figures["bytes_uploaded"] <= TREES_AT_MOST, figures
     assert figures["requests"]["api"] == {"POST /packs/presign": 1, "POST /manifests": 1}, figures
 
-    for host in (first, second):
-        target = tmp_path / f"restored-{host.name}"
-        restored = restore(host, target)
-        assert restored.returncode == 0, restored.stderr
-        assert describe(target / str(shared_tree).lstrip("/")) == describe(shared_tree)
+    assert_restores(first, shared_tree, tmp_path / "restored-first")
+
+
+def assert_restores(host: LocalHost, tree: Path, target: Path) -> None:
+    restored = restore(host, target)
+    assert restored.returncode == 0, restored.stderr
+    assert describe(target / str(tree).lstrip("/")) == describe(tree)
 
 
 def test_presign_shares_a_pack_only_with_a_host_holding_its_bytes(
@@ -155,9 +158,7 @@ def test_cloned_hosts_share_identical_packs_and_each_restores_after_losing_its_c
     listed = api_client(stack, clone.identity).call("GET", "/packs").body["packs"]
     assert shared <= {p["pack_id"] for p in listed}, listed
     shutil.rmtree(tmp_path / f"cache-{clone.name}")
-    restored = restore(clone, tmp_path / "restored")
-    assert restored.returncode == 0, restored.stderr
-    assert describe(tmp_path / "restored" / str(shared_tree).lstrip("/")) == describe(shared_tree)
+    assert_restores(clone, shared_tree, tmp_path / "restored")
 
 
 def test_a_pack_whose_bytes_lie_is_refused_and_never_serves_another_host(
