@@ -73,6 +73,8 @@ class MemoryIndex:
 
     def drop_packs(self, pack_ids: Iterable[str]) -> None:
         gone = set(pack_ids)
+        if not gone:
+            return
         with self._lock:
             for pack_id in gone:
                 self.packs.pop(pack_id, None)
@@ -84,6 +86,7 @@ class RebuildReport:
     packs_listed: int = 0
     packs_read: int = 0
     blobs_indexed: int = 0
+    dropped: int = 0  # known packs no longer usable, forgotten
     skipped: dict[str, str] = field(default_factory=dict)  # pack_id -> why it was not indexed
 
 
@@ -99,14 +102,21 @@ def rebuild_index(
     listed = api.list_packs(host=host)
     rebuild.report.packs_listed = len(listed)
     known = index.known_packs()
+    unusable_known = []
     for pack in listed:
         pack_id, state = str(pack.get("pack_id")), pack.get("state")
         if pack_id in known:
+            if state not in USABLE_STATES:
+                unusable_known.append(pack_id)
             continue
         if state not in USABLE_STATES:
             rebuild.report.skipped[pack_id] = f"state {state}"
             continue
         rebuild.sizes[pack_id] = int(pack.get("size") or 0)
+    # Known packs gc condemned (or is deleting): a commit would refuse them, so their blobs are sent
+    # again instead. (Packs the list lacks stay: the list may lag a pack presigned a moment ago.)
+    index.drop_packs(unusable_known)
+    rebuild.report.dropped = len(unusable_known)
     wanted = sorted(rebuild.sizes)
     for start in range(0, len(wanted), URL_ROUND_PACKS):
         rebuild.index_round(wanted[start : start + URL_ROUND_PACKS], total=len(wanted))

@@ -163,6 +163,18 @@ def test_unusable_and_unreadable_packs_are_skipped(backend, transfer):
     assert "404" in report.skipped[blob_hash(never_put)]
 
 
+def test_known_packs_gc_condemned_are_forgotten_when_the_list_is_read(backend, transfer):
+    kept = backend.store_pack(pack_of(b"kept"))
+    condemned = backend.store_pack(pack_of(b"condemned later"))
+    index = MemoryIndex()
+    rebuild_index(backend, transfer, index)  # type: ignore[arg-type]
+    assert set(index.known_packs()) == {kept, condemned}
+    backend.condemn(condemned)
+    report = rebuild_index(backend, transfer, index)  # type: ignore[arg-type]
+    assert set(index.known_packs()) == {kept} and report.dropped == 1
+    assert index.locate([blob_hash(b"condemned later")]) == {}
+
+
 def test_a_small_trailer_takes_one_ranged_get_a_large_one_two(backend: FakeBackend, monkeypatch):
     transfer = FakeTransfer(backend)
     data = pack_of(*(f"blob {n}".encode() for n in range(50)))
