@@ -33,7 +33,16 @@ from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 
 from .api import ApiClient, ApiError
 from .cache import ArchiveLock, CachedFile, FileState, ParentCache, ParentSnapshot, host_state_dir
-from .commit_plan import CommitPlan, FetchedParent, ParentSide, PlanInputs, ViewParent, resolve, walk_changes
+from .commit_plan import (
+    CommitPlan,
+    FetchedParent,
+    NewChild,
+    ParentSide,
+    PlanInputs,
+    ViewParent,
+    resolve,
+    walk_changes,
+)
 from .config import Config
 from .fetch import BlobFetcher, MissingBlob, stream_chunks
 from .heap import pin_mmap_threshold
@@ -97,6 +106,25 @@ class RunStats:
 
 
 @dataclass
+class RunTrees:
+    """The new manifest's trees as the run's own walk: a tree's entries are its directory's children
+    (no tree is kept in memory twice, none is read back)."""
+
+    outcomes: dict[str, FileOutcome]
+    subtree_of: dict[int, str]  # id(directory node) -> its tree hash
+    directory_of: dict[str, Node] = field(default_factory=dict)  # tree hash -> a directory with it
+
+    def children(self, tree: str) -> Iterator[NewChild]:
+        for child in (self.directory_of[tree].children or {}).values():
+            if child.type == "file":
+                outcome = self.outcomes.get(child.path)
+                if outcome is not None:  # a skipped file has no entry
+                    yield NewChild(child.name, "file", outcome.content, None)
+            else:
+                yield NewChild(child.name, child.type, (), self.subtree_of.get(id(child)))
+
+
+@dataclass
 class RunContent:
     """What a run's manifest holds, and what the commit plan needs to compare it with the parent."""
 
@@ -104,7 +132,7 @@ class RunContent:
     root: str | None = None
     snapshots: list[SnapshotRecord] = field(default_factory=list)
     chunks_of: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stream index -> chunks
-    built: dict[str, Tree] = field(default_factory=dict)  # trees encoded by this run
+    trees: RunTrees = field(default_factory=lambda: RunTrees({}, {}))
 
     def snapshots_for_cache(self) -> dict[str, ParentSnapshot]:
         return {
@@ -240,7 +268,8 @@ class Archiver:
             outcomes = self._read_files(walked.root, cache, sink, stats, warnings, progress)
             if picked.paths:
                 memo = dict(content.previous_memo)
-                content.root = self._build_trees(walked.root, outcomes, sink, stats, memo, content.built)
+                content.trees = RunTrees(outcomes, {})
+                content.root = self._build_trees(walked.root, outcomes, sink, stats, memo, content.trees)
             content.snapshots, snapshot_warnings = take_snapshots(
                 self.config.snapshots_dir,
                 self.config.content.snapshot_timeout_s,
@@ -382,14 +411,14 @@ class Archiver:
         sink: BlobSink,
         stats: RunStats,
         memo: dict[str, tuple[str, str]],
-        built: dict[str, Tree],
+        trees: RunTrees,
     ) -> str:
         """Encode every directory bottom-up (children before parents); returns the root tree hash.
 
         A directory whose tree would be made from exactly what the last committed run made it from
         (`memo`: path -> (signature, tree)), and whose tree the local index holds, reuses that tree
-        unencoded; `memo` is replaced by this run's signatures for the next run. Trees encoded go to
-        `built` (the commit plan walks them).
+        unencoded; `memo` is replaced by this run's signatures for the next run. `trees` learns each
+        directory's tree (the commit plan walks them).
         """
         order: list[Node] = []
         stack = [root]
@@ -399,7 +428,7 @@ class Archiver:
             stack.extend(child for child in (node.children or {}).values() if child.is_dir)
         previous, memo_now = dict(memo), memo
         memo_now.clear()
-        subtree_of: dict[int, str] = {}
+        subtree_of = trees.subtree_of
         for directory in reversed(order):  # a pre-order list reversed puts children first
             children = [
                 (child, outcomes.get(child.path))
@@ -414,15 +443,16 @@ class Archiver:
                 entries = [
                     _tree_entry(child, outcome, subtree_of.get(id(child))) for child, outcome in children
                 ]
-                encoded = Tree(tuple(e for e in entries if e is not None))
-                tree = sink.add_plaintext("tree", encode_tree(encoded))
-                built[tree] = encoded
+                tree = sink.add_plaintext(
+                    "tree", encode_tree(Tree(tuple(e for e in entries if e is not None)))
+                )
             for child, outcome in children:
                 if outcome is not None:
                     stats.bytes_total += outcome.state.size
                 stats.files += child.type == "file"
                 stats.dirs += child.type == "dir"
             subtree_of[id(directory)] = tree
+            trees.directory_of[tree] = directory
             memo_now[directory.path] = (signature, tree)
         return subtree_of[id(root)]
 
@@ -491,8 +521,8 @@ class Archiver:
         inputs = self._plan_inputs(cache, parent, content)
         try:
             listed, read = walk_changes(inputs)
-        except MissingBlob as error:  # a tree reused from the memo, whose pack is gone
-            raise MissingBlobs(f"a tree this run reuses cannot be read: {error}") from error
+        except MissingBlob as error:  # the parent's trees, read when the cache's view is not the parent's
+            raise MissingBlobs(f"the parent's trees cannot be read: {error}") from error
         plan = resolve(listed, read, cache.locate(listed | read))
         if plan.unlocated:
             # A refusal dropped them, or they were never indexed: they may be in packs the index does
@@ -535,9 +565,8 @@ class Archiver:
             snapshots=content.snapshots,
             chunks_of=content.chunks_of,
             parent_snapshots=parent_snapshots,
-            built=content.built,
+            new_trees=content.trees,
             parent=side,
-            fetch=fetcher.fetch_all,
         )
 
     @staticmethod

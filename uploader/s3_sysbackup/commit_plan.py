@@ -16,10 +16,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-from sysbackup_domain.manifest import MAX_COMMIT_PACKS, BlobLocation, SnapshotRecord, decode_stream_index
-from sysbackup_domain.tree import Tree, TreeEntry, decode_tree
+from sysbackup_domain.manifest import MAX_COMMIT_PACKS, BlobLocation, SnapshotRecord
+from sysbackup_domain.tree import TreeEntry, decode_tree
 
 from .cache import IndexedBlob, ParentSnapshot
 
@@ -28,6 +28,21 @@ from .cache import IndexedBlob, ParentSnapshot
 MAX_LOCATIONS_SENT = 20_000
 
 FetchBlobs = Callable[[Iterable[str]], Mapping[str, bytes]]  # verified plaintext by hash
+
+
+class NewChild(NamedTuple):
+    """An entry of a tree this run made, as the walk compares it."""
+
+    name: str
+    type: str
+    content: tuple[str, ...]
+    subtree: str | None
+
+
+class NewTrees(Protocol):
+    """The entries of each tree of the new manifest (the run's own walk of the file system)."""
+
+    def children(self, tree: str) -> Iterable[NewChild]: ...
 
 
 class PlanTooLarge(RuntimeError):
@@ -109,9 +124,8 @@ class PlanInputs:
     snapshots: list[SnapshotRecord]
     chunks_of: Mapping[str, tuple[str, ...]]  # stream index hash -> its chunks (this run's snapshots)
     parent_snapshots: Mapping[str, ParentSnapshot]
-    built: Mapping[str, Tree]  # trees this run encoded, by hash
+    new_trees: NewTrees
     parent: ParentSide
-    fetch: FetchBlobs  # for new trees not in `built` (a tree reused from the memo)
 
 
 def walk_changes(inputs: PlanInputs) -> tuple[set[str], set[str]]:
@@ -131,27 +145,16 @@ def walk_changes(inputs: PlanInputs) -> tuple[set[str], set[str]]:
         held = set(before.chunks) if before is not None else set()
         if before is not None:
             read.add(before.stream_index)
-        listed.update(chunk for chunk in _chunks(inputs, index) if chunk not in held)
+        listed.update(chunk for chunk in inputs.chunks_of[index] if chunk not in held)
     return listed, read
 
 
-def _chunks(inputs: PlanInputs, index: str) -> tuple[str, ...]:
-    chunks = inputs.chunks_of.get(index)
-    if chunks is None:
-        chunks = tuple(decode_stream_index(inputs.fetch([index])[index]))
-    return chunks
-
-
 def _walk_trees(inputs: PlanInputs, listed: set[str], read: set[str]) -> None:
-    new_trees: dict[str, Tree] = dict(inputs.built)
     level: list[tuple[str, str, str | None]] = []
     if inputs.root is not None:
         level.append((inputs.root_path, inputs.root, inputs.parent_root))
     while level:
         level = [(path, new, old) for path, new, old in level if new != old]
-        unbuilt = {new for _, new, _ in level if new not in new_trees}
-        if unbuilt:
-            new_trees.update((digest, decode_tree(data)) for digest, data in inputs.fetch(unbuilt).items())
         inputs.parent.prefetch({old for _, _, old in level if old is not None})
         following: list[tuple[str, str, str | None]] = []
         for path, new, old in level:
@@ -159,14 +162,14 @@ def _walk_trees(inputs: PlanInputs, listed: set[str], read: set[str]) -> None:
             read.add(new)
             if old is not None:
                 read.add(old)
-            for entry in new_trees[new].entries:
+            for entry in inputs.new_trees.children(new):
                 before = inputs.parent.child(path, old, entry.name) if old is not None else None
                 following.extend(_compare_entry(path, entry, before, listed))
         level = following
 
 
 def _compare_entry(
-    path: str, entry: TreeEntry, before: ParentChild | None, listed: set[str]
+    path: str, entry: NewChild, before: ParentChild | None, listed: set[str]
 ) -> list[tuple[str, str, str | None]]:
     """List the entry's chunks the parent's same-named file lacks; a directory is walked next."""
     if entry.type == "dir" and entry.subtree is not None:
