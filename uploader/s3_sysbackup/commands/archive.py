@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adopt-head",
         action="store_true",
-        help="take the backend's latest manifest as parent (after losing the local cache; never on a clone)",
+        help="take the backend's latest manifest as parent (a cache reset by hand; a lost cache does so by "
+        "itself; never on a clone)",
     )
     parser.set_defaults(handler=run)
 
