@@ -3,12 +3,18 @@ nothing more than the backend's walk needs (docs/PACK_INDEX.md)."""
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
 from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import commit_plan as plan_module
 from s3_sysbackup.cache import IndexedBlob
 from s3_sysbackup.commit_plan import PlanTooLarge, resolve
+from s3_sysbackup.fetch import BlobFetcher
+from s3_sysbackup.index_rebuild import MemoryIndex
+from s3_sysbackup.restorer import Restorer
 from sysbackup_domain.packs import PackEntry, parse_trailer
 
 
@@ -114,3 +120,51 @@ def test_more_packs_than_one_commit_takes_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(plan_module, "MAX_COMMIT_PACKS", 1)
     with pytest.raises(PlanTooLarge, match="2 packs"):
         resolve(listed={ONE, TWO}, read=set(), located=located((ONE, PACK_A), (TWO, PACK_B)))
+
+
+def mutate(root: Path, rng: random.Random, step: int) -> None:
+    """One round of the changes a host sees: edits, new and removed files and directories, a file
+    that becomes a directory, a directory that becomes a file."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    dirs = sorted(p for p in root.rglob("*") if p.is_dir())
+    for path in rng.sample(files, min(3, len(files))):
+        path.write_bytes(f"edited {step} {rng.random()}\n".encode() * rng.randint(1, 50))
+    parent = rng.choice([root, *dirs])
+    (parent / f"new{step}").write_bytes(f"new file {step}\n".encode())
+    (parent / f"dir{step}" / "inner").mkdir(parents=True)
+    (parent / f"dir{step}" / "inner" / "f").write_bytes(b"inner %d" % step)
+    if files and step % 2:
+        victim = rng.choice([f for f in files if f.exists()] or files)
+        if victim.exists():
+            victim.unlink()
+            victim.mkdir()  # a file becomes a directory
+            (victim / "x").write_bytes(b"was a file")
+    removable = [d for d in dirs if d.exists() and d != root and not any(d.iterdir())]
+    if removable:
+        rng.choice(removable).rmdir()
+
+
+def test_every_plan_of_a_changing_tree_is_accepted_at_once_and_restores(
+    run_archive, config_dir, host_root, backend, transfer, tmp_path
+):
+    rng = random.Random(4)
+    data = host_root / "data"
+    for n in range(12):
+        (data / f"d{n % 3}" / f"s{n % 2}").mkdir(parents=True, exist_ok=True)
+        (data / f"d{n % 3}" / f"s{n % 2}" / f"f{n}").write_bytes(b"start %d\n" % n * (n + 1))
+    pick(config_dir, "/data")
+    for step in range(6):
+        before = len(backend.commit_requests)
+        result = run_archive()
+        assert len(backend.commit_requests) == before + 1, backend.commit_requests[-1]  # no refusal
+        target = tmp_path / f"restored{step}"
+        fetcher = BlobFetcher(backend, transfer, MemoryIndex())  # type: ignore[arg-type]
+        Restorer(fetcher, str(target)).restore(backend.get_manifest(result.manifest_id))
+        expected = {p.relative_to(data): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+        restored = {
+            p.relative_to(target / "data"): p.read_bytes()
+            for p in (target / "data").rglob("*")
+            if p.is_file()
+        }
+        assert restored == expected
+        mutate(data, rng, step)
