@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import pick
+from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import index_rebuild as rebuild_module
 from s3_sysbackup.archiver import CommitConflict
@@ -194,3 +194,28 @@ def test_a_damaged_tail_is_refused(backend: FakeBackend):
     pack_id = backend.store_pack(bytes(data))
     with pytest.raises(InvalidDocument, match="not a pack"):
         read_trailer(transfer, URL_PREFIX + pack_id, len(data))  # type: ignore[arg-type]
+
+
+def test_a_landed_crashed_commit_with_a_snapshot_is_compared_from_its_stream_index(
+    run_archive, config_dir, backend, monkeypatch
+):
+    payload = config_dir / "payload.sql"
+    payload.write_bytes(b"".join(b"row %d: content\n" % i for i in range(30_000)))
+    write_script(config_dir / "snapshots.d" / "db", f"cat {payload} >&$1\n")
+    run_archive()
+    payload.write_bytes(b"".join(b"row %d: content\n" % i for i in range(30_001)))
+    monkeypatch.setenv(FAULT_ENV, "mid-commit")
+    with pytest.raises(InjectedFault):
+        run_archive()
+    monkeypatch.delenv(FAULT_ENV)
+    crashed = backend.manifests[backend.head]
+    payload.write_bytes(b"".join(b"row %d: content\n" % i for i in range(30_002)))
+    before = len(backend.commit_requests)
+
+    result = run_archive()
+
+    assert len(backend.commit_requests) == before + 2  # the 409 (the crashed commit landed), then accepted
+    request = backend.commit_requests[-1]
+    assert crashed["snapshots"][0]["content"] in request["locations"]  # the parent's chunk list, read back
+    assert backend.manifests[result.manifest_id]["parent"] == crashed["id"]
+    assert len(request["packs"]) == 1  # only the last chunks' pack: the parent's were found unchanged
