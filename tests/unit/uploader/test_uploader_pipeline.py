@@ -19,10 +19,11 @@ from s3_sysbackup.fetch import BlobFetcher, stream_chunks
 from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
-from s3_sysbackup.sink import FAULT_ENV, InjectedFault
+from s3_sysbackup.sink import FAULT_ENV, InjectedFault, PackShipper, SealedPack
 from sysbackup_domain.chunking import SMALL_FILE_BYTES
+from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, parse_commit_request
-from sysbackup_domain.packs import open_blob, verify_pack
+from sysbackup_domain.packs import PackWriter, open_blob, verify_pack
 from sysbackup_domain.tree import decode_tree
 from uploader_fakes import FakeBackend
 
@@ -223,23 +224,46 @@ def test_crash_after_indexing_then_rerun_sends_nothing_again(
     assert not set(transfer.puts[len(put_by_crash) :]) & set(put_by_crash)
 
 
-def test_crash_after_pack_put_then_rerun_finds_identical_packs_stored(
+def test_crash_after_pack_put_then_rerun_uploads_no_byte_twice(
     run_archive, make_config, config_dir, host_root, backend, transfer, monkeypatch, tmp_path
 ):
     data = build_sample_tree(host_root)
     pick(config_dir, "/data")
-    crash_once(run_archive, monkeypatch, "after-pack-put", config=make_config(workers=1))
+    crash_once(run_archive, monkeypatch, "after-pack-put", config=make_config(workers=4))
     put_by_crash = set(backend.objects)
     assert put_by_crash and backend.head is None
+    crashed_blobs = {
+        entry.hash for pack_id in put_by_crash for entry in verify_pack(backend.objects[pack_id])
+    }
+    puts_before = len(transfer.puts)
+    listed_before = backend.counter.as_dict()["api"]["GET /packs"]
 
-    # One reader: the re-run builds byte-identical packs, which presign answers as stored.
-    result = run_archive(config=make_config(workers=1))
+    # Parallel readers: the re-run's packs need not be byte-identical; the crashed ones are indexed
+    # from the backend's pack list instead (the crashed run never indexed them).
+    result = run_archive(config=make_config(workers=4))
 
-    assert result.stats["packs_already_there"] == len(put_by_crash)
-    assert len(transfer.puts) == len(set(transfer.puts))  # no pack was PUT twice
+    assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before + 1
+    sent_again = transfer.puts[puts_before:]
+    new_blobs = {entry.hash for pack_id in sent_again for entry in verify_pack(backend.objects[pack_id])}
+    assert not new_blobs & crashed_blobs  # nothing that had arrived went up again
+    assert result.exit_code == EXIT_OK
+    run_archive(config=make_config(workers=4))  # a run after a finished one lists nothing
+    assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before + 1
     target = tmp_path / "restored"
     restore(backend, transfer, result.manifest_id, target)
     assert (target / "data" / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
+
+
+def test_a_pack_the_backend_already_stores_is_indexed_without_a_put(backend, transfer):
+    writer = PackWriter()
+    writer.add(blob_hash(b"already there"), "data", b"already there")
+    data, entries = writer.finish()
+    stored_by_another_run = backend.store_pack(data)
+    indexed: list[str] = []
+    shipper = PackShipper(backend, transfer, on_stored=lambda pack: indexed.append(pack.sha256))  # type: ignore[arg-type]
+    shipper.ship([SealedPack(stored_by_another_run, data, entries)])
+    assert indexed == [stored_by_another_run] and transfer.puts == []
+    assert shipper.counts.packs_already_there == 1 and shipper.counts.bytes_uploaded == 0
 
 
 def test_crash_after_commit_then_rerun_adopts_its_own_commit(
