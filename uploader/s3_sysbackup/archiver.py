@@ -205,11 +205,6 @@ class Archiver:
                 self.cache_was_lost = cache.parent_manifest is None and not cache.index_ready
                 if self._ensure_index(cache) and self.cache_was_lost:
                     self._adopt_head_of_lost_cache(cache)
-                elif cache.unfinished_run:
-                    # The last run crashed or failed: index the packs it PUT but never indexed, so
-                    # their blobs are not sent again (a re-run packs them in another order).
-                    rebuild_index(self.api, self.transfer, cache)
-                cache.mark_run_started()
                 for attempt in range(1, RUNS_MAX + 1):
                     try:
                         return self._run_once(cache)

@@ -176,12 +176,6 @@ class ParentCache:
         return self._meta("inflight_run")
 
     @property
-    def unfinished_run(self) -> bool:
-        """True if a run started uploading and never recorded a commit (it crashed or failed): packs it
-        PUT may be missing from the index."""
-        return self._meta("unfinished_run") is not None
-
-    @property
     def view_matches_parent(self) -> bool:
         """True if the trees, file rows and snapshots here are the parent manifest's own."""
         parent = self.parent_manifest
@@ -262,9 +256,6 @@ class ParentCache:
     def mark_inflight(self, run_id: str) -> None:
         self._set_meta({"inflight_run": run_id})
 
-    def mark_run_started(self) -> None:
-        self._set_meta({"unfinished_run": "1"})
-
     def record_commit(
         self,
         manifest_id: str,
@@ -304,7 +295,7 @@ class ParentCache:
             )
             view = (("parent", manifest_id), ("view_of", manifest_id))
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", view)
-            self.db.execute("DELETE FROM meta WHERE key IN ('inflight_run', 'unfinished_run')")
+            self.db.execute("DELETE FROM meta WHERE key = 'inflight_run'")
 
     def adopt_parent(self, manifest_id: str) -> None:
         """Take `manifest_id` as the parent (our own crashed commit turned out to have landed)."""

@@ -171,14 +171,3 @@ def test_a_v1_cache_keeps_its_parent_and_files_and_rebuilds_its_index(tmp_path: 
     assert not upgraded.index_ready
     tables = {row[0] for row in upgraded.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "stored" not in tables
-
-
-def test_a_run_that_never_committed_is_remembered_until_a_commit(tmp_path: Path):
-    cache = ParentCache(tmp_path, scope="s")
-    assert not cache.unfinished_run
-    cache.mark_run_started()
-    cache.close()  # the run crashes
-    reopened = ParentCache(tmp_path, scope="s")
-    assert reopened.unfinished_run
-    reopened.record_commit("m1", [], SCANNED)
-    assert not reopened.unfinished_run
