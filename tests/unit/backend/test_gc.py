@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -13,28 +13,28 @@ from typing import Any
 import pytest
 from sysbackup_backend.api import Services
 from sysbackup_backend.catalogue import ManifestSummary
-from sysbackup_backend.gc import LEASE_ID, GarbageCollector, GcReport, epoch_unchanged_check, read_gc_epoch
-from sysbackup_backend.registry import PACK_CONDEMNED, PACK_DELETING, PACK_PRESIGNED, PackRecord
-from sysbackup_backend.store import manifest_key
+from sysbackup_backend.commit import CommitOutcome, Committer
+from sysbackup_backend.errors import Unprocessable
+from sysbackup_backend.gc import LEASE_ID, GarbageCollector, GcReport, read_gc_epoch
+from sysbackup_backend.registry import (
+    PACK_CONDEMNED,
+    PACK_DELETING,
+    PACK_PRESIGNED,
+    PACK_VERIFIED,
+    PackRecord,
+)
+from sysbackup_backend.walk import Budget
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.keep import GcPolicy, KeepRules
-from sysbackup_domain.manifest import (
-    MANIFEST_VERSION,
-    Manifest,
-    SnapshotRecord,
-    decode_manifest,
-    decode_stream_index,
-    encode_manifest,
-    new_manifest_id,
-)
+from sysbackup_domain.manifest import decode_manifest, decode_stream_index
 from sysbackup_domain.packs import PackEntry, open_blob, parse_trailer
-from sysbackup_domain.retention import iso_utc
+from sysbackup_domain.retention import RetentionPolicy, iso_utc
 from sysbackup_domain.tree import decode_tree
 from sysbackup_testkit import BUCKET, BuiltPack, build_pack, file_entry, stream_index_bytes, tree_bytes
 
 REAL_NOW = datetime.now(timezone.utc).replace(microsecond=0)
 GRACE = timedelta(hours=1)
-RETENTION = timedelta(days=30)
+POLICY = RetentionPolicy(days_retained=30, max_days_retained=365, lock_mode="GOVERNANCE")
 KEEP_NEWEST = KeepRules(last=1, daily=0, weekly=0, monthly=0, yearly=0, minimum=1)
 
 
@@ -42,31 +42,15 @@ class Collecting(Exception):
     """POST /packs/presign answered 409 collecting: gc is deleting the pack; the host waits and retries."""
 
 
-class Refused(Exception):
-    """POST /manifests answered 422: these packs are not usable by the host."""
-
-    def __init__(self, packs: set[str]) -> None:
-        super().__init__(f"packs not usable: {sorted(packs)}")
-        self.packs = packs
-
-
-@dataclass
-class PendingCommit:
-    """A commit whose walk has run (the epoch it began in recorded) but whose transaction has not."""
-
-    host: str
-    root: str
-    snapshots: tuple[SnapshotRecord, ...]
-    epoch: int
-
-
 @dataclass
 class Host:
-    """A host on index v2: a local index (blob -> pack id) and the registry writes presign makes for it."""
+    """A host on index v2: a local index (blob -> pack id), the registry writes presign makes for it, and
+    commits through the real commit walk."""
 
     services: Services
     name: str
     index: dict[str, str] = field(default_factory=dict)
+    policy: RetentionPolicy = POLICY
 
     def upload(self, blobs: Iterable[tuple[str, bytes]], lock_until: datetime | None = None) -> str | None:
         """Upload, as one pack, the blobs the local index lacks; the pack id, or None if nothing was new."""
@@ -101,72 +85,57 @@ class Host:
                 Bucket=BUCKET, Key=f"packs/{pack.pack_id}", Body=pack.data, ChecksumAlgorithm="SHA256", **lock
             )
 
-    def walk(self, root: bytes, data: Iterable[bytes], snapshot: bytes | None = None) -> PendingCommit:
-        """Upload what is new and check, as the commit walk does, that every blob is in a pack the host may
-        use (the real walk skips what the parent holds at the same place; checking all is stricter)."""
-        blobs = [("data", body) for body in data] + [("tree", root)]
-        if snapshot is not None:
-            blobs.append(("data", snapshot))
-        epoch = read_gc_epoch(self.services.registry)
-        for kind in ("data", "tree"):  # as the uploader packs them: trees apart from file data
-            self.upload(blob for blob in blobs if blob[0] == kind)
-        packs = {self.index[blob_hash(plain)] for _, plain in blobs}
-        records = self.services.registry.get_many(packs)
-        unusable = {pack_id for pack_id in packs if not _usable(records.get(pack_id), self.name)}
-        if unusable:
-            self.index = {blob: pack for blob, pack in self.index.items() if pack not in unusable}
-            raise Refused(unusable)
-        streams = () if snapshot is None else (_snapshot(blob_hash(snapshot)),)
-        return PendingCommit(self.name, blob_hash(root), streams, -1 if epoch.number % 2 else epoch.number)
+    def body(self, files: dict[str, bytes], snapshot: bytes | None = None) -> dict[str, Any]:
+        """Upload what the local index lacks (file data, then the tree apart, as the uploader packs them);
+        the POST /manifests body, listing every pack the host knows (an allowed over-approximation)."""
+        root = tree_bytes([file_entry(name, [blob_hash(body)]) for name, body in files.items()])
+        data = [*files.values(), *([snapshot] if snapshot is not None else [])]
+        self.upload(("data", body) for body in data)
+        self.upload([("tree", root)])
+        snapshots = [] if snapshot is None else [_snapshot(blob_hash(snapshot))]
+        return {
+            "parent": self.services.catalogue.head(self.name),
+            "root": blob_hash(root),
+            "snapshots": snapshots,
+            "packs": sorted(set(self.index.values())),
+        }
 
-    def land(self, pending: PendingCommit, created: datetime, retain_until: datetime | None = None) -> str:
-        """The commit's transaction: manifest document, summary and HEAD, and the gc epoch check."""
-        return write_manifest(
-            self.services, pending.host, pending.root, created, retain_until or created + RETENTION,
-            pending.snapshots, checks=[epoch_unchanged_check(self.services.registry, pending.epoch)],
-        )  # fmt: skip
+    def committer(self, created: datetime) -> Committer:
+        services = self.services
+        return Committer(
+            services.registry, services.store, services.catalogue, services.jobs, self.policy, lambda: created
+        )
+
+    def commit(
+        self, files: dict[str, bytes], created: datetime, snapshot: bytes | None = None
+    ) -> CommitOutcome:
+        """POST /manifests once (Unprocessable if refused)."""
+        return self.committer(created).start(self.name, self.body(files, snapshot), Budget(60))
+
+    def forget_refused(self, refusal: Mapping[str, Any]) -> None:
+        """The uploader's answer to a 422 (`refusal` is its body): drop the refused packs and missing blobs
+        from its local index."""
+        packs, missing = set(refusal.get("packs", {})), set(refusal.get("missing", []))
+        self.index = {
+            blob: pack for blob, pack in self.index.items() if pack not in packs and blob not in missing
+        }
 
     def backup(self, files: dict[str, bytes], created: datetime, snapshot: bytes | None = None) -> str:
-        """Upload and commit a one-directory tree; refused packs are dropped and sent again, as the uploader
-        does on a 422. Returns the manifest id."""
-        root = tree_bytes([file_entry(name, [blob_hash(body)]) for name, body in files.items()])
+        """Upload and commit a one-directory tree, sending refused blobs again; the manifest id."""
         for _ in range(3):
             try:
-                return self.land(self.walk(root, files.values(), snapshot), created)
-            except Refused:
+                outcome = self.commit(files, created, snapshot)
+            except Unprocessable as refused:
+                self.forget_refused(refused.details)
                 continue
+            assert outcome.status_code == 201, outcome.body
+            return str(outcome.body["manifest_id"])
         raise AssertionError("the commit was still refused after sending everything again")
 
 
-def _usable(record: PackRecord | None, host: str) -> bool:
-    return record is not None and record.usable_by(host)
-
-
-def _snapshot(content: str) -> SnapshotRecord:
-    return SnapshotRecord("db", "a dump", None, 1, content, 0)
-
-
-def write_manifest(
-    services: Services,
-    host: str,
-    root: str,
-    created: datetime,
-    retain_until: datetime,
-    snapshots: tuple[SnapshotRecord, ...] = (),
-    checks: list[dict[str, Any]] | None = None,
-) -> str:
-    manifest_id = new_manifest_id(created)
-    parent = services.catalogue.head(host)
-    manifest = Manifest(
-        MANIFEST_VERSION, manifest_id, host, parent, created, retain_until, root, snapshots, (), {}
-    )
-    key = manifest_key(host, manifest_id)
-    services.store.put_manifest(key, encode_manifest(manifest), retain_until, "GOVERNANCE")
-    summary = ManifestSummary(
-        host, manifest_id, iso_utc(created), parent, root, iso_utc(retain_until), {}, key
-    )
-    services.catalogue.commit(summary, parent, checks or [])
-    return manifest_id
+def _snapshot(content: str) -> dict[str, Any]:
+    return {"name": "db", "description": "a dump", "restore_through": None, "size": 1, "content": content,
+            "exit_status": 0}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -325,14 +294,14 @@ def test_a_forgotten_manifests_packs_are_condemned_then_deleted_after_the_grace_
     assert backend.catalogue.get("alpha", m1) is None
     # m1's tree pack is dead; the data pack of a and b lives on (b is m2's)
     assert state(backend, m1_tree_pack) == PACK_CONDEMNED and report.packs_condemned == 1
-    assert report.blobs_condemned == 1 and state(backend, shared_pack) == PACK_PRESIGNED
+    assert report.blobs_condemned == 1 and state(backend, shared_pack) == PACK_VERIFIED
     assert report.packs_deleted == 0 and pack_exists(backend, m1_tree_pack)
     assert restorable(backend, "alpha", m2)
 
     size = backend.store.head_pack(m1_tree_pack).size  # type: ignore[union-attr]
     later = collector(backend, REAL_NOW + 4 * GRACE).run()
     assert later.deleted_packs == [m1_tree_pack] and later.bytes_freed == size
-    assert later.pack_versions_deleted == 1 and later.orphan_packs_deleted == 1  # never verified
+    assert later.pack_versions_deleted == 1 and later.orphan_packs_deleted == 0  # the commit verified it
     assert backend.registry.get(m1_tree_pack) is None and not pack_exists(backend, m1_tree_pack)
     assert restorable(backend, "alpha", m2) and usable_for_every_kept_manifest(backend)
 
@@ -368,9 +337,9 @@ def test_packs_of_a_backup_in_flight_are_spared_until_the_grace_period_passed(ba
     assert soon.packs_condemned == 0 and state(backend, in_flight) == PACK_PRESIGNED
     # An orphan of a crashed run: condemned once old enough; a commit using it then is refused.
     assert collector(backend, REAL_NOW + 2 * GRACE).run().packs_condemned == 1
-    with pytest.raises(Refused) as refused:
-        alpha.walk(tree_bytes([file_entry("late", [blob_hash(body)])]), [body])
-    assert refused.value.packs == {in_flight}
+    with pytest.raises(Unprocessable) as refused:
+        alpha.commit({"late": body}, REAL_NOW)
+    assert refused.value.details["packs"] == {in_flight: "condemned"}
 
 
 def test_orphan_packs_are_collected_uploaded_or_not(backend: Services) -> None:
@@ -394,7 +363,7 @@ def test_a_condemned_pack_a_kept_manifest_needs_is_revived(backend: Services) ->
     assert backend.registry.condemn(c_pack, REAL_NOW)  # as if a commit had raced gc
     report = collector(backend, REAL_NOW + 4 * GRACE).run()
     assert report.packs_revived == 1 and report.blobs_revived == 1
-    assert state(backend, c_pack) == PACK_PRESIGNED and pack_exists(backend, c_pack)
+    assert state(backend, c_pack) == PACK_VERIFIED and pack_exists(backend, c_pack)
     assert restorable(backend, "alpha", m2) and usable_for_every_kept_manifest(backend)
 
 
@@ -446,7 +415,7 @@ def test_an_unreadable_live_tree_stops_gc_before_it_condemns(backend: Services) 
     backend.store.client.delete_object(Bucket=BUCKET, Key=f"packs/{m2_tree_pack}")  # lost (a bug elsewhere)
     report = collector(backend, REAL_NOW + 2 * GRACE).run()
     assert not report.complete and report.errors and report.packs_condemned == 0
-    assert all(record.state == PACK_PRESIGNED for record in backend.registry.scan())
+    assert all(record.state != PACK_CONDEMNED for record in backend.registry.scan())
     assert read_gc_epoch(backend.registry).number == 0  # the window never opened
 
 

@@ -13,36 +13,15 @@ from datetime import timedelta
 
 import pytest
 from sysbackup_backend.api import Services
-from sysbackup_backend.commit import CommitOutcome, Committer
+from sysbackup_backend.commit import CommitOutcome
 from sysbackup_backend.errors import Unprocessable
 from sysbackup_backend.gc import GarbageCollector
 from sysbackup_backend.registry import PACK_CONDEMNED, PACK_DELETING
 from sysbackup_backend.walk import Budget
 from sysbackup_domain.hashing import blob_hash
-from sysbackup_domain.retention import RetentionPolicy
-from sysbackup_testkit import file_entry, tree_bytes
 from test_gc import GRACE, REAL_NOW, Collecting, Host, collector, pack_exists, restorable, state
 
-POLICY = RetentionPolicy(days_retained=30, max_days_retained=365, lock_mode="GOVERNANCE")
 ORPHAN = b"uploaded by a run that crashed, used again much later " * 30
-
-
-def committer(services: Services) -> Committer:
-    return Committer(services.registry, services.store, services.catalogue, services.jobs, POLICY)
-
-
-def commit_body(services: Services, host: Host, files: dict[str, bytes]) -> dict[str, object]:
-    """Upload what the host's local index lacks; the POST /manifests body listing the packs it uses."""
-    root = tree_bytes([file_entry(name, [blob_hash(body)]) for name, body in files.items()])
-    host.upload([("data", body) for body in files.values()])
-    host.upload([("tree", root)])
-    packs = sorted({host.index[blob_hash(body)] for body in files.values()} | {host.index[blob_hash(root)]})
-    parent = services.catalogue.head(host.name)
-    return {"parent": parent, "root": blob_hash(root), "snapshots": [], "stats": {}, "packs": packs}
-
-
-def commit(services: Services, host: Host, files: dict[str, bytes]) -> CommitOutcome:
-    return committer(services).start(host.name, commit_body(services, host, files), Budget(60))
 
 
 def with_orphan(services: Services) -> tuple[Host, str]:
@@ -82,7 +61,7 @@ def test_a_commit_landing_after_the_mark_is_marked_inside_the_window(
         monkeypatch,
         gc,
         "_open_condemning_window",
-        lambda: outcomes.append(commit(backend, alpha, {"o": ORPHAN})),
+        lambda: outcomes.append(alpha.commit({"o": ORPHAN}, REAL_NOW)),
     )
     report = gc.run()
     assert [outcome.status_code for outcome in outcomes] == [201]
@@ -97,7 +76,7 @@ def test_a_walk_gc_overtook_walks_again_is_refused_the_condemned_pack_and_succee
     backend: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alpha, orphan = with_orphan(backend)
-    host_committer = committer(backend)
+    host_committer = alpha.committer(REAL_NOW)
     reports = []
     # The walk has run (the orphan usable); gc runs whole before the commit's transaction.
     inject_before(
@@ -106,16 +85,15 @@ def test_a_walk_gc_overtook_walks_again_is_refused_the_condemned_pack_and_succee
         "_commit",
         lambda: reports.append(collector(backend, REAL_NOW + 2 * GRACE).run()),
     )
-    body = commit_body(backend, alpha, {"o": ORPHAN})
+    body = alpha.body({"o": ORPHAN})
     with pytest.raises(Unprocessable) as refused:
         host_committer.start("alpha", body, Budget(60))
     assert state(backend, orphan) == PACK_CONDEMNED and refused.value.details["packs"][orphan] == "condemned"
     # (gc's clock is two grace periods ahead of the registry's: the commit's fresh tree pack looked old too.)
     assert reports[0].packs_condemned == len(refused.value.details["packs"])
     # What the uploader does with the 422: drop the packs, send their blobs again (presign revives), commit.
-    dropped = set(refused.value.details["packs"])
-    alpha.index = {blob: pack for blob, pack in alpha.index.items() if pack not in dropped}
-    assert commit(backend, alpha, {"o": ORPHAN}).status_code == 201
+    alpha.forget_refused(refused.value.details)
+    assert alpha.commit({"o": ORPHAN}, REAL_NOW).status_code == 201
     head = str(backend.catalogue.head("alpha"))
     assert state(backend, orphan) != PACK_CONDEMNED and restorable(backend, "alpha", head)
     collector(backend, REAL_NOW + 4 * GRACE).run()
@@ -133,11 +111,11 @@ def test_a_walk_begun_inside_the_window_waits_for_it_to_close(
         monkeypatch,
         gc,
         "_condemn_and_revive",
-        lambda: deferred.append(commit(backend, alpha, {"n": b"new " * 9})),
+        lambda: deferred.append(alpha.commit({"n": b"new " * 9}, REAL_NOW)),
     )
     assert gc.run().complete
     assert deferred[0].status_code == 202
-    done = committer(backend).resume("alpha", str(deferred[0].body["job_id"]), Budget(60))
+    done = alpha.committer(REAL_NOW).resume("alpha", str(deferred[0].body["job_id"]), Budget(60))
     assert done.status_code == 201 and restorable(backend, "alpha", str(done.body["manifest_id"]))
 
 
@@ -155,7 +133,7 @@ def test_a_presign_reviving_a_condemned_pack_before_its_deletion_keeps_it(
     assert (
         report.packs_deleted == 0 and pack_exists(backend, orphan) and state(backend, orphan) == "presigned"
     )
-    assert commit(backend, alpha, {"o": ORPHAN}).status_code == 201
+    assert alpha.commit({"o": ORPHAN}, REAL_NOW).status_code == 201
     assert restorable(backend, "alpha", str(backend.catalogue.head("alpha")))
 
 
@@ -180,7 +158,7 @@ def test_a_presign_while_gc_deletes_the_pack_is_told_to_wait_then_uploads_afresh
     assert answers == ["collecting"] and report.deleted_packs == [orphan]
     assert state(backend, orphan) is None and not pack_exists(backend, orphan)
     # After the wait: a fresh item and upload of the same bytes; the commit goes through.
-    assert commit(backend, alpha, {"o": ORPHAN}).status_code == 201
+    assert alpha.commit({"o": ORPHAN}, REAL_NOW).status_code == 201
     assert restorable(backend, "alpha", str(backend.catalogue.head("alpha")))
 
 
@@ -196,7 +174,7 @@ def test_a_pack_being_deleted_is_refused_to_a_commit(
     def commit_using_it() -> None:
         seen.append(state(backend, orphan))
         try:
-            commit(backend, alpha, {"o": ORPHAN})
+            alpha.commit({"o": ORPHAN}, REAL_NOW)
             outcomes.append("committed")
         except Unprocessable as refused:
             outcomes.append(refused.details["packs"][orphan])
