@@ -553,11 +553,7 @@ class Archiver:
             manifest = self.api.get_manifest(parent)
             side = FetchedParent(fetcher.fetch_all)
             parent_root = manifest.get("root")
-            parent_snapshots = {
-                str(s["name"]): ParentSnapshot(s["content"], tuple(stream_chunks(fetcher, s["content"])))
-                for s in manifest.get("snapshots") or []
-                if s.get("content")
-            }
+            parent_snapshots = _fetched_parent_snapshots(fetcher, manifest, content.snapshots)
         return PlanInputs(
             root=content.root,
             parent_root=parent_root,
@@ -614,6 +610,21 @@ class Archiver:
             "elapsed_ms": int((time.monotonic() - stats.started) * 1000),
             "requests": self.counter.as_dict(),
         }
+
+
+def _fetched_parent_snapshots(
+    fetcher: BlobFetcher, manifest: dict, snapshots: list[SnapshotRecord]
+) -> dict[str, ParentSnapshot]:
+    """The parent's snapshots, with the chunk lists read back only where this run's stream differs."""
+    ours = {s.name: s.content for s in snapshots}
+    parents: dict[str, ParentSnapshot] = {}
+    for snapshot in manifest.get("snapshots") or []:
+        name, index = str(snapshot.get("name")), snapshot.get("content")
+        if not index:
+            continue
+        differs = ours.get(name) not in (None, index)
+        parents[name] = ParentSnapshot(index, tuple(stream_chunks(fetcher, index)) if differs else ())
+    return parents
 
 
 def _index_pack(cache: ParentCache, pack: SealedPack) -> None:
