@@ -53,40 +53,41 @@ def test_a_broken_config_is_one_clear_line_and_exit_1(tmp_path: Path, capsys: py
     assert err == [f"s3-sysbackup {command[0]}: error: {tmp_path / 'conf'}: [api] endpoint is required"]
 
 
-def test_restore_and_verify_read_this_hosts_own_index(
-    run_archive, config_dir, host_root, backend, transfer, make_config, tmp_path, monkeypatch
-):
+@pytest.fixture
+def one_file_manifest(run_archive, config_dir, host_root, backend, monkeypatch) -> str:
+    """The id of a committed manifest of /data/f ("restore me")."""
     monkeypatch.setattr(cache_module, "RACY_WINDOW_NS", 0)
     (host_root / "data").mkdir()
     (host_root / "data" / "f").write_bytes(b"restore me")
     pick(config_dir, "/data")
-    result = run_archive()
+    return run_archive().manifest_id
+
+
+def test_restore_and_verify_read_this_hosts_own_index(
+    one_file_manifest, backend, transfer, make_config, tmp_path
+):
     session = Session(make_config(), backend, transfer, backend.counter)  # type: ignore[arg-type]
+    manifest = backend.get_manifest(one_file_manifest)
     listed_before = backend.counter.as_dict()["api"]["GET /packs"]
     with blob_fetcher(session, host=None) as fetcher:
-        report = verify_manifest(fetcher, backend.get_manifest(result.manifest_id), read_data=True)
+        report = verify_manifest(fetcher, manifest, read_data=True)
     assert report.blobs == 1 and report.bytes_verified == len(b"restore me")
     assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before  # the archive's index served
 
     with blob_fetcher(session, host="test-host") as other:  # a restore principal's --host
-        Restorer(other, str(tmp_path / "r")).restore(backend.get_manifest(result.manifest_id))
+        Restorer(other, str(tmp_path / "r")).restore(manifest)
     assert (tmp_path / "r" / "data" / "f").read_bytes() == b"restore me"
     assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before + 1
 
 
 def test_a_cache_that_cannot_be_opened_falls_back_to_an_index_in_memory(
-    run_archive, config_dir, host_root, backend, transfer, make_config, tmp_path, monkeypatch
+    one_file_manifest, backend, transfer, make_config, tmp_path
 ):
-    monkeypatch.setattr(cache_module, "RACY_WINDOW_NS", 0)
-    (host_root / "data").mkdir()
-    (host_root / "data" / "f").write_bytes(b"recovered")
-    pick(config_dir, "/data")
-    result = run_archive()
     blocked = tmp_path / "not-a-directory"
     blocked.write_bytes(b"")
     config = make_config()
     config = dataclasses.replace(config, content=dataclasses.replace(config.content, cache_dir=blocked))
     session = Session(config, backend, transfer, backend.counter)  # type: ignore[arg-type]
     with blob_fetcher(session, host=None) as fetcher:
-        Restorer(fetcher, str(tmp_path / "r")).restore(backend.get_manifest(result.manifest_id))
-    assert (tmp_path / "r" / "data" / "f").read_bytes() == b"recovered"
+        Restorer(fetcher, str(tmp_path / "r")).restore(backend.get_manifest(one_file_manifest))
+    assert (tmp_path / "r" / "data" / "f").read_bytes() == b"restore me"
