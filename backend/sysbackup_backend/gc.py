@@ -58,6 +58,7 @@ from .registry import PACK_CONDEMNED, PACK_DELETING, PACK_PRESIGNED, USABLE_STAT
 from .retention_worker import RetentionQueue
 from .settings import non_negative_int
 from .store import PackStore, pack_checksum, pack_key
+from .walk import BlobPlace, read_stored_blobs
 
 logger = Logger(child=True)
 
@@ -66,8 +67,6 @@ LEASE_ID = "gc#lease"
 LEASE_SECONDS = 20 * 60
 NODES_PER_STEP = 500
 PARALLEL_READS = 8
-# Nearby blobs of one pack are read with one ranged GET when the gap between them is at most this.
-MAX_RANGE_GAP_BYTES = 256 * 1024
 # The report lists at most this many deleted pack ids (it is a Lambda result: 6 MB at most); counts are exact.
 MAX_LISTED_PACKS = 1000
 TREE = "tree"
@@ -331,43 +330,21 @@ class Marker:
 
     def _read(self, host: str, nodes: Iterable[str]) -> dict[str, bytes]:
         """Plaintexts of the nodes, checked against their hashes; GcIncomplete if one cannot be read."""
-        wanted: dict[str, list[PackEntry]] = defaultdict(list)
+        places: dict[str, BlobPlace] = {}
         for node in nodes:
             pack_id = self.packs.source_for(node, host)
             if pack_id is None:
                 raise GcIncomplete(f"live node {node} is in no readable pack")
-            wanted[pack_id].append(self.packs.entries[pack_id][node])
+            places[node] = BlobPlace(pack_id, self.packs.entries[pack_id][node])
         plaintexts: dict[str, bytes] = {}
-        for entry, stored in read_blobs(self.packs.store, wanted):
+        for node, place, stored in read_stored_blobs(self.packs.store, places):
             try:
-                plaintexts[entry.hash] = open_blob(entry, stored)
+                if stored is None:
+                    raise CorruptBlob(f"its range of pack {place.pack_id} is not there")
+                plaintexts[node] = open_blob(place.entry, stored)
             except CorruptBlob as error:
-                raise GcIncomplete(f"live node {entry.hash} is corrupt: {error}") from None
+                raise GcIncomplete(f"live node {node} is corrupt: {error}") from None
         return plaintexts
-
-
-def read_blobs(store: PackStore, wanted: Mapping[str, list[PackEntry]]) -> list[tuple[PackEntry, memoryview]]:
-    """Each entry's stored bytes: a ranged GET per pack per cluster of nearby blobs, the GETs in parallel."""
-    reads: list[tuple[str, int, int, list[PackEntry]]] = []
-    for pack_id, entries in wanted.items():
-        for entry in sorted(entries, key=lambda e: e.offset):
-            end = entry.offset + entry.length
-            if reads and reads[-1][0] == pack_id and entry.offset - reads[-1][2] <= MAX_RANGE_GAP_BYTES:
-                _, start, last_end, members = reads[-1]
-                reads[-1] = (pack_id, start, max(last_end, end), [*members, entry])
-            else:
-                reads.append((pack_id, entry.offset, end, [entry]))
-    if not reads:
-        return []
-    with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(reads))) as pool:
-        spans = list(pool.map(lambda read: store.read_range(pack_key(read[0]), read[1], read[2] - 1), reads))
-    found: list[tuple[PackEntry, memoryview]] = []
-    for (_, start, _, members), span in zip(reads, spans, strict=True):
-        view = memoryview(span)
-        found.extend(
-            (entry, view[entry.offset - start : entry.offset - start + entry.length]) for entry in members
-        )
-    return found
 
 
 # --------------------------------------------------------------------------------------------- verdicts
@@ -436,12 +413,15 @@ def mostly_dead(
 
 
 def _served_by(packs: PackMap, reach: Reach, verdicts: Verdicts, old: str, done: Repacked) -> bool:
-    """A repacked pack may go: its new pack holds every blob now reached in it, for every host it serves now
-    (a host added by presign since the repack, or a late manifest, keeps the old pack a run longer)."""
-    record = packs.records[old]
-    if not record.hosts <= done.hosts or done.new_pack not in verdicts.live:
+    """A repacked pack may go: its new pack is live, may serve every host the old one serves now (a host
+    presign added since the repack keeps the old pack a run longer) and holds every blob reached in it now
+    (a late manifest may reach more)."""
+    record, new = packs.records[old], packs.records.get(done.new_pack)
+    if new is None or new.state not in USABLE_STATES or done.new_pack not in verdicts.live:
         return False
-    return {entry.hash for entry in live_blobs(packs, reach, record)} <= done.blobs
+    return (
+        record.hosts <= new.hosts and {entry.hash for entry in live_blobs(packs, reach, record)} <= done.blobs
+    )
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -461,11 +441,10 @@ class ObjectVersion:
 
 @dataclass
 class Repacked:
-    """A mostly-dead pack rewritten this run: `new_pack` holds `blobs`, and may serve `hosts`."""
+    """A mostly-dead pack rewritten this run: `new_pack` holds `blobs`."""
 
     new_pack: str
     blobs: frozenset[str]
-    hosts: frozenset[str]
 
 
 class GarbageCollector:
@@ -685,7 +664,7 @@ class GarbageCollector:
                 report.errors.append(f"pack {pack_id} not repacked: {error}")
                 continue
             packs.add(new_record, entries)
-            repacked[pack_id] = Repacked(new_record.pack_id, frozenset(e.hash for e in entries), record.hosts)
+            repacked[pack_id] = Repacked(new_record.pack_id, frozenset(entry.hash for entry in entries))
             report.packs_repacked += 1
             report.bytes_repacked += new_record.size
             logger.info("pack repacked", extra={"pack_id": pack_id, "into": new_record.pack_id})
@@ -696,11 +675,14 @@ class GarbageCollector:
     ) -> tuple[PackRecord, list[PackEntry]]:
         """Copy the blobs' stored bytes (checked against their hashes) into a new locked pack; record it."""
         writer = PackWriter()
-        for entry, stored in sorted(
-            read_blobs(self.store, {old.pack_id: alive}), key=lambda pair: pair[0].hash
-        ):
-            open_blob(entry, stored)  # CorruptBlob: never copy a bad blob into a verified pack
-            writer.add_stored(entry.hash, entry.kind, entry.codec, bytes(stored), entry.raw_length)
+        places = {entry.hash: BlobPlace(old.pack_id, entry) for entry in alive}
+        for blob, place, stored in sorted(read_stored_blobs(self.store, places), key=lambda read: read[0]):
+            if stored is None:
+                raise CorruptBlob(f"blob {blob}: its range of pack {old.pack_id} is not there")
+            open_blob(place.entry, stored)  # CorruptBlob: never copy a bad blob into a verified pack
+            writer.add_stored(
+                blob, place.entry.kind, place.entry.codec, bytes(stored), place.entry.raw_length
+            )
         data, entries = writer.finish()
         new_pack = hashlib.sha256(data).hexdigest()
         need = max(reach.until[entry.hash] for entry in alive)
