@@ -556,3 +556,20 @@ def test_the_report_keeps_v1_field_names_and_is_a_lambda_result(backend: Service
     v1_fields = {"closed_marks_dropped", "redundant_claims_dropped", "blobs_live", "blobs_condemned",
                  "blobs_revived", "packs_live", "packs_mostly_dead", "orphan_packs_deleted"}  # fmt: skip
     assert v1_fields <= set(report) and report["trees_read"] == 1 and report["blobs_live"] == 4
+
+
+def test_a_condemned_pack_is_revived_for_its_host_even_if_another_hosts_pack_holds_the_blob(
+    backend: Services,
+) -> None:
+    """beta cannot read alpha's packs: a copy there does not serve beta's manifest."""
+    body = b"both hosts back this file up, each in its own pack " * 9
+    alpha, beta = Host(backend, "alpha"), Host(backend, "beta")
+    alpha.upload([("data", body), ("data", b"alpha's other file")])
+    alpha.backup({"f": body, "o": b"alpha's other file"}, REAL_NOW - timedelta(days=1))
+    b1 = beta.backup({"f": body}, REAL_NOW - timedelta(days=1))
+    beta_pack = beta.index[blob_hash(body)]
+    assert beta_pack != alpha.index[blob_hash(body)]
+    assert backend.registry.condemn(beta_pack, REAL_NOW)  # as if beta's commit had raced gc
+    report = collector(backend, REAL_NOW + 2 * GRACE).run()
+    assert report.packs_revived == 1 and state(backend, beta_pack) == PACK_VERIFIED
+    assert restorable(backend, "beta", b1) and usable_for_every_kept_manifest(backend)
