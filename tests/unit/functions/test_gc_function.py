@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from sysbackup_backend.api import Services
-from sysbackup_testkit import FakeLambdaContext, load_function
+from sysbackup_testkit import FakeLambdaContext, load_function, store_pack
 
 EVENTS = Path(__file__).resolve().parents[3] / "events"
 
@@ -44,3 +44,14 @@ def test_settings_are_read_from_the_template_parameters(gc_app: Any, monkeypatch
     gc_app.collector.cache_clear()
     policy = gc_app.collector().policy
     assert policy.keep.daily == 14 and policy.bypass_governance and policy.grace.total_seconds() == 0
+
+
+def test_the_handler_collects_through_the_registry(gc_app: Any, backend: Services) -> None:
+    """An orphan pack (no manifest uses it; grace 0) is condemned by one run and deleted by the next."""
+    orphan = store_pack(backend, "alpha", [("data", b"a crashed run's upload " * 9)])
+    first = gc_app.lambda_handler({}, FakeLambdaContext(900_000))
+    record = backend.registry.get(orphan.pack_id)
+    assert first["packs_condemned"] == 1 and record is not None and record.state == "condemned"
+    second = gc_app.lambda_handler({}, FakeLambdaContext(900_000))
+    assert second["deleted_packs"] == [orphan.pack_id] and second["bytes_freed"] == len(orphan.data)
+    assert backend.registry.get(orphan.pack_id) is None
