@@ -34,6 +34,15 @@ def with_orphan(services: Services) -> tuple[Host, str]:
     return alpha, orphan
 
 
+def ripe_orphan(services: Services) -> tuple[Host, str, GarbageCollector]:
+    """The orphan of `with_orphan` condemned by one gc run, and a collector past the grace period (its run
+    deletes the orphan)."""
+    alpha, orphan = with_orphan(services)
+    collector(services, REAL_NOW + 2 * GRACE).run()
+    assert state(services, orphan) == PACK_CONDEMNED
+    return alpha, orphan, collector(services, REAL_NOW + 4 * GRACE)
+
+
 def inject_before(
     monkeypatch: pytest.MonkeyPatch, target: object, step: str, action: Callable[[], None], times: int = 1
 ) -> None:
@@ -122,12 +131,9 @@ def test_a_walk_begun_inside_the_window_waits_for_it_to_close(
 def test_a_presign_reviving_a_condemned_pack_before_its_deletion_keeps_it(
     backend: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alpha, orphan = with_orphan(backend)
-    collector(backend, REAL_NOW + 2 * GRACE).run()
-    assert state(backend, orphan) == PACK_CONDEMNED
-    gc = collector(backend, REAL_NOW + 4 * GRACE)
+    alpha, orphan, gc = ripe_orphan(backend)
     # gc judged the orphan ripe for deletion; the host presigns those very bytes again before it starts.
-    alpha.index = {blob: pack for blob, pack in alpha.index.items() if pack != orphan}
+    del alpha.index[blob_hash(ORPHAN)]
     inject_before(monkeypatch, gc, "_delete_packs", lambda: alpha.upload([("data", ORPHAN)]) and None)
     report = gc.run()
     assert (
@@ -140,10 +146,8 @@ def test_a_presign_reviving_a_condemned_pack_before_its_deletion_keeps_it(
 def test_a_presign_while_gc_deletes_the_pack_is_told_to_wait_then_uploads_afresh(
     backend: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alpha, orphan = with_orphan(backend)
-    collector(backend, REAL_NOW + 2 * GRACE).run()
-    gc = collector(backend, REAL_NOW + 4 * GRACE)
-    alpha.index = {blob: pack for blob, pack in alpha.index.items() if pack != orphan}
+    alpha, orphan, gc = ripe_orphan(backend)
+    del alpha.index[blob_hash(ORPHAN)]  # the host presigns those very bytes again
     answers: list[str] = []
 
     def presign() -> None:
@@ -165,9 +169,7 @@ def test_a_presign_while_gc_deletes_the_pack_is_told_to_wait_then_uploads_afresh
 def test_a_pack_being_deleted_is_refused_to_a_commit(
     backend: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alpha, orphan = with_orphan(backend)
-    collector(backend, REAL_NOW + 2 * GRACE).run()
-    gc = collector(backend, REAL_NOW + 4 * GRACE)
+    alpha, orphan, gc = ripe_orphan(backend)
     seen: list[str | None] = []
     outcomes: list[str] = []
 
