@@ -630,12 +630,8 @@ class GarbageCollector:
             Key={"host": summary.host, "manifest_id": summary.manifest_id},
         )
         for version in self._versions(summary.key):
-            if (
-                not version.is_marker
-                and self._deletable(version)
-                and self._delete_version(summary.key, version)
-            ):
-                report.manifest_versions_deleted += 1
+            deleted = self._deletable(version) and self._delete_version(summary.key, version)
+            report.manifest_versions_deleted += deleted and not version.is_marker
         logger.info("manifest forgotten", extra={"host": summary.host, "manifest_id": summary.manifest_id})
 
     # ----------------------------------------------------------------------------------- mark
