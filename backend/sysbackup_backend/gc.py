@@ -54,7 +54,15 @@ from sysbackup_domain.tree import decode_tree
 from .catalogue import HEAD_ID, Catalogue, ManifestSummary
 from .dynamo import is_condition_failure
 from .errors import SettingsError
-from .registry import PACK_CONDEMNED, PACK_DELETING, PACK_PRESIGNED, USABLE_STATES, PackRecord, PackRegistry
+from .registry import (
+    PACK_CONDEMNED,
+    PACK_CORRUPT,
+    PACK_DELETING,
+    PACK_PRESIGNED,
+    USABLE_STATES,
+    PackRecord,
+    PackRegistry,
+)
 from .retention_worker import RetentionQueue
 from .settings import non_negative_int
 from .store import PackStore, pack_checksum, pack_key
@@ -805,9 +813,12 @@ class GarbageCollector:
 
     # ----------------------------------------------------------------------------------- locks
     def _request_locks(self, report: GcReport, packs: PackMap, live: dict[str, str], dry_run: bool) -> None:
-        """Live packs whose recorded lock ends before their manifests' latest retain_until."""
+        """Live packs whose recorded lock ends before their manifests' latest retain_until (a corrupt one is
+        kept as it is: the retention worker would not extend it)."""
         short: dict[str, list[str]] = defaultdict(list)
         for pack_id, need in live.items():
+            if packs.records[pack_id].state == PACK_CORRUPT:
+                continue
             recorded = parse_iso_utc(packs.records[pack_id].retain_until)
             if lock_extension(parse_iso_utc(need), recorded, self.policy.fold_window) is not None:
                 short[need].append(pack_id)

@@ -573,3 +573,20 @@ def test_a_condemned_pack_is_revived_for_its_host_even_if_another_hosts_pack_hol
     report = collector(backend, REAL_NOW + 2 * GRACE).run()
     assert report.packs_revived == 1 and state(backend, beta_pack) == PACK_VERIFIED
     assert restorable(backend, "beta", b1) and usable_for_every_kept_manifest(backend)
+
+
+def test_a_corrupt_pack_is_kept_while_reached_and_condemned_once_not(backend: Services) -> None:
+    recorder = Recorder()
+    alpha = Host(backend, "alpha")
+    alpha.backup({"a": b"fresh " * 10}, REAL_NOW)
+    reached = alpha.index[blob_hash(b"fresh " * 10)]
+    unreached = alpha.upload([("data", b"a crashed run's upload " * 9)])
+    assert unreached is not None
+    for pack_id in (reached, unreached):
+        assert backend.registry.mark_corrupt(pack_id, "a bit flipped")
+    report = collector(backend, REAL_NOW + 2 * GRACE, queue=recorder).run()
+    assert state(backend, reached) == "corrupt" and state(backend, unreached) == PACK_CONDEMNED
+    assert report.packs_condemned == 1
+    # the retention worker would not extend a corrupt pack: gc does not ask
+    ((packs, _, _),) = recorder.requests
+    assert packs == [alpha.index[root_of({"a": b"fresh " * 10})]]
