@@ -590,3 +590,24 @@ def test_a_corrupt_pack_is_kept_while_reached_and_condemned_once_not(backend: Se
     # the retention worker would not extend a corrupt pack: gc does not ask
     ((packs, _, _),) = recorder.requests
     assert packs == [alpha.index[root_of({"a": b"fresh " * 10})]]
+
+
+def test_a_dry_run_repacks_nothing(backend: Services) -> None:
+    big, small = os.urandom(20_000), b"small and still needed " * 4
+    alpha = Host(backend, "alpha")
+    alpha.backup({"big": big, "small": small}, REAL_NOW - timedelta(days=41))
+    alpha.backup({"small": small}, REAL_NOW - timedelta(days=40))
+    objects = backend.store.client.list_object_versions(Bucket=BUCKET)["Versions"]
+    dry = collector(backend, REAL_NOW + 2 * GRACE).run(dry_run=True)
+    assert dry.packs_mostly_dead == 1 and dry.packs_repacked == 0 and dry.bytes_repacked == 0
+    assert backend.store.client.list_object_versions(Bucket=BUCKET)["Versions"] == objects
+    assert state(backend, alpha.index[blob_hash(small)]) == PACK_VERIFIED
+
+
+def test_a_run_out_of_time_condemns_nothing_and_releases_its_lease(backend: Services) -> None:
+    two_backups(backend)
+    report = collector(backend, REAL_NOW + 2 * GRACE).run(seconds=-1)
+    assert not report.complete and "out of time" in report.errors[0] and report.packs_condemned == 0
+    assert all(record.state != PACK_CONDEMNED for record in backend.registry.scan())
+    assert backend.jobs.client.get_item(TableName="jobs", Key={"job_id": LEASE_ID}).get("Item") is None
+    assert collector(backend, REAL_NOW + 2 * GRACE).run().packs_condemned == 1
