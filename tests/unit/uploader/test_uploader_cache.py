@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -165,9 +166,14 @@ def test_a_v1_cache_keeps_its_parent_and_files_and_rebuilds_its_index(tmp_path: 
     db = sqlite3.connect(tmp_path / "cache.sqlite", isolation_level=None)
     db.execute("CREATE TABLE stored (hash TEXT PRIMARY KEY)")
     db.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    db.execute(
+        "UPDATE files SET content = ?", (json.dumps(["1" * 64, "2" * 64]),)
+    )  # v1 spelled lists as JSON
     db.close()
     upgraded = ParentCache(tmp_path, scope="s")
-    assert upgraded.parent_manifest == "m1" and upgraded.lookup("/a") is not None
+    cached = upgraded.lookup("/a")
+    assert upgraded.parent_manifest == "m1" and cached is not None
+    assert cached.content == ("1" * 64, "2" * 64)
     assert not upgraded.index_ready
     tables = {row[0] for row in upgraded.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "stored" not in tables
