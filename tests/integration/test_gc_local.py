@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 from sysbackup_local.stack import LocalHost, LocalStack
+from test_issue3_support import pack_registry
 
 LOCK_SECONDS = 4
 GRACE_SECONDS = 8
@@ -236,6 +237,43 @@ def test_a_backup_running_while_gc_runs_commits_a_restorable_manifest(
     gc(short_stack)  # and once more after it committed
     verify_all(host)
     assert listed(host)  # the newest manifest is always kept
+
+
+def test_a_blob_whose_pack_gc_condemned_is_sent_again_and_committed(
+    short_stack: LocalStack, host: LocalHost, tmp_path: Path
+) -> None:
+    """The host's local index still names a pack gc condemned (its content came back): the commit refuses
+    the pack (422 `condemned`), the host drops it, sends the blob again and commits (docs/PACK_INDEX.md)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    original = os.urandom(300_000)
+    (source / "file.bin").write_bytes(original)
+    pick(host, source)
+    time.sleep(1.1)
+    archive(host)
+    (source / "file.bin").write_bytes(os.urandom(300_000))
+    time.sleep(1.1)
+    archive(host)
+    short_stack.wait_idle()
+    time.sleep(max(LOCK_SECONDS, GRACE_SECONDS) + 2)  # the first manifest and its packs are dead and old
+    gc(short_stack)
+    condemned = {
+        pack_id
+        for pack_id, item in pack_registry(short_stack).items()
+        if item["host"] == host.name and item["state"] == "condemned"
+    }
+    assert condemned, "gc condemned none of the first backup's packs"
+
+    (source / "file.bin").write_bytes(original)  # the old content is back
+    time.sleep(1.1)
+    done = cli(host.config_dir, "archive", "-q", "--stats-json", str(host.config_dir / "stats.json"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    stats = json.loads((host.config_dir / "stats.json").read_text())
+    assert stats["requests"]["api"]["POST /manifests"] >= 2, stats  # refused once, then committed
+    verify_all(host)
+    restored = cli(host.config_dir, "restore", "latest", "--target", str(tmp_path / "restored"))
+    assert restored.returncode == 0, restored.stderr
+    assert (tmp_path / "restored" / str(source).lstrip("/") / "file.bin").read_bytes() == original
 
 
 def test_local_invoke_gc_runs_it_and_prints_the_report(short_stack: LocalStack) -> None:
