@@ -4,8 +4,10 @@ Dedup is a lookup in the host's local index (docs/PACK_INDEX.md, "Uploader"): no
 is indexed locally as soon as it is in S3 (its PUT succeeded, or presign said the backend already
 stores it), before any commit, so a re-run after a crash does not send it again.
 
-Memory is bounded: one open writer per blob kind, one sealed batch waiting while at most one other
-batch is on the wire. Producers (file-reading threads) block while a batch waits: the backpressure.
+Memory is bounded: one open writer, one sealed batch waiting while at most one other batch is on
+the wire. Data and tree blobs share packs: a small run (one changed file and the trees above it) is
+one pack, one PUT, which the commit reads and verifies in one GET. Producers (file-reading
+threads) block while a batch waits: the backpressure.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class PackShipper:
         for pack in packs:
             self.on_stored(pack)
             self.counts.packs += 1
-            self.counts.data_packs += pack.entries[0].kind == "data"  # packs hold one kind only
+            self.counts.data_packs += any(entry.kind == "data" for entry in pack.entries)
             self.counts.blobs_new += len(pack.entries)
             if pack.sha256 in sent:
                 self.counts.bytes_uploaded += pack.size
@@ -141,7 +143,7 @@ class BlobSink:
     packs_per_batch: int = PACKS_PER_BATCH
     target_pack_bytes: int = TARGET_PACK_BYTES
     _seen: set[str] = field(default_factory=set)
-    _writers: dict[str, PackWriter] = field(default_factory=dict)
+    _writer: PackWriter | None = None
     _ready: list[SealedPack] = field(default_factory=list)
     _in_flight: Future | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -163,15 +165,13 @@ class BlobSink:
             if digest in self.known or digest in self._seen:
                 return
             self._seen.add(digest)
-            writer = self._writers.get(kind)
-            if writer is not None and not writer.has_room(len(stored)):
-                self._seal(kind)
-                writer = None
-            if writer is None:
-                writer = self._writers[kind] = PackWriter()
-            writer.add_stored(digest, kind, codec, stored, raw_length)
-            if writer.size >= self.target_pack_bytes:
-                self._seal(kind)
+            if self._writer is not None and not self._writer.has_room(len(stored)):
+                self._seal()
+            if self._writer is None:
+                self._writer = PackWriter()
+            self._writer.add_stored(digest, kind, codec, stored, raw_length)
+            if self._writer.size >= self.target_pack_bytes:
+                self._seal()
 
     def add_plaintext(self, kind: str, plaintext: bytes) -> str:
         """Hash, compress if new, add; returns the hash. Safe from any thread."""
@@ -185,10 +185,8 @@ class BlobSink:
         """Send everything still held; returns when every blob added is in S3 and indexed."""
         try:
             with self._lock:
-                # The last data and tree packs travel together: one presign call for both.
-                for kind in list(self._writers):
-                    self._seal(kind, ship=False)
-                self._ship_ready()
+                self._seal(ship=False)
+                self._ship_ready()  # with the last sealed packs: one presign call for all
                 self._wait_in_flight()
         finally:
             self._executor.shutdown(wait=True)
@@ -198,8 +196,8 @@ class BlobSink:
 
     # -- under the lock ---------------------------------------------------------------------
 
-    def _seal(self, kind: str, ship: bool = True) -> None:
-        writer = self._writers.pop(kind, None)
+    def _seal(self, ship: bool = True) -> None:
+        writer, self._writer = self._writer, None
         if writer is None or writer.count == 0:
             return
         data, entries = writer.finish()

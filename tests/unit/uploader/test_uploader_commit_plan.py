@@ -79,7 +79,7 @@ def test_a_one_file_change_lists_the_new_blobs_and_locates_both_sides_of_each_ch
     assert first.root in request["locations"] and second.root in request["locations"]
     new_pack_ids = set(request["packs"])
     new_blobs = {entry.hash for pack_id in new_pack_ids for entry in parse_trailer(backend.objects[pack_id])}
-    assert len(new_pack_ids) == 2  # the data pack and the tree pack of this run, nothing older
+    assert len(new_pack_ids) == 1  # one pack: the new file and the trees above it, nothing older
     assert b"untouched" not in b"".join(backend.objects[p] for p in new_pack_ids)
     assert second.root in new_blobs
 
