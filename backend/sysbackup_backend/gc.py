@@ -59,6 +59,7 @@ from .registry import (
     PACK_CORRUPT,
     PACK_DELETING,
     PACK_PRESIGNED,
+    PACK_VERIFIED,
     USABLE_STATES,
     PackRecord,
     PackRegistry,
@@ -259,7 +260,7 @@ class PackMap:
 
         def preference(pack_id: str) -> tuple[bool, bool, str]:
             record = self.records[pack_id]
-            return (not record.usable_by(host), record.state != "verified", pack_id)
+            return (not record.usable_by(host), record.state != PACK_VERIFIED, pack_id)
 
         holders = self.holders.get(blob)
         return min(holders, key=preference) if holders else None
