@@ -327,8 +327,9 @@ class Archiver:
         """Content of every regular file: reused from the cache when unchanged, else read."""
         outcomes: dict[str, FileOutcome] = {}
         to_read: list[tuple[Node, CachedFile | None]] = []
-        for node in _iter_files(root):
-            cached = cache.lookup(node.path)
+        node_at = {node.path: node for node in _iter_files(root)}
+        for path, cached in cache.lookup_many(node_at):
+            node = node_at[path]
             if cached is not None and cached.reusable_for(FileState.of(node.stat)):
                 outcomes[node.path] = FileOutcome(cached.content, cached.state, node.stat, reused=True)
                 stats.files_reused += 1

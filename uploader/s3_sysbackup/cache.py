@@ -50,6 +50,14 @@ def host_state_dir(cache_dir: Path, endpoint: str, config_dir: Path) -> Path:
     return cache_dir / hashlib.sha256(scope.encode()).hexdigest()[:16]
 
 
+FILE_FIELDS = "size, mtime_ns, ctime_ns, inode, content, scanned_ns"
+
+
+def _cached_file(row: Sequence) -> CachedFile:
+    size, mtime_ns, ctime_ns, inode, content, scanned_ns = row
+    return CachedFile(FileState(size, mtime_ns, ctime_ns, inode), decode_content(content), scanned_ns)
+
+
 def encode_content(content: Iterable[str]) -> str:
     """A file's blob list as the cache stores it: hashes joined by spaces (hex never holds one).
 
@@ -195,13 +203,27 @@ class ParentCache:
 
     def lookup(self, path: str) -> CachedFile | None:
         row = self.db.execute(
-            "SELECT size, mtime_ns, ctime_ns, inode, content, scanned_ns FROM files WHERE path = ?",
-            (os.fsencode(path),),
+            f"SELECT {FILE_FIELDS} FROM files WHERE path = ?", (os.fsencode(path),)
         ).fetchone()
-        if row is None:
-            return None
-        size, mtime_ns, ctime_ns, inode, content, scanned_ns = row
-        return CachedFile(FileState(size, mtime_ns, ctime_ns, inode), decode_content(content), scanned_ns)
+        return None if row is None else _cached_file(row)
+
+    def lookup_many(self, paths: Iterable[str]) -> Iterator[tuple[str, CachedFile | None]]:
+        """(path, its row or None) for every path, in the byte order of the paths.
+
+        Many paths: one ordered scan of the table merged with the sorted paths (a query per path is
+        ~5 µs, a third of a no-change run of 100k files); a few among many rows: a query each."""
+        keyed = sorted((os.fsencode(path), path) for path in paths)
+        (rows,) = self.db.execute("SELECT COUNT(*) FROM files").fetchone()
+        if len(keyed) * 8 < rows:
+            for _, path in keyed:
+                yield path, self.lookup(path)
+            return
+        cursor = self.db.execute(f"SELECT path, {FILE_FIELDS} FROM files ORDER BY path")
+        row = next(cursor, None)
+        for key, path in keyed:
+            while row is not None and row[0] < key:
+                row = next(cursor, None)
+            yield path, (_cached_file(row[1:]) if row is not None and row[0] == key else None)
 
     def tree_memo(self) -> dict[str, tuple[str, str]]:
         """Directory path -> (signature, tree hash) as the last committed run built them."""
