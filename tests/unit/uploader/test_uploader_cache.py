@@ -177,3 +177,17 @@ def test_a_v1_cache_keeps_its_parent_and_files_and_rebuilds_its_index(tmp_path: 
     assert not upgraded.index_ready
     tables = {row[0] for row in upgraded.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "stored" not in tables
+
+
+@pytest.mark.parametrize("extra_rows", [0, 100])  # 0: one ordered scan; 100: few paths, a query each
+def test_lookup_many_answers_every_path_in_byte_order(tmp_path: Path, extra_rows: int):
+    cache = ParentCache(tmp_path, scope="s")
+    rows = [("/b", STATE, ("1" * 64,)), ("/a/\udcff", STATE, ("2" * 64,)), ("/a/z", STATE, ())]
+    rows += [(f"/other/{n}", STATE, ("3" * 64,)) for n in range(extra_rows)]
+    cache.record_commit("m1", rows, SCANNED)
+
+    answers = list(cache.lookup_many(["/b", "/missing", "/a/z", "/a/\udcff"]))
+
+    assert [path for path, _ in answers] == ["/a/z", "/a/\udcff", "/b", "/missing"]  # z < \xff as bytes
+    found = {path: cached.content if cached else None for path, cached in answers}
+    assert found == {"/a/z": (), "/a/\udcff": ("2" * 64,), "/b": ("1" * 64,), "/missing": None}
