@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sysbackup_domain.packs import PackEntry
 
@@ -73,8 +74,7 @@ class CacheLockedError(RuntimeError):
     """Another archive run of this host holds the lock."""
 
 
-@dataclass(frozen=True, slots=True)  # one per file
-class FileState:
+class FileState(NamedTuple):  # one per file: a tuple is built and compared far faster than a frozen dataclass
     size: int
     mtime_ns: int
     ctime_ns: int
@@ -82,11 +82,10 @@ class FileState:
 
     @classmethod
     def of(cls, st: Stat | os.stat_result) -> FileState:
-        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-@dataclass(frozen=True, slots=True)
-class CachedFile:
+class CachedFile(NamedTuple):
     state: FileState
     content: tuple[str, ...]
     scanned_ns: int  # wall-clock start of the run that read it
