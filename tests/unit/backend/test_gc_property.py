@@ -9,6 +9,7 @@ the uploader does on a 422. A commit whose walk began before gc's condemning win
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
@@ -29,7 +30,11 @@ from sysbackup_testkit import ENV, _create_resources, _reset_caches
 from test_gc import Collecting, Host, all_manifests, usable_for_every_kept_manifest
 
 HOSTS = ("alpha", "beta")
-CONTENTS = [f"file body number {n} ".encode() * (20 + n) for n in range(6)]
+# Small compressible files and one big incompressible one: a data pack holding it next to files that stay
+# is mostly dead once it goes (gc repacks such packs).
+CONTENTS = [f"file body number {n} ".encode() * (20 + n) for n in range(5)] + [
+    random.Random(5).randbytes(20_000)
+]
 GRACE = timedelta(minutes=30)
 # Manifests lock for a minute of simulated time: gc may forget them after the next step.
 POLICY = RetentionPolicy(days_retained=1, max_days_retained=10, lock_mode="GOVERNANCE", retention_seconds=60)
