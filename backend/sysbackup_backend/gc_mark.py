@@ -88,8 +88,10 @@ class PackMap:
             raise
 
     def add(self, record: PackRecord, entries: Iterable[PackEntry]) -> None:
-        """A pack gc wrote itself during this run."""
+        """A pack gc wrote itself during this run (already known if a crashed run wrote the same bytes)."""
         self.records[record.pack_id] = record
+        if record.pack_id in self.entries:
+            return
         self.entries[record.pack_id] = {entry.hash: entry for entry in entries}
         for blob in self.entries[record.pack_id]:
             self.holders.setdefault(blob, []).append(record.pack_id)

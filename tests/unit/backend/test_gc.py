@@ -611,3 +611,29 @@ def test_a_run_out_of_time_condemns_nothing_and_releases_its_lease(backend: Serv
     assert all(record.state != PACK_CONDEMNED for record in backend.registry.scan())
     assert backend.jobs.client.get_item(TableName="jobs", Key={"job_id": LEASE_ID}).get("Item") is None
     assert collector(backend, REAL_NOW + 2 * GRACE).run().packs_condemned == 1
+
+
+def test_a_run_crashing_after_its_repack_is_finished_by_the_next(
+    backend: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big, small = os.urandom(20_000), b"small and still needed " * 4
+    alpha = Host(backend, "alpha")
+    alpha.backup({"big": big, "small": small}, REAL_NOW - timedelta(days=41))
+    m2 = alpha.backup({"small": small}, REAL_NOW - timedelta(days=40))
+    old_pack = alpha.index[blob_hash(small)]
+    crashing = collector(backend, REAL_NOW + 2 * GRACE)
+
+    def crash(now: datetime) -> None:
+        raise RuntimeError("Lambda timed out")
+
+    monkeypatch.setattr(crashing, "_open_condemning_window", crash)
+    with pytest.raises(RuntimeError):
+        crashing.run()
+    written = {record.pack_id for record in backend.registry.scan()} - set(alpha.index.values())
+    assert (
+        len(written) == 1 and state(backend, old_pack) == PACK_VERIFIED
+    )  # new pack stored, old not condemned
+    after = collector(backend, REAL_NOW + 2 * GRACE + timedelta(minutes=30)).run()  # the lease was released
+    old = backend.registry.get(old_pack)
+    assert after.packs_repacked == 1 and old is not None and old.superseded_by == written.pop()
+    assert restorable(backend, "alpha", m2) and usable_for_every_kept_manifest(backend)
