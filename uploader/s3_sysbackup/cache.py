@@ -266,6 +266,18 @@ class ParentCache:
                 found[digest] = IndexedBlob(pack_id, entry)
         return found
 
+    def trees_in(self, pack_ids: Iterable[str]) -> dict[str, IndexedBlob]:
+        """Every tree blob the index holds in these packs (a restore reads a pack's trees in one GET)."""
+        found: dict[str, IndexedBlob] = {}
+        for batch in _sql_batches(sorted(set(pack_ids))):
+            marks = ",".join("?" * len(batch))
+            query = f"SELECT {BLOB_COLUMNS} FROM blobs WHERE kind = 'tree' AND pack_id IN ({marks})"
+            for digest, pack_id, offset, length, codec, raw_length, kind in self.db.execute(query, batch):
+                found[digest] = IndexedBlob(
+                    pack_id, PackEntry(digest, kind, codec, offset, length, raw_length)
+                )
+        return found
+
     def record_pack(self, pack_id: str, size: int, entries: Sequence[PackEntry]) -> None:
         """Index a pack that is in S3 (its PUT succeeded, presign said stored, or its trailer was read)."""
         rows = [(e.hash, pack_id, e.offset, e.length, e.codec, e.raw_length, e.kind) for e in entries]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,11 +30,16 @@ logger = logging.getLogger(__name__)
 
 # Two blobs closer than this are fetched in one GET: a wasted 256 KiB costs less than a request.
 MERGE_GAP_BYTES = 256 * 1024
-MAX_RANGE_BYTES = 32 * 1024 * 1024
-PARALLEL_GETS = 4
-# Fetched or being fetched, not yet consumed: every GET stays busy while memory holds at most
-# 4 x MAX_RANGE_BYTES (spans rarely exceed a 16 MiB pack: ~64 MiB).
+# Half a pack per GET: a restore's memory is what is fetched but not yet written (SPANS_AHEAD spans,
+# 24 MiB), at the price of one more GET per 16 MiB pack (0.4 µUSD).
+MAX_RANGE_BYTES = 8 * 1024 * 1024
+PARALLEL_GETS = 3
 SPANS_AHEAD = PARALLEL_GETS
+# Presigned GETs live 300 s (DOWNLOAD_URL_EXPIRY_SECONDS); one is reused for this long, then asked again.
+URL_REUSE_S = 240
+# Trees of one pack sit together (written after the files): the first tree wanted from a pack brings
+# every tree the index knows in it, in one GET, up to this many bytes held for the walk to come.
+TREE_PREFETCH_BYTES = 64 * 1024 * 1024
 # Hashes located per round: bounds memory and keeps presigned URLs (300 s) fresh. A pack whose blobs
 # fall in two rounds is read twice (in parts), so rounds are large.
 LOCATE_BATCH = 20_000
@@ -90,6 +96,8 @@ class BlobFetcher:
         self.host = host
         self.progress = progress
         self.rebuilt = False  # the index was rebuilt from the backend's pack list by this fetcher
+        self._urls: dict[str, tuple[str, float]] = {}  # pack_id -> (presigned GET, when it was issued)
+        self._trees: dict[str, bytes] = {}  # prefetched tree plaintext, dropped once handed out
 
     def rebuild_index(self) -> None:
         """Learn the packs the backend lists that the index does not know (once per fetcher)."""
@@ -107,14 +115,47 @@ class BlobFetcher:
                     raise MissingBlob(_describe_unknown(unknown))
                 self.rebuild_index()
                 continue
-            downloads = self.api.download_urls({blob.pack_id for blob in located.values()}, host=self.host)
-            if not downloads.missing:
-                return located, downloads.urls
+            urls, refused = self._urls_for({blob.pack_id for blob in located.values()})
+            if not refused:
+                return located, urls
             # Repacked, collected or refused: forget those packs; the rebuild finds where their blobs went.
-            self.index.drop_packs(downloads.missing)
+            self.index.drop_packs(refused)
             if self.rebuilt:
-                raise MissingBlob(_describe_gone(downloads.missing))
+                raise MissingBlob(_describe_gone(refused))
             self.rebuild_index()
+
+    def _urls_for(self, pack_ids: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """({pack_id: presigned GET}, {pack_id: why refused}): one POST /downloads for the packs
+        without a recent URL (a restore walks level by level; each round used to ask again)."""
+        now = time.monotonic()
+        recent = {p: url for p, (url, issued) in self._urls.items() if now - issued < URL_REUSE_S}
+        urls = {p: recent[p] for p in pack_ids if p in recent}
+        wanted = pack_ids - urls.keys()
+        if not wanted:
+            return urls, {}
+        downloads = self.api.download_urls(wanted, host=self.host)
+        for pack_id, url in downloads.urls.items():
+            self._urls[pack_id] = (url, now)
+        urls.update({p: url for p, url in downloads.urls.items() if p in wanted})
+        for pack_id in downloads.missing:
+            self._urls.pop(pack_id, None)
+        return urls, dict(downloads.missing)
+
+    def fetch_trees(self, digests: Iterable[str]) -> dict[str, bytes]:
+        """Tree blobs by hash (verified). A pack's first wanted tree brings all its indexed trees."""
+        wanted = set(digests)
+        needed = wanted - self._trees.keys()
+        if needed:
+            located, urls = self.locate(needed)
+            extra = self.index.trees_in({blob.pack_id for blob in located.values()})
+            budget = TREE_PREFETCH_BYTES - sum(len(data) for data in self._trees.values())
+            for digest, blob in sorted(extra.items()):
+                if digest in located or digest in self._trees or blob.entry.raw_length > budget:
+                    continue
+                located[digest] = blob
+                budget -= blob.entry.raw_length
+            self._trees.update(self.fetch_located(located, urls))
+        return {digest: self._trees.pop(digest) for digest in wanted}
 
     def fetch(self, hashes: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         """Yield (hash, verified plaintext) for every hash, pack by pack. Raises CorruptBlob."""
@@ -155,7 +196,8 @@ class BlobFetcher:
         except TransferError as error:
             # Presigned GETs expire quickly; one fresh URL, then give up.
             logger.info("pack %s: %s; asking for a fresh URL", span.pack_id, error)
-            fresh = self.api.download_urls([span.pack_id], host=self.host).urls
+            self._urls.pop(span.pack_id, None)
+            fresh, _ = self._urls_for({span.pack_id})
             if span.pack_id not in fresh:
                 raise MissingBlob(f"pack {span.pack_id} is no longer served") from error
             return self.transfer.get_range(fresh[span.pack_id], span.start, span.end - span.start)
@@ -172,7 +214,7 @@ def _describe_gone(gone: dict[str, str]) -> str:
 
 
 def fetch_tree(fetcher: BlobFetcher, digest: str) -> Tree:
-    return decode_tree(fetcher.fetch_all([digest])[digest])
+    return decode_tree(fetcher.fetch_trees([digest])[digest])
 
 
 def walk_trees(
@@ -186,7 +228,7 @@ def walk_trees(
     """
     level: list[tuple[tuple[str, ...], str]] = [((), root)]
     while level:
-        blobs = fetcher.fetch_all({digest for _, digest in level})
+        blobs = fetcher.fetch_trees({digest for _, digest in level})
         trees = {digest: decode_tree(data) for digest, data in blobs.items()}
         next_level: list[tuple[tuple[str, ...], str]] = []
         for parts, digest in level:

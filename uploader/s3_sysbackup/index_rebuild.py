@@ -47,6 +47,8 @@ class LocalIndex(Protocol):
 
     def locate(self, hashes: Iterable[str]) -> dict[str, IndexedBlob]: ...
 
+    def trees_in(self, pack_ids: Iterable[str]) -> dict[str, IndexedBlob]: ...
+
     def record_pack(self, pack_id: str, size: int, entries: Sequence[PackEntry]) -> None: ...
 
     def drop_packs(self, pack_ids: Iterable[str]) -> None: ...
@@ -65,6 +67,10 @@ class MemoryIndex:
 
     def locate(self, hashes: Iterable[str]) -> dict[str, IndexedBlob]:
         return {digest: self.blobs[digest] for digest in set(hashes) if digest in self.blobs}
+
+    def trees_in(self, pack_ids: Iterable[str]) -> dict[str, IndexedBlob]:
+        wanted = set(pack_ids)
+        return {h: b for h, b in self.blobs.items() if b.pack_id in wanted and b.entry.kind == "tree"}
 
     def record_pack(self, pack_id: str, size: int, entries: Sequence[PackEntry]) -> None:
         with self._lock:

@@ -23,7 +23,7 @@ from s3_sysbackup.sink import FAULT_ENV, InjectedFault, PackShipper, SealedPack
 from sysbackup_domain.chunking import SMALL_FILE_BYTES
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, parse_commit_request
-from sysbackup_domain.packs import PackWriter, open_blob, verify_pack
+from sysbackup_domain.packs import PackWriter, open_blob, parse_trailer, verify_pack
 from sysbackup_domain.tree import decode_tree
 from uploader_fakes import FakeBackend
 
@@ -469,3 +469,27 @@ def test_the_warnings_sent_always_fit_what_the_backend_takes(text: str):
     assert 1 < len(request.warnings) < len(warnings)
     assert request.warnings[:-1] == tuple(w[:MAX_WARNING_CHARS] for w in warnings[: len(sent) - 1])
     assert request.warnings[-1] == f"... and {len(warnings) - len(sent) + 1} more warnings"
+
+
+def test_a_restore_asks_for_each_packs_url_once_and_reads_all_its_trees_in_one_get(
+    run_archive, config_dir, host_root, backend, transfer, tmp_path
+):
+    deep = host_root / "data" / "a" / "b" / "c" / "d" / "e"
+    deep.mkdir(parents=True)
+    for level, directory in enumerate([deep, *deep.parents][:6]):
+        (directory / f"f{level}").write_bytes(f"file at level {level}".encode())
+    pick(config_dir, "/data")
+    result = run_archive()
+    (pack_id,) = backend.objects  # a small run: one pack holds the files and the trees
+    fetcher = BlobFetcher(backend, transfer, MemoryIndex())  # type: ignore[arg-type]
+    pack = backend.objects[pack_id]
+    fetcher.index.record_pack(pack_id, len(pack), parse_trailer(pack))  # as this host's own index holds it
+    before = backend.counter.as_dict()
+
+    Restorer(fetcher, str(tmp_path / "restored")).restore(backend.get_manifest(result.manifest_id), ())
+
+    after = backend.counter.as_dict()
+    assert after["api"]["POST /downloads"] - before["api"].get("POST /downloads", 0) == 1  # 8 tree levels
+    # One GET brought every tree of the pack (the walk is 8 levels deep), one more the file contents.
+    assert after["s3"]["get"] - before["s3"].get("get", 0) == 2
+    assert (tmp_path / "restored" / deep.relative_to(host_root) / "f0").read_bytes() == b"file at level 0"
