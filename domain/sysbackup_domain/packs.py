@@ -12,10 +12,11 @@ Everything read back from a pack is untrusted: the trailer is validated (offsets
 no overlaps, no duplicate hashes) and every blob is re-hashed before it is believed.
 """
 
+import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from sysbackup_domain import canonical
 from sysbackup_domain.compression import (
@@ -116,17 +117,24 @@ def _require_choice(value: object, where: str, choices: tuple[str, ...]) -> str:
 
 
 class PackWriter:
-    """Builds one pack in memory. Not thread-safe: one writer per packing thread.
+    """Builds one pack, in memory or (with `spool`) in a file. Not thread-safe: one writer per thread.
 
     Adding a hash that is already in the pack returns the existing entry (a blob is stored once).
-    `size` counts blob bytes so far; the finished pack adds the trailer and the tail.
+    `size` counts blob bytes so far; the finished pack adds the trailer and the tail. With a spool
+    (an empty file opened for writing), blobs go to the file as they come and `finish_spool` ends
+    the pack there: memory stays flat whatever the pack size (the host's packs wait for their PUT
+    in the page cache, not in its RSS).
     """
 
-    def __init__(self, max_bytes: int = MAX_PACK_BYTES, max_blobs: int = MAX_PACK_BLOBS) -> None:
+    def __init__(
+        self, max_bytes: int = MAX_PACK_BYTES, max_blobs: int = MAX_PACK_BLOBS, spool: BinaryIO | None = None
+    ) -> None:
         if not 0 < max_bytes <= MAX_PACK_BYTES:
             raise ValueError(f"max_bytes must be in 1..{MAX_PACK_BYTES}, got {max_bytes}")
         self._max_bytes = max_bytes
         self._max_blobs = max_blobs
+        self._spool = spool
+        self._digest = hashlib.sha256()  # of what went to the spool
         self._parts: list[bytes] = []
         self._entries: dict[str, PackEntry] = {}
         self._size = 0
@@ -180,21 +188,41 @@ class PackWriter:
                 f"a {len(stored)}-byte blob does not fit: pack holds {self.count} blobs, {self._size} bytes"
             )
         entry = PackEntry(blob_hash, kind, codec, self._size, len(stored), raw_length)
-        self._parts.append(bytes(stored))
+        if self._spool is not None:
+            self._spool.write(stored)
+            self._digest.update(stored)
+        else:
+            self._parts.append(bytes(stored))
         self._entries[blob_hash] = entry
         self._size += len(stored)
         return entry
 
     def finish(self) -> tuple[bytes, list[PackEntry]]:
         """The whole pack (blobs, trailer, tail) and its entries in offset order. Ends this writer."""
+        if self._spool is not None:
+            raise ValueError("a spooled pack ends with finish_spool")
+        entries, ending = self._end()
+        pack = b"".join([*self._parts, ending])
+        self._parts = []
+        return pack, entries
+
+    def finish_spool(self) -> tuple[str, int, list[PackEntry]]:
+        """End a spooled pack in its file: (SHA-256 hex of the pack, its size, entries in offset order)."""
+        if self._spool is None:
+            raise ValueError("not a spooled pack: use finish")
+        entries, ending = self._end()
+        self._spool.write(ending)
+        self._spool.flush()
+        self._digest.update(ending)
+        return self._digest.hexdigest(), self._size + len(ending), entries
+
+    def _end(self) -> tuple[list[PackEntry], bytes]:
         if not self._entries:
             raise ValueError("an empty pack is not worth a PUT")
         self._finished = True
         entries = list(self._entries.values())
         trailer = encode_trailer(entries)
-        pack = b"".join([*self._parts, trailer, _TAIL.pack(len(trailer), MAGIC)])
-        self._parts = []
-        return pack, entries
+        return entries, trailer + _TAIL.pack(len(trailer), MAGIC)
 
 
 def encode_trailer(entries: list[PackEntry]) -> bytes:

@@ -1,6 +1,7 @@
 """Pack format: round trips, ranged-read helpers, strict trailer validation, corruption detection."""
 
 import gzip
+import hashlib
 import os
 import struct
 
@@ -298,3 +299,19 @@ def test_check_layout_validates_claimed_entries_against_a_pack_size() -> None:
         check_layout(entries, 1)
     with pytest.raises(InvalidDocument, match="overlaps"):
         check_layout([*entries, PackEntry(blob_hash(b"c"), "data", "none", 0, 2, 2)], 10)
+
+
+def test_a_spooled_pack_is_byte_for_byte_the_in_memory_pack(tmp_path):
+    blobs = [(blob_hash(b"x" * n), b"x" * n) for n in (1, 100, 5000)] + [(blob_hash(b"tree"), b"tree")]
+    in_memory, spooled = PackWriter(), PackWriter(spool=(tmp_path / "spool").open("w+b"))
+    for writer in (in_memory, spooled):
+        for digest, plaintext in blobs:
+            writer.add(digest, "tree" if plaintext == b"tree" else "data", plaintext)
+    expected, expected_entries = in_memory.finish()
+
+    sha256, size, entries = spooled.finish_spool()
+
+    assert (tmp_path / "spool").read_bytes() == expected
+    assert (sha256, size, entries) == (hashlib.sha256(expected).hexdigest(), len(expected), expected_entries)
+    with pytest.raises(ValueError, match="finish_spool"):
+        PackWriter(spool=(tmp_path / "other").open("w+b")).finish()
