@@ -148,6 +148,10 @@ class PackWriter:
     def count(self) -> int:
         return len(self._entries)
 
+    @property
+    def spool(self) -> BinaryIO | None:
+        return self._spool
+
     def __contains__(self, blob_hash: object) -> bool:
         return blob_hash in self._entries
 

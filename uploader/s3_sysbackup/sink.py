@@ -15,11 +15,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 from sysbackup_domain.compression import compress_if_worth
 from sysbackup_domain.hashing import blob_hash
@@ -32,8 +36,11 @@ logger = logging.getLogger(__name__)
 
 FAULT_ENV = "S3SB_FAULT"
 # Each 16 MiB pack is shipped as soon as it is sealed (one presign call per pack, a negligible share
-# of a run's bill) so reading, compressing and uploading overlap; memory stays near two packs.
+# of a run's bill) so reading, compressing and uploading overlap. Packs are spooled to files in the
+# cache directory, so a pack waiting for its PUT costs page cache, not memory: two batches may be on
+# the wire at once, which hides a presign's latency from the reading threads.
 PACKS_PER_BATCH = 1
+BATCHES_IN_FLIGHT = 2
 PARALLEL_PUTS = 4
 # Waits before sending again packs gc is deleting (POST /packs/presign answered 409 with
 # `collecting`): its deletion of one pack takes seconds; a crashed gc run's is finished by the next.
@@ -56,12 +63,18 @@ def fault_point(name: str) -> None:
 @dataclass
 class SealedPack:
     sha256: str
-    data: bytes
+    body: bytes | BinaryIO  # the pack, in memory or in its spool file (read from the start)
+    size: int
     entries: list[PackEntry]
 
-    @property
-    def size(self) -> int:
-        return len(self.data)
+    @classmethod
+    def in_memory(cls, data: bytes, entries: list[PackEntry]) -> SealedPack:
+        return cls(hashlib.sha256(data).hexdigest(), data, len(data), entries)
+
+    def close(self) -> None:
+        """Drop a spool file (it was unlinked when made: closing frees its disk)."""
+        if not isinstance(self.body, bytes):
+            self.body.close()
 
 
 @dataclass
@@ -90,21 +103,28 @@ class PackShipper:
         self.on_stored = on_stored
         self.parallel_puts = parallel_puts
         self.counts = ShipCounts()
+        self._counting = threading.Lock()
 
     def ship(self, packs: list[SealedPack]) -> None:
         """Presign and PUT `packs`; waits out gc deleting an identical old pack (409 collecting)."""
-        for wait_s in (*COLLECTING_WAITS_S, None):
-            try:
-                self._ship_once(packs)
-                return
-            except ApiError as error:
-                collecting = error.body.get("collecting") if isinstance(error.body, dict) else None
-                if error.status != 409 or not collecting or wait_s is None:
-                    raise
-                # gc is deleting an old pack byte-identical to ours: once it is gone (seconds), presign
-                # makes a fresh one and our PUT lands.
-                logger.warning("gc is collecting packs %s; sending them again in %d s", collecting, wait_s)
-                self.sleep(wait_s)
+        try:
+            for wait_s in (*COLLECTING_WAITS_S, None):
+                try:
+                    self._ship_once(packs)
+                    return
+                except ApiError as error:
+                    collecting = error.body.get("collecting") if isinstance(error.body, dict) else None
+                    if error.status != 409 or not collecting or wait_s is None:
+                        raise
+                    # gc is deleting an old pack byte-identical to ours: once it is gone (seconds),
+                    # presign makes a fresh one and our PUT lands.
+                    logger.warning(
+                        "gc is collecting packs %s; sending them again in %d s", collecting, wait_s
+                    )
+                    self.sleep(wait_s)
+        finally:
+            for pack in packs:
+                pack.close()
 
     def _ship_once(self, packs: list[SealedPack]) -> None:
         uploads, stored = self.api.presign_packs([{"sha256": p.sha256, "size": p.size} for p in packs])
@@ -118,20 +138,21 @@ class PackShipper:
             uploaded = list(pool.map(lambda p: self._put(p, upload_for[p.sha256]), to_send))
         sent = {pack.sha256 for pack, fresh in zip(to_send, uploaded, strict=True) if fresh}
         fault_point("after-pack-put")
-        for pack in packs:
-            self.on_stored(pack)
-            self.counts.packs += 1
-            self.counts.data_packs += any(entry.kind == "data" for entry in pack.entries)
-            self.counts.blobs_new += len(pack.entries)
-            if pack.sha256 in sent:
-                self.counts.bytes_uploaded += pack.size
-            else:
-                self.counts.packs_already_there += 1
+        with self._counting:  # two batches may finish at once
+            for pack in packs:
+                self.on_stored(pack)
+                self.counts.packs += 1
+                self.counts.data_packs += any(entry.kind == "data" for entry in pack.entries)
+                self.counts.blobs_new += len(pack.entries)
+                if pack.sha256 in sent:
+                    self.counts.bytes_uploaded += pack.size
+                else:
+                    self.counts.packs_already_there += 1
         fault_point("after-index")
 
     def _put(self, pack: SealedPack, upload: dict) -> bool:
         headers = upload.get("headers") or {}
-        return self.transfer.put_pack(upload["url"], headers, pack.data)
+        return self.transfer.put_pack(upload["url"], headers, pack.body)
 
 
 @dataclass
@@ -140,15 +161,16 @@ class BlobSink:
 
     shipper: PackShipper
     known: set[str]  # the local index's hashes when the run started
+    spool_dir: Path | None = None  # where packs are built (unlinked files); None: in memory
     packs_per_batch: int = PACKS_PER_BATCH
     target_pack_bytes: int = TARGET_PACK_BYTES
     _seen: set[str] = field(default_factory=set)
     _writer: PackWriter | None = None
     _ready: list[SealedPack] = field(default_factory=list)
-    _in_flight: Future | None = None
+    _in_flight: deque[Future] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="ship")
+        default_factory=lambda: ThreadPoolExecutor(max_workers=BATCHES_IN_FLIGHT, thread_name_prefix="ship")
     )
 
     def is_known_stored(self, digest: str) -> bool:
@@ -168,7 +190,7 @@ class BlobSink:
             if self._writer is not None and not self._writer.has_room(len(stored)):
                 self._seal()
             if self._writer is None:
-                self._writer = PackWriter()
+                self._writer = self._new_writer()
             self._writer.add_stored(digest, kind, codec, stored, raw_length)
             if self._writer.size >= self.target_pack_bytes:
                 self._seal()
@@ -196,23 +218,32 @@ class BlobSink:
 
     # -- under the lock ---------------------------------------------------------------------
 
+    def _new_writer(self) -> PackWriter:
+        if self.spool_dir is None:
+            return PackWriter()
+        return PackWriter(spool=tempfile.TemporaryFile(dir=self.spool_dir, prefix="pack-"))
+
     def _seal(self, ship: bool = True) -> None:
         writer, self._writer = self._writer, None
         if writer is None or writer.count == 0:
             return
-        data, entries = writer.finish()
-        self._ready.append(SealedPack(hashlib.sha256(data).hexdigest(), data, entries))
+        if writer.spool is None:
+            data, entries = writer.finish()
+            self._ready.append(SealedPack.in_memory(data, entries))
+        else:
+            sha256, size, entries = writer.finish_spool()
+            self._ready.append(SealedPack(sha256, writer.spool, size, entries))
         if ship and len(self._ready) >= self.packs_per_batch:
             self._ship_ready()
 
     def _ship_ready(self) -> None:
         if not self._ready:
             return
-        self._wait_in_flight()  # at most one batch on the wire
+        while len(self._in_flight) >= BATCHES_IN_FLIGHT:
+            self._in_flight.popleft().result()  # re-raises a shipping failure in the producer
         batch, self._ready = self._ready, []
-        self._in_flight = self._executor.submit(self.shipper.ship, batch)
+        self._in_flight.append(self._executor.submit(self.shipper.ship, batch))
 
     def _wait_in_flight(self) -> None:
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
-            future.result()  # re-raises a shipping failure in the producer
+        while self._in_flight:
+            self._in_flight.popleft().result()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from typing import BinaryIO
 
 import urllib3
 
@@ -28,7 +29,7 @@ class Transfer:
         self.pool = pool or new_pool(max_connections=8, read_timeout_s=300.0)
         self.attempts = attempts
 
-    def put_pack(self, url: str, headers: Mapping[str, str], body: bytes) -> bool:
+    def put_pack(self, url: str, headers: Mapping[str, str], body: bytes | BinaryIO) -> bool:
         """Upload one pack with exactly the presigned headers. False if it was already there (412).
 
         The URL pins `If-None-Match: *`, so a retry after a lost response answers 412 instead of
@@ -59,11 +60,19 @@ class Transfer:
         return data
 
     def _request(
-        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None, counter_route: str
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        body: bytes | BinaryIO | None,
+        counter_route: str,
     ) -> urllib3.BaseHTTPResponse:
         delays = backoff_delays(self.attempts)
         while True:
             self.counter.add("s3", counter_route)
+            if body is not None and not isinstance(body, bytes):
+                body.seek(0)  # a spooled pack is sent from its start on every attempt
             try:
                 response = self.pool.request(method, url, headers=headers, body=body, preload_content=True)
             except urllib3.exceptions.HTTPError as error:

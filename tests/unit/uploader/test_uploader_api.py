@@ -249,3 +249,13 @@ def test_latest_follows_pages_until_the_head_and_none_without_one(server: Script
     assert api.latest_manifest() is None
     with pytest.raises(ApiError, match="not among"):
         api.latest_manifest()
+
+
+def test_a_spooled_pack_is_sent_whole_on_every_attempt(server: ScriptedServer, tmp_path):
+    server.check_signatures = False
+    server.script = [(503, {}, {}), (200, {}, {})]  # the first attempt fails after reading the body
+    spool = (tmp_path / "pack").open("w+b")
+    spool.write(b"spooled pack bytes")  # left at its end, as PackWriter.finish_spool leaves it
+    headers = {"If-None-Match": "*", "Content-Length": "18"}
+    assert Transfer().put_pack(server.url + "/packs/abc?X-Amz-Signature=s", headers, spool) is True
+    assert [body for _, _, body in server.seen] == [b"spooled pack bytes", b"spooled pack bytes"]

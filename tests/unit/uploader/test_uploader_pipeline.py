@@ -251,7 +251,7 @@ def test_a_pack_the_backend_already_stores_is_indexed_without_a_put(backend, tra
     stored_by_another_run = backend.store_pack(data)
     indexed: list[str] = []
     shipper = PackShipper(backend, transfer, on_stored=lambda pack: indexed.append(pack.sha256))  # type: ignore[arg-type]
-    shipper.ship([SealedPack(stored_by_another_run, data, entries)])
+    shipper.ship([SealedPack.in_memory(data, entries)])
     assert indexed == [stored_by_another_run] and transfer.puts == []
     assert shipper.counts.packs_already_there == 1 and shipper.counts.bytes_uploaded == 0
 

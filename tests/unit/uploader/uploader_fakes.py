@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, BinaryIO
 
 from s3_sysbackup.api import ApiError, PackDownloads
 from s3_sysbackup.net import RequestCounter
@@ -332,8 +332,11 @@ class FakeTransfer:
     puts: list[str] = field(default_factory=list)
     gets: list[tuple[str, int, int]] = field(default_factory=list)
 
-    def put_pack(self, url: str, headers: Mapping[str, str], body: bytes) -> bool:
+    def put_pack(self, url: str, headers: Mapping[str, str], body: bytes | BinaryIO) -> bool:
         self.counter.add("s3", "put")
+        if not isinstance(body, bytes):  # a spooled pack
+            body.seek(0)
+            body = body.read()
         pack_id = url.removeprefix(URL_PREFIX)
         assert hashlib.sha256(body).hexdigest() == pack_id, "pack bytes do not match the presigned key"
         assert sha256_base64(body)  # the checksum the real presign pins
