@@ -202,8 +202,10 @@ class Archiver:
             cache = ParentCache(state_dir, scope=self.api.endpoint)
             try:
                 self.cache_was_lost = cache.parent_manifest is None and not cache.index_ready
-                if self._ensure_index(cache) and self.cache_was_lost:
-                    self._adopt_head_of_lost_cache(cache)
+                if self.cache_was_lost:
+                    self._start_new_cache(cache)
+                else:
+                    self._ensure_index(cache)
                 for attempt in range(1, RUNS_MAX + 1):
                     try:
                         return self._run_once(cache)
@@ -222,8 +224,7 @@ class Archiver:
         """A cache without its local index (new, lost, from v1) learns the host's packs first; returns
         how many packs the backend listed (0 if the index was there).
 
-        A host's first run pays one GET /packs (an empty list); a lost cache is rebuilt from every
-        pack's trailer, so nothing already stored is sent again."""
+        A lost cache is rebuilt from every pack's trailer, so nothing already stored is sent again."""
         if cache.index_ready:
             return 0
         progress = Progress(not self.options.quiet)
@@ -236,13 +237,19 @@ class Archiver:
         cache.mark_index_ready()
         return report.packs_listed
 
-    def _adopt_head_of_lost_cache(self, cache: ParentCache) -> None:
-        """A lost cache of a host with packs: its head is the parent (asked now, rather than after a 409
-        for a commit planned against no parent, which would list every pack the host has)."""
+    def _start_new_cache(self, cache: ParentCache) -> None:
+        """A new cache (a host's first run, or a lost cache): ask for the head (GET /manifests, from the
+        function the commit calls anyway, so a first run starts no other function). No head: nothing
+        committed, an empty index. A head: the cache was lost; the index is rebuilt from the host's
+        packs (nothing stored is sent again) and the head is the parent (rather than a 409 for a
+        commit planned against no parent)."""
         head = self._head()
-        if head is not None:
-            logger.warning("this host's cache is new: taking %s as parent", head["manifest_id"])
-            cache.adopt_parent(str(head["manifest_id"]))
+        if head is None:
+            cache.mark_index_ready()
+            return
+        self._ensure_index(cache)
+        logger.warning("this host's cache is new: taking %s as parent", head["manifest_id"])
+        cache.adopt_parent(str(head["manifest_id"]))
 
     def _run_once(self, cache: ParentCache) -> ArchiveResult:
         run_id = uuid.uuid4().hex

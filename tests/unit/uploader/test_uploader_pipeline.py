@@ -231,14 +231,14 @@ def test_crash_after_pack_put_then_rerun_finds_identical_packs_stored(
     crash_once(run_archive, monkeypatch, "after-pack-put", config=make_config(workers=1))
     put_by_crash = set(backend.objects)
     assert put_by_crash and backend.head is None
-    listed_before = backend.counter.as_dict()["api"]["GET /packs"]
+    listed_before = backend.counter.as_dict()["api"].get("GET /packs", 0)
 
     # One reader: the re-run builds byte-identical packs, which presign answers as stored.
     result = run_archive(config=make_config(workers=1))
 
     assert result.stats["packs_already_there"] == len(put_by_crash)
     assert len(transfer.puts) == len(set(transfer.puts))  # no pack was PUT twice
-    assert backend.counter.as_dict()["api"]["GET /packs"] == listed_before  # no pack list read
+    assert backend.counter.as_dict()["api"].get("GET /packs", 0) == listed_before  # no pack list read
     target = tmp_path / "restored"
     restore(backend, transfer, result.manifest_id, target)
     assert (target / "data" / "big.bin").read_bytes() == (data / "big.bin").read_bytes()
@@ -493,3 +493,13 @@ def test_a_restore_asks_for_each_packs_url_once_and_reads_all_its_trees_in_one_g
     # One GET brought every tree of the pack (the walk is 8 levels deep), one more the file contents.
     assert after["s3"]["get"] - before["s3"].get("get", 0) == 2
     assert (tmp_path / "restored" / deep.relative_to(host_root) / "f0").read_bytes() == b"file at level 0"
+
+
+def test_a_hosts_first_run_asks_for_the_head_and_lists_no_packs(run_archive, config_dir, host_root, backend):
+    build_sample_tree(host_root)
+    pick(config_dir, "/data")
+    result = run_archive()
+    calls = backend.counter.as_dict()["api"]
+    # GET /manifests goes to the function the commit calls anyway: a first run starts no third one.
+    assert calls == {"GET /manifests": 1, "POST /packs/presign": 1, "POST /manifests": 1}, calls
+    assert backend.head == result.manifest_id
