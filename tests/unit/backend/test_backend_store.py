@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 from botocore.exceptions import ClientError
+from sysbackup_backend import store
 from sysbackup_backend.api import Services
 from sysbackup_backend.store import manifest_key, pack_checksum
-from sysbackup_testkit import build_pack, put_pack_object
+from sysbackup_testkit import S3CallCounter, build_pack, put_pack_object
 
 UNTIL = datetime(2031, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
 
@@ -55,3 +57,18 @@ def test_manifest_is_written_once_and_locked(backend: Services) -> None:
         backend.store.put_manifest(key, b'{"version":2}', UNTIL, "GOVERNANCE")
     assert refused.value.response["Error"]["Code"] == "PreconditionFailed"
     assert backend.store.read(key) == b'{"version":1}'
+
+
+@pytest.mark.parametrize(("read_bytes", "gets"), [(256 * 1024, 1), (100, 2)])
+def test_a_pack_trailer_is_one_suffix_get_unless_it_is_longer(
+    backend: Services, monkeypatch: pytest.MonkeyPatch, read_bytes: int, gets: int
+) -> None:
+    monkeypatch.setattr(store, "TRAILER_READ_BYTES", read_bytes)
+    pack = build_pack([("data", os.urandom(3000)), ("data", b"x" * 5000), ("tree", b"{}")])
+    put_pack_object(backend, pack)
+    counter = S3CallCounter(backend.store.client, "GetObject")
+
+    entries = backend.store.read_pack_trailer(pack.pack_id, len(pack.data))
+
+    assert entries == pack.entries
+    assert counter.count == gets
