@@ -14,13 +14,20 @@ import pytest
 from conftest import pick, write_script
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import restorer as restorer_module
-from s3_sysbackup.archiver import EXIT_OK, EXIT_WARNINGS, CommitConflict, _bounded_warnings, run_bounded
+from s3_sysbackup.archiver import (
+    EXIT_OK,
+    EXIT_WARNINGS,
+    CommitConflict,
+    _bounded_warnings,
+    _file_chunks,
+    run_bounded,
+)
 from s3_sysbackup.fetch import BlobFetcher, stream_chunks
 from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
 from s3_sysbackup.sink import FAULT_ENV, InjectedFault, PackShipper, SealedPack
-from sysbackup_domain.chunking import SMALL_FILE_BYTES
+from sysbackup_domain.chunking import FILE_CHUNKING, SMALL_FILE_BYTES, chunk_file
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, parse_commit_request
 from sysbackup_domain.packs import PackWriter, open_blob, parse_trailer, verify_pack
@@ -503,3 +510,17 @@ def test_a_hosts_first_run_asks_for_the_head_and_lists_no_packs(run_archive, con
     # GET /manifests goes to the function the commit calls anyway: a first run starts no third one.
     assert calls == {"GET /manifests": 1, "POST /packs/presign": 1, "POST /manifests": 1}, calls
     assert backend.head == result.manifest_id
+
+
+@pytest.mark.parametrize("size", [0, 1000, FILE_CHUNKING.one_blob_up_to, 3 * FILE_CHUNKING.one_blob_up_to])
+@pytest.mark.parametrize("stale_hint", [False, True])  # True: the file grew after fstat said 10 bytes
+def test_file_chunks_match_chunk_file_whatever_fstat_said(tmp_path: Path, size: int, stale_hint: bool):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(size))
+    with path.open("rb") as stream:
+        expected = list(chunk_file(stream, FILE_CHUNKING))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert list(_file_chunks(fd, 10 if stale_hint else size)) == expected
+    finally:
+        os.close(fd)
