@@ -44,7 +44,7 @@ from .commit_plan import (
 )
 from .config import Config
 from .fetch import BlobFetcher, MissingBlob, stream_chunks
-from .heap import pin_mmap_threshold
+from .heap import cyclic_gc_paused, pin_mmap_threshold
 from .index_rebuild import rebuild_index
 from .metadata import Stat, acl_text, encode_xattrs, group_name, hardlink_id, user_name
 from .net import RequestCounter
@@ -208,7 +208,8 @@ class Archiver:
                     self._ensure_index(cache)
                 for attempt in range(1, RUNS_MAX + 1):
                     try:
-                        return self._run_once(cache)
+                        with cyclic_gc_paused():
+                            return self._run_once(cache)
                     except MissingBlobs as error:
                         if attempt == RUNS_MAX:
                             raise CommitRefused(f"{error} (still, after {RUNS_MAX} passes)") from error

@@ -9,9 +9,12 @@ RSS fell from 257 MB to 199 MB with the threshold pinned (bench/compare.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -34,3 +37,21 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         logger.debug("mallopt(M_MMAP_THRESHOLD) refused")
         return False
     return True
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for a bulk phase (an archive run, a restore).
+
+    A walk of 100k files allocates over a million container objects (nodes, stats, outcomes) that
+    form no reference cycles, yet each allocation burst triggers collections that traverse them all:
+    a third of a 100k-file no-change run (2.1 -> 1.5 s measured). Reference counting still frees
+    everything acyclic as usual; whatever cycles the phase made wait for the next collection.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

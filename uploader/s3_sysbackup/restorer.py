@@ -25,7 +25,7 @@ from sysbackup_domain.tree import TreeEntry
 
 from .api import ApiClient
 from .fetch import LOCATE_BATCH, BlobFetcher, stream_chunks, walk_trees
-from .heap import pin_mmap_threshold
+from .heap import cyclic_gc_paused, pin_mmap_threshold
 from .metadata import decode_xattrs
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,10 @@ class Restorer:
 
     def restore(self, manifest: dict, paths: Sequence[str] = ()) -> RestoreResult:
         pin_mmap_threshold()  # fetched spans go back to the kernel when freed (see heap.py)
+        with cyclic_gc_paused():
+            return self._restore(manifest, paths)
+
+    def _restore(self, manifest: dict, paths: Sequence[str]) -> RestoreResult:
         result = RestoreResult(manifest_id=str(manifest.get("id", "")))
         root = manifest.get("root")
         if not root:
