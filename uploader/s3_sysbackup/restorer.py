@@ -227,10 +227,15 @@ class Restorer:
                 continue
             if entry.hardlink:
                 primary_of[entry.hardlink] = parts
-            self._create_file(dirs, parts, entry)
             slots.append(_FileSlot(parts, entry))
             result.files += 1
-        result.bytes_written += self._fill_files(dirs, slots)
+        # A file is created at its first write (one open, not two: opens are most of a restore of
+        # many small files); empty and all-zero files, which get no write, are created after.
+        created: set[Parts] = set()
+        result.bytes_written += self._fill_files(dirs, slots, created)
+        for slot in slots:
+            if slot.parts not in created:
+                os.close(self._create_file(dirs, slot.parts, slot.entry))
         for primary, parts in links:
             self._link(dirs, primary, parts)
             result.files += 1
@@ -262,7 +267,8 @@ class Restorer:
         self._remove_existing(parent, name, parts)
         os.mkdir(name, 0o700, dir_fd=parent)
 
-    def _create_file(self, dirs: DirFds, parts: Parts, entry: TreeEntry) -> None:
+    def _create_file(self, dirs: DirFds, parts: Parts, entry: TreeEntry) -> int:
+        """Create the file (replacing what is there only with --overwrite); returns it open for writing."""
         parent = dirs.get(parts[:-1])
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -273,8 +279,10 @@ class Restorer:
         try:
             # The full size up front: holes stay holes where we skip all-zero chunks (sparse files).
             os.ftruncate(fd, entry.size or 0)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def _remove_existing(self, parent: int, name: str, parts: Parts) -> None:
         """Replace what is at `name` (only with --overwrite). Unlinking a symlink never follows it."""
@@ -285,8 +293,10 @@ class Restorer:
             raise RestoreError(f"/{'/'.join(parts)} is a directory in the target; will not replace it")
         os.unlink(name, dir_fd=parent)
 
-    def _fill_files(self, dirs: DirFds, slots: list[_FileSlot]) -> int:
-        """Fetch each needed chunk once and write it at every place it belongs."""
+    def _fill_files(self, dirs: DirFds, slots: list[_FileSlot], created: set[Parts]) -> int:
+        """Fetch each needed chunk once and write it at every place it belongs (creating each file at
+        its first write; `created` learns which)."""
+        entry_of = {slot.parts: slot.entry for slot in slots}
         written = 0
         for batch in _slot_batches(slots, LOCATE_BATCH):
             located, urls = self.fetcher.locate({digest for slot in batch for digest in slot.entry.content})
@@ -305,11 +315,19 @@ class Restorer:
                 if not plaintext.strip(b"\0"):
                     continue  # all zeros: leave a hole (the file was pre-sized)
                 for parts, position in uses[digest]:
-                    written += self._write_at(dirs, parts, position, plaintext)
+                    if parts in created:
+                        fd = os.open(
+                            parts[-1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirs.get(parts[:-1])
+                        )
+                    else:
+                        fd = self._create_file(dirs, parts, entry_of[parts])
+                        created.add(parts)
+                    written += self._write_at(fd, position, plaintext)
         return written
 
-    def _write_at(self, dirs: DirFds, parts: Parts, position: int, data: bytes) -> int:
-        fd = os.open(parts[-1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirs.get(parts[:-1]))
+    @staticmethod
+    def _write_at(fd: int, position: int, data: bytes) -> int:
+        """Write `data` at `position` of the open file `fd`, then close it."""
         try:
             view = memoryview(data)
             while view:
