@@ -17,7 +17,7 @@ from .catalogue import Catalogue
 from .clients import dynamodb_client, s3_client, sqs_client
 from .commit import Committer, verify_queue_from_environment
 from .errors import ApiError, BadRequest, Forbidden
-from .identity import Caller, caller
+from .identity import Caller, caller, target_host
 from .jobs import JobStore
 from .registry import PackRegistry
 from .retention_worker import queue_from_environment
@@ -76,6 +76,21 @@ def json_response(status_code: int, body: dict[str, Any]) -> Response:
 def request_caller(app: APIGatewayHttpResolver) -> Caller:
     """The authenticated caller of the current request (identity.caller raises Forbidden)."""
     return caller(app.current_event.raw_event, services().settings.restore_principal_arns)
+
+
+def reading_host(app: APIGatewayHttpResolver) -> str:
+    """The host a read is for: the caller's own, or `?host=` for a restore principal."""
+    return target_host(request_caller(app), app.current_event.get_query_string_value("host"))
+
+
+def page_limit(app: APIGatewayHttpResolver, default: int, maximum: int) -> int:
+    """The request's `?limit=` (1..maximum), or `default` without one; BadRequest otherwise."""
+    text = app.current_event.get_query_string_value("limit")
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= maximum:
+        raise BadRequest(f"`limit` must be an integer from 1 to {maximum}")
+    return int(text)
 
 
 def writing_host(app: APIGatewayHttpResolver) -> str:

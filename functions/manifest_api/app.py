@@ -11,16 +11,16 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from sysbackup_backend.api import (
     json_body,
     json_response,
+    page_limit,
+    reading_host,
     register_error_handlers,
-    request_caller,
     services,
     walk_budget,
     writing_host,
 )
 from sysbackup_backend.catalogue import DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT, manifest_after, page_token
 from sysbackup_backend.commit import CommitOutcome
-from sysbackup_backend.errors import BadRequest, NotFound
-from sysbackup_backend.identity import target_host
+from sysbackup_backend.errors import NotFound
 from sysbackup_domain.manifest import is_manifest_id
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -58,25 +58,12 @@ def poll_job(job_id: str) -> Response:
     return _answer(services().committer.resume(host, job_id, walk_budget(app)))
 
 
-def _read_host() -> str:
-    return target_host(request_caller(app), app.current_event.get_query_string_value("host"))
-
-
-def _page_limit() -> int:
-    text = app.current_event.get_query_string_value("limit")
-    if text is None:
-        return DEFAULT_PAGE_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE_LIMIT:
-        raise BadRequest(f"`limit` must be an integer from 1 to {MAX_PAGE_LIMIT}")
-    return int(text)
-
-
 @app.get("/manifests")
 @tracer.capture_method
 def list_manifests() -> dict[str, Any]:
     """One page of summaries, newest first (a host's list can outgrow Lambda's 6 MB response)."""
-    host = _read_host()
-    limit = _page_limit()
+    host = reading_host(app)
+    limit = page_limit(app, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT)
     token = app.current_event.get_query_string_value("next")
     after = manifest_after(token, host) if token is not None else None
     catalogue = services().catalogue
@@ -91,7 +78,7 @@ def list_manifests() -> dict[str, Any]:
 @app.get("/manifests/<manifest_id>")
 @tracer.capture_method
 def get_manifest(manifest_id: str) -> Response:
-    host = _read_host()
+    host = reading_host(app)
     # Only catalogued manifests are served: an orphaned document (a crash mid-commit) was never committed.
     summary = services().catalogue.get(host, manifest_id) if is_manifest_id(manifest_id) else None
     if summary is None:

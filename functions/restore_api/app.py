@@ -12,7 +12,13 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field
-from sysbackup_backend.api import BlobHash, register_error_handlers, request_caller, services
+from sysbackup_backend.api import (
+    BlobHash,
+    page_limit,
+    reading_host,
+    register_error_handlers,
+    services,
+)
 from sysbackup_backend.downloads import (
     DEFAULT_PACK_PAGE_LIMIT,
     MAX_PACK_PAGE_LIMIT,
@@ -20,8 +26,6 @@ from sysbackup_backend.downloads import (
     download_urls,
     pack_page,
 )
-from sysbackup_backend.errors import BadRequest
-from sysbackup_backend.identity import target_host
 
 logger = Logger()
 tracer = Tracer()
@@ -34,31 +38,20 @@ class DownloadRequest(BaseModel):
     packs: list[BlobHash] = Field(min_length=1, max_length=MAX_PACKS_PER_DOWNLOAD)
 
 
-def _read_host() -> str:
-    return target_host(request_caller(app), app.current_event.get_query_string_value("host"))
-
-
-def _page_limit() -> int:
-    text = app.current_event.get_query_string_value("limit")
-    if text is None:
-        return DEFAULT_PACK_PAGE_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PACK_PAGE_LIMIT:
-        raise BadRequest(f"`limit` must be an integer from 1 to {MAX_PACK_PAGE_LIMIT}")
-    return int(text)
-
-
 @app.get("/packs")
 @tracer.capture_method
 def list_packs() -> dict[str, Any]:
-    host = _read_host()
+    host = reading_host(app)
     token = app.current_event.get_query_string_value("next")
-    return pack_page(services().registry, host, _page_limit(), token)
+    return pack_page(
+        services().registry, host, page_limit(app, DEFAULT_PACK_PAGE_LIMIT, MAX_PACK_PAGE_LIMIT), token
+    )
 
 
 @app.post("/downloads")
 @tracer.capture_method
 def downloads(request: DownloadRequest) -> dict[str, Any]:
-    host = _read_host()
+    host = reading_host(app)
     backend = services()
     answer = download_urls(
         backend.registry, backend.store, host, request.packs, backend.settings.download_url_expiry_seconds
