@@ -261,6 +261,8 @@ class Meter:
             usage.s3.subtract(before.s3.get(bucket, Counter()))
         usage.s3 = +usage.s3
         for function, now in after.lambda_usage.items():
+            if function not in self.memory_mb:
+                continue  # a function a test put on the stack (not the product's bill)
             then = before.lambda_usage.get(function, {"invocations": 0, "billed_ms": 0})
             invocations = now["invocations"] - then["invocations"]
             usage.lambda_invocations += invocations
