@@ -194,7 +194,8 @@ def resolve(listed: set[str], read: set[str], located: Mapping[str, IndexedBlob]
     if len(packs) > MAX_COMMIT_PACKS:
         raise PlanTooLarge(
             f"this run's new blobs are in {len(packs)} packs, more than the {MAX_COMMIT_PACKS} one commit "
-            "may list (docs/PACK_INDEX.md)"
+            "may list (docs/PACK_INDEX.md). Back up in parts: let pickers.d pick part of the tree, run, "
+            "then the rest; what was sent stays in this host's index and is not sent again"
         )
     unlocated = (listed | read) - located.keys()
     return CommitPlan(packs, locations, unlocated)
