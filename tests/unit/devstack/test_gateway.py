@@ -33,7 +33,7 @@ def make_gateway(outcome: InvocationOutcome | None = None) -> tuple[ApiGateway, 
     routes = RouteTable()
     routes.add(HttpRoute("GET", "/manifests"), "ManifestApiFunction")
     routes.add(HttpRoute("GET", "/manifests/{manifest_id}"), "ManifestApiFunction")
-    routes.add(HttpRoute("POST", "/blobs/check"), "UploadApiFunction")
+    routes.add(HttpRoute("POST", "/packs/presign"), "UploadApiFunction")
     keys = {identity.access_key: identity for identity in (HOST, FUNCTION)}
     invoker = RecordingInvoker(outcome or InvocationOutcome(result={"ok": True}))
     return ApiGateway(routes, keys.get, invoker), invoker
@@ -76,10 +76,10 @@ def test_literal_routes_win_over_parameterised_ones() -> None:
 def test_a_binary_body_is_base64_encoded() -> None:
     gateway, invoker = make_gateway()
     body = bytes(range(256))
-    headers = signed_headers("POST", "/blobs/check", body, HOST)
+    headers = signed_headers("POST", "/packs/presign", body, HOST)
     headers["Content-Type"] = "application/octet-stream"
     # Content-Type was not signed by this request, so changing it is allowed.
-    gateway.handle("POST", "/blobs/check", headers, body, "127.0.0.1")
+    gateway.handle("POST", "/packs/presign", headers, body, "127.0.0.1")
 
     event = invoker.calls[0][1]
     assert event["isBase64Encoded"] is True
@@ -89,7 +89,7 @@ def test_a_binary_body_is_base64_encoded() -> None:
 def test_credentials_without_an_api_principal_are_invalid_tokens() -> None:
     gateway, invoker = make_gateway()
 
-    response = call(gateway, "POST", "/blobs/check", b"{}", identity=FUNCTION)
+    response = call(gateway, "POST", "/packs/presign", b"{}", identity=FUNCTION)
 
     assert response.status == 403
     assert invoker.calls == []
@@ -98,7 +98,7 @@ def test_credentials_without_an_api_principal_are_invalid_tokens() -> None:
 def test_unknown_routes_are_404_when_signed() -> None:
     gateway, _ = make_gateway()
 
-    assert call(gateway, "DELETE", "/blobs/check").status == 404
+    assert call(gateway, "DELETE", "/packs/presign").status == 404
 
 
 def test_a_function_error_is_a_500_without_details() -> None:
@@ -106,7 +106,7 @@ def test_a_function_error_is_a_500_without_details() -> None:
         InvocationOutcome(error={"errorType": "KeyError", "errorMessage": "secret detail"})
     )
 
-    response = call(gateway, "POST", "/blobs/check", b"{}")
+    response = call(gateway, "POST", "/packs/presign", b"{}")
 
     assert response.status == 500
     assert json.loads(response.body) == {"message": "Internal Server Error"}
@@ -134,11 +134,11 @@ def test_results_map_to_http_like_payload_2(result: Any, status: int, body: byte
 
 def test_event_time_is_the_gateway_clock() -> None:
     routes = RouteTable()
-    routes.add(HttpRoute("POST", "/blobs/check"), "UploadApiFunction")
+    routes.add(HttpRoute("POST", "/packs/presign"), "UploadApiFunction")
     invoker = RecordingInvoker(InvocationOutcome(result={}))
     fixed = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     gateway = ApiGateway(routes, {HOST.access_key: HOST}.get, invoker, clock=lambda: fixed)
 
-    call(gateway, "POST", "/blobs/check", b"{}")
+    call(gateway, "POST", "/packs/presign", b"{}")
 
     assert invoker.calls[0][1]["requestContext"]["timeEpoch"] == int(fixed.timestamp() * 1000)

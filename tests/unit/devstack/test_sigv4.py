@@ -68,7 +68,7 @@ def verifier(now: dt.datetime | None = None) -> SigV4Verifier:
 
 
 def test_a_botocore_signed_request_verifies_with_its_key_and_region() -> None:
-    request = sign("POST", "/blobs/check", b'{"hashes": []}')
+    request = sign("POST", "/packs/presign", b'{"hashes": []}')
 
     caller = verifier().verify(request)
 
@@ -89,7 +89,7 @@ def test_query_strings_and_path_parameters_are_part_of_the_signature() -> None:
 
 
 def test_a_wrong_secret_is_a_signature_mismatch() -> None:
-    request = sign("POST", "/blobs/check", b"{}", secret="not-the-secret")
+    request = sign("POST", "/packs/presign", b"{}", secret="not-the-secret")
 
     with pytest.raises(SignatureError) as refused:
         verifier().verify(request)
@@ -99,7 +99,7 @@ def test_a_wrong_secret_is_a_signature_mismatch() -> None:
 
 
 def test_an_unknown_access_key_is_an_invalid_token() -> None:
-    request = sign("POST", "/blobs/check", b"{}")
+    request = sign("POST", "/packs/presign", b"{}")
 
     with pytest.raises(SignatureError) as refused:
         SigV4Verifier(lambda key: None).verify(request)
@@ -120,7 +120,7 @@ def test_a_tampered_body_is_refused() -> None:
 
 
 def test_a_tampered_signed_header_is_refused() -> None:
-    request = sign("POST", "/blobs/check", b"{}")
+    request = sign("POST", "/packs/presign", b"{}")
     headers = dict(request.headers)
     headers["Content-Type"] = "text/plain"
 
@@ -129,7 +129,7 @@ def test_a_tampered_signed_header_is_refused() -> None:
 
 
 def test_a_changed_method_or_path_is_refused() -> None:
-    request = sign("POST", "/blobs/check", b"{}")
+    request = sign("POST", "/packs/presign", b"{}")
 
     with pytest.raises(SignatureError):
         verifier().verify(IncomingRequest("PUT", request.raw_path, "", request.headers, request.body))
@@ -138,7 +138,7 @@ def test_a_changed_method_or_path_is_refused() -> None:
 
 
 def test_a_request_signed_for_another_service_is_refused() -> None:
-    request = sign("POST", "/blobs/check", b"{}", service="s3")
+    request = sign("POST", "/packs/presign", b"{}", service="s3")
 
     with pytest.raises(SignatureError) as refused:
         verifier().verify(request)
@@ -147,11 +147,11 @@ def test_a_request_signed_for_another_service_is_refused() -> None:
 
 
 def test_missing_authorization_is_a_missing_token() -> None:
-    request = sign("POST", "/blobs/check", b"{}")
+    request = sign("POST", "/packs/presign", b"{}")
     headers = {name: value for name, value in request.headers.items() if name.lower() != "authorization"}
 
     with pytest.raises(SignatureError) as refused:
-        verifier().verify(IncomingRequest("POST", "/blobs/check", "", headers, b"{}"))
+        verifier().verify(IncomingRequest("POST", "/packs/presign", "", headers, b"{}"))
 
     assert refused.value.message == MISSING_TOKEN
 
@@ -161,7 +161,7 @@ def test_missing_authorization_is_a_missing_token() -> None:
 )
 def test_the_date_may_be_five_minutes_off_either_way(skew_minutes: float, accepted: bool) -> None:
     now = dt.datetime(2026, 11, 21, 12, 0, 0, tzinfo=dt.timezone.utc)
-    request = sign("POST", "/blobs/check", b"{}", when=now + dt.timedelta(minutes=skew_minutes))
+    request = sign("POST", "/packs/presign", b"{}", when=now + dt.timedelta(minutes=skew_minutes))
 
     if accepted:
         assert verifier(now).verify(request).access_key == ACCESS_KEY
@@ -173,7 +173,7 @@ def test_the_date_may_be_five_minutes_off_either_way(skew_minutes: float, accept
 
 
 def test_a_declared_payload_hash_that_differs_from_the_body_is_refused() -> None:
-    request = sign("POST", "/blobs/check", b"{}", headers={"X-Amz-Content-SHA256": "0" * 64})
+    request = sign("POST", "/packs/presign", b"{}", headers={"X-Amz-Content-SHA256": "0" * 64})
 
     with pytest.raises(SignatureError):
         verifier().verify(request)
