@@ -134,7 +134,7 @@ def test_a_changed_method_or_path_is_refused() -> None:
     with pytest.raises(SignatureError):
         verifier().verify(IncomingRequest("PUT", request.raw_path, "", request.headers, request.body))
     with pytest.raises(SignatureError):
-        verifier().verify(IncomingRequest("POST", "/packs/presign", "", request.headers, request.body))
+        verifier().verify(IncomingRequest("POST", "/manifests", "", request.headers, request.body))
 
 
 def test_a_request_signed_for_another_service_is_refused() -> None:
