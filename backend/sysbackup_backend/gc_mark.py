@@ -18,7 +18,7 @@ from sysbackup_domain.packs import PackEntry, open_blob
 from sysbackup_domain.tree import decode_tree
 
 from .registry import PACK_CONDEMNED, PACK_DELETING, PACK_VERIFIED, USABLE_STATES, PackRecord, PackRegistry
-from .store import PackStore
+from .store import PackStore, object_missing
 from .walk import BlobPlace, read_stored_blobs
 
 logger = Logger(child=True)
@@ -34,11 +34,6 @@ class GcIncomplete(Exception):
 
 
 # --------------------------------------------------------------------------------------------- pack map
-
-
-def _object_absent(error: ClientError) -> bool:
-    code = str(error.response.get("Error", {}).get("Code", ""))
-    return code in ("404", "NoSuchKey", "NoSuchVersion", "InvalidRange")
 
 
 class PackMap:
@@ -83,7 +78,7 @@ class PackMap:
             )
             return []
         except ClientError as error:
-            if _object_absent(error):
+            if object_missing(error):
                 return []
             raise
 

@@ -25,7 +25,7 @@ from sysbackup_domain.retention import iso_utc, parse_iso_utc
 
 from .dynamo import chunks
 from .registry import USABLE_STATES, PackRecord, PackRegistry
-from .store import pack_key
+from .store import object_missing, pack_key
 
 # ~70 bytes per pack id in JSON: 300 per message keeps a full batch of 10 far below SQS's 256 KiB.
 PACKS_PER_MESSAGE = 300
@@ -157,7 +157,7 @@ class LockExtender:
                 Retention={"Mode": self.lock_mode, "RetainUntilDate": until},
             )
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchVersion", "404"):
+            if object_missing(error):
                 return False
             raise
         # The item remembers the lock (only ever later), so repeated requests cost no S3 call.

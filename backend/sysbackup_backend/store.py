@@ -51,6 +51,15 @@ class ObjectHead:
     checksum_sha256: str | None
 
 
+# S3 error codes meaning "the object (its version, the byte range asked for) is not there".
+MISSING_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NoSuchVersion", "InvalidRange"})
+
+
+def object_missing(error: ClientError) -> bool:
+    """True if S3 refused because the object is not there, not because reading it failed."""
+    return str(error.response.get("Error", {}).get("Code", "")) in MISSING_OBJECT_CODES
+
+
 def _status(error: ClientError) -> int:
     return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 

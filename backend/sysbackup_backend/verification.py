@@ -14,7 +14,7 @@ from sysbackup_domain.errors import CorruptBlob, InvalidDocument
 from sysbackup_domain.packs import PackEntry, verify_pack
 
 from .registry import PACK_CORRUPT, PACK_PRESIGNED, PACK_VERIFIED, PackRegistry
-from .store import PackStore, pack_key
+from .store import PackStore, object_missing, pack_key
 
 # Outcomes of `verify_registered_pack` besides the registry states it writes.
 SKIPPED = "skipped"  # no item, or not `presigned` (already decided, or gc has it)
@@ -41,7 +41,7 @@ def _read_if_present(store: PackStore, pack_id: str) -> bytes | None:
     try:
         return store.read(pack_key(pack_id))
     except ClientError as error:
-        if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        if object_missing(error):
             return None
         raise
 

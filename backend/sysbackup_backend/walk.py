@@ -36,7 +36,7 @@ from .registry import (
     PackRecord,
     PackRegistry,
 )
-from .store import PackStore, pack_key
+from .store import PackStore, object_missing, pack_key
 from .verification import checked_pack_entries
 
 logger = Logger(child=True)
@@ -173,7 +173,7 @@ def read_stored_blobs(
         try:
             return store.read_range(pack_key(pack_id), start, end - 1)
         except (ClientError, OSError) as error:
-            if isinstance(error, ClientError) and not _is_missing_object(error):
+            if isinstance(error, ClientError) and not object_missing(error):
                 raise  # S3 failing is no finding about the pack: the call fails, the host retries
             logger.info("pack range unreadable", extra={"pack_id": pack_id, "error": str(error)})
             return None  # gone, or a range past its end: not there as claimed
@@ -190,11 +190,6 @@ def read_stored_blobs(
 
 def _verifiable_inline(record: PackRecord) -> bool:
     return record.state == PACK_PRESIGNED and record.size <= INLINE_VERIFY_MAX_BYTES
-
-
-def _is_missing_object(error: ClientError) -> bool:
-    code = str(error.response.get("Error", {}).get("Code", ""))
-    return code in ("NoSuchKey", "404", "InvalidRange")
 
 
 class ListedPacks:
@@ -279,7 +274,7 @@ class ListedPacks:
             body = self.store.read(pack_key(record.pack_id))
             return checked_pack_entries(record.pack_id, body), body, None
         except ClientError as error:
-            if not _is_missing_object(error):
+            if not object_missing(error):
                 raise
             return [], None, (False, f"no object: {error}")  # presigned, never uploaded (or gone)
         except OSError as error:
