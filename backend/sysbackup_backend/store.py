@@ -10,12 +10,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from botocore.exceptions import ClientError
-from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.packs import (
-    TRAILER_TAIL_BYTES,
     PackEntry,
     parse_trailer_bytes,
-    trailer_length_from_tail,
+    read_trailer_bytes,
 )
 
 PACKS_PREFIX = "packs/"
@@ -155,19 +153,10 @@ class PackStore:
         One GET of the pack's last TRAILER_READ_BYTES holds the tail and, nearly always, the whole
         trailer (a 16 MiB pack of small files lists ~2,000 blobs in ~100 KiB); a longer trailer costs
         a second GET for its front. Every commit reads the trailers of the packs its run wrote."""
-        if size <= TRAILER_TAIL_BYTES:
-            raise InvalidDocument(f"pack of {size} bytes is too short to hold a trailer")
         key = pack_key(pack_id)
-        suffix_start = max(0, size - TRAILER_READ_BYTES)
-        suffix = self.read_range(key, suffix_start, size - 1)
-        trailer_end = size - TRAILER_TAIL_BYTES
-        trailer_length = trailer_length_from_tail(suffix[-TRAILER_TAIL_BYTES:])
-        if trailer_length > trailer_end:
-            raise InvalidDocument(f"trailer length {trailer_length} exceeds the pack ({size} bytes)")
-        trailer_start = trailer_end - trailer_length
-        if trailer_start >= suffix_start:
-            return suffix[trailer_start - suffix_start : trailer_end - suffix_start]
-        return self.read_range(key, trailer_start, suffix_start - 1) + suffix[: trailer_end - suffix_start]
+        return read_trailer_bytes(
+            lambda start, length: self.read_range(key, start, start + length - 1), size, TRAILER_READ_BYTES
+        )
 
     def read(self, key: str) -> bytes:
         response = self.client.get_object(Bucket=self.bucket, Key=key)

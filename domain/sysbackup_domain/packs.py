@@ -14,7 +14,7 @@ no overlaps, no duplicate hashes) and every blob is re-hashed before it is belie
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -245,6 +245,24 @@ def trailer_length_from_tail(tail: bytes | bytearray | memoryview) -> int:
     if length == 0:
         raise InvalidDocument("pack trailer length is zero")
     return length
+
+
+def read_trailer_bytes(read_range: Callable[[int, int], bytes], size: int, first_read: int) -> bytes:
+    """A pack's raw trailer (tail excluded) through `read_range(start, length)` (a ranged GET):
+    one read of the pack's last `first_read` bytes holds the tail and usually the whole trailer; a
+    longer trailer costs a second read, of its front only. InvalidDocument if the pack holds none."""
+    if size <= TRAILER_TAIL_BYTES:
+        raise InvalidDocument(f"pack of {size} bytes is too short to hold a trailer")
+    suffix_start = max(0, size - max(first_read, TRAILER_TAIL_BYTES))
+    suffix = read_range(suffix_start, size - suffix_start)
+    trailer_end = size - TRAILER_TAIL_BYTES
+    trailer_length = trailer_length_from_tail(suffix[-TRAILER_TAIL_BYTES:])
+    if trailer_length > trailer_end:
+        raise InvalidDocument(f"trailer length {trailer_length} exceeds the pack ({size} bytes)")
+    trailer_start = trailer_end - trailer_length
+    if trailer_start >= suffix_start:
+        return suffix[trailer_start - suffix_start : trailer_end - suffix_start]
+    return read_range(trailer_start, suffix_start - trailer_start) + suffix[: trailer_end - suffix_start]
 
 
 def parse_trailer(pack: bytes | bytearray | memoryview) -> list[PackEntry]:

@@ -18,10 +18,9 @@ from typing import Protocol
 
 from sysbackup_domain.errors import InvalidDocument
 from sysbackup_domain.packs import (
-    TRAILER_TAIL_BYTES,
     PackEntry,
     parse_trailer_bytes,
-    trailer_length_from_tail,
+    read_trailer_bytes,
 )
 
 from .api import ApiClient
@@ -177,16 +176,7 @@ class _Rebuild:
 
 def read_trailer(transfer: Transfer, url: str, size: int) -> list[PackEntry]:
     """A pack's validated trailer entries from one ranged GET of its end (two if the trailer is large)."""
-    if size <= TRAILER_TAIL_BYTES:
-        raise InvalidDocument(f"pack of {size} bytes is too short to hold a trailer")
-    first = min(size, FIRST_TAIL_READ_BYTES)
-    end = transfer.get_range(url, size - first, first)
-    trailer_end = size - TRAILER_TAIL_BYTES
-    trailer_length = trailer_length_from_tail(end[-TRAILER_TAIL_BYTES:])
-    if trailer_length > trailer_end:
-        raise InvalidDocument(f"trailer length {trailer_length} exceeds the pack ({size} bytes)")
-    if trailer_length + TRAILER_TAIL_BYTES <= first:
-        trailer = end[first - TRAILER_TAIL_BYTES - trailer_length : first - TRAILER_TAIL_BYTES]
-    else:
-        trailer = transfer.get_range(url, trailer_end - trailer_length, trailer_length)
+    trailer = read_trailer_bytes(
+        lambda start, length: transfer.get_range(url, start, length), size, FIRST_TAIL_READ_BYTES
+    )
     return parse_trailer_bytes(trailer, size)

@@ -23,6 +23,7 @@ from sysbackup_domain.packs import (
     open_blob,
     parse_trailer,
     parse_trailer_bytes,
+    read_trailer_bytes,
     trailer_length_from_tail,
     verify_pack,
 )
@@ -315,3 +316,23 @@ def test_a_spooled_pack_is_byte_for_byte_the_in_memory_pack(tmp_path):
     assert (sha256, size, entries) == (hashlib.sha256(expected).hexdigest(), len(expected), expected_entries)
     with pytest.raises(ValueError, match="finish_spool"):
         PackWriter(spool=(tmp_path / "other").open("w+b")).finish()
+
+
+@pytest.mark.parametrize(("first_read", "reads"), [(1 << 20, 1), (20, 2), (0, 2)])
+def test_a_trailer_is_read_from_the_end_with_one_read_or_two(first_read: int, reads: int) -> None:
+    writer = PackWriter()
+    for n in range(30):
+        writer.add(blob_hash(b"%d" % n), "data", os.urandom(100 + n))
+    pack, entries = writer.finish()
+    asked: list[tuple[int, int]] = []
+
+    def read_range(start: int, length: int) -> bytes:
+        asked.append((start, length))
+        return pack[start : start + length]
+
+    trailer = read_trailer_bytes(read_range, len(pack), first_read)
+
+    assert parse_trailer_bytes(trailer, len(pack)) == entries
+    assert len(asked) == reads and sum(length for _, length in asked) <= max(len(pack), first_read)
+    with pytest.raises(InvalidDocument, match="too short"):
+        read_trailer_bytes(read_range, TRAILER_TAIL_BYTES, first_read)
