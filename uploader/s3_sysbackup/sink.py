@@ -162,7 +162,7 @@ class BlobSink:
 
     shipper: PackShipper
     known: set[str]  # the local index's hashes when the run started
-    spool_dir: Path | None = None  # where packs are built (unlinked files); None: in memory
+    spool_dir: Path  # where packs are built, as unlinked files
     max_packs_per_batch: int = MAX_PACKS_PER_BATCH
     _batch_size: int = 1  # packs the next batch waits for (doubles after each batch)
     target_pack_bytes: int = TARGET_PACK_BYTES
@@ -221,20 +221,15 @@ class BlobSink:
     # -- under the lock ---------------------------------------------------------------------
 
     def _new_writer(self) -> PackWriter:
-        if self.spool_dir is None:
-            return PackWriter()
         return PackWriter(spool=tempfile.TemporaryFile(dir=self.spool_dir, prefix="pack-"))
 
     def _seal(self, ship: bool = True) -> None:
         writer, self._writer = self._writer, None
         if writer is None or writer.count == 0:
             return
-        if writer.spool is None:
-            data, entries = writer.finish()
-            self._ready.append(SealedPack.in_memory(data, entries))
-        else:
-            sha256, size, entries = writer.finish_spool()
-            self._ready.append(SealedPack(sha256, writer.spool, size, entries))
+        sha256, size, entries = writer.finish_spool()
+        assert writer.spool is not None  # every writer of the sink spools (_new_writer)
+        self._ready.append(SealedPack(sha256, writer.spool, size, entries))
         if ship and len(self._ready) >= self._batch_size:
             self._ship_ready()
 
