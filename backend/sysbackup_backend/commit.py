@@ -235,7 +235,7 @@ class Committer:
         return CommitStart(
             head=catalogue_items.get(HEAD_ID, {}).get("current"),
             parent=ManifestSummary.from_item(parent_item) if parent_item else None,
-            epoch=GcEpoch(int(epoch_item.get("number", 0)), epoch_item.get("condemning_until")),
+            epoch=GcEpoch.from_item(epoch_item),
             records=records,
         )
 

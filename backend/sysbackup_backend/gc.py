@@ -161,14 +161,18 @@ class GcEpoch:
     number: int
     condemning_until: str | None
 
+    @classmethod
+    def from_item(cls, item: dict[str, Any]) -> GcEpoch:
+        """From the epoch item (a table without one is at epoch 0)."""
+        return cls(int(item.get("number", 0)), item.get("condemning_until"))
+
     def stable(self, now: datetime) -> bool:
         return self.number % 2 == 0 or (self.condemning_until or "") < iso_utc(now)
 
 
 def read_gc_epoch(registry: PackRegistry) -> GcEpoch:
     response = registry.client.get_item(TableName=registry.table_name, Key=EPOCH_KEY, ConsistentRead=True)
-    item = response.get("Item") or {}
-    return GcEpoch(int(item.get("number", 0)), item.get("condemning_until"))
+    return GcEpoch.from_item(response.get("Item") or {})
 
 
 def epoch_unchanged_check(registry: PackRegistry, number: int) -> dict[str, Any]:
