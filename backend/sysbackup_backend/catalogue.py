@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +54,8 @@ def page_token(host: str, manifest_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def manifest_after(token: str, host: str) -> str:
-    """The manifest id a token from `page_token(host, ...)` continues after; BadRequest otherwise."""
+def token_after(token: str, host: str, valid: Callable[[str], bool]) -> str:
+    """What a `page_token(host, ...)` token continues after, if `valid` takes it; else BadRequest."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         fields = json.loads(raw)
@@ -67,9 +67,14 @@ def manifest_after(token: str, host: str) -> str:
         # Paging is within the partition of `host` anyway; a token from another listing is a client bug.
         raise BadRequest("the `next` token belongs to another host's listing")
     after = fields["after"]
-    if not isinstance(after, str) or not is_manifest_id(after):
+    if not isinstance(after, str) or not valid(after):
         raise BadRequest("malformed `next` token")
     return after
+
+
+def manifest_after(token: str, host: str) -> str:
+    """The manifest id a token from `page_token(host, ...)` continues after; BadRequest otherwise."""
+    return token_after(token, host, is_manifest_id)
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sysbackup_domain.hashing import is_blob_hash
 
-from .catalogue import page_token
-from .errors import BadRequest
+from .catalogue import page_token, token_after
 from .registry import PACK_DELETING, PackRecord, PackRegistry
 from .store import PackStore, pack_key
 
@@ -33,15 +29,7 @@ def pack_page_token(host: str, pack_id: str) -> str:
 
 def pack_after(token: str, host: str) -> str:
     """The pack id a `pack_page_token(host, ...)` continues after; BadRequest otherwise."""
-    try:
-        fields = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError):
-        raise BadRequest("malformed `next` token") from None
-    if not isinstance(fields, dict) or set(fields) != {"host", "after"} or not is_blob_hash(fields["after"]):
-        raise BadRequest("malformed `next` token")
-    if fields["host"] != host:
-        raise BadRequest("the `next` token belongs to another host's listing")
-    return str(fields["after"])
+    return token_after(token, host, is_blob_hash)
 
 
 def pack_page(registry: PackRegistry, host: str, limit: int, token: str | None) -> dict[str, Any]:
