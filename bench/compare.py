@@ -87,6 +87,7 @@ class Usage:
     api_calls: int = 0
     lambda_invocations: int = 0
     lambda_gb_s: float = 0.0
+    gb_s_by_function: Counter[str] = field(default_factory=Counter)  # where the GB-s went
     dynamodb: Counter[str] = field(default_factory=Counter)  # operation -> requests
     rru: float = 0.0
     wru: float = 0.0
@@ -266,9 +267,10 @@ class Meter:
             then = before.lambda_usage.get(function, {"invocations": 0, "billed_ms": 0})
             invocations = now["invocations"] - then["invocations"]
             usage.lambda_invocations += invocations
-            usage.lambda_gb_s += (
-                (now["billed_ms"] - then["billed_ms"]) / 1000 * self.memory_mb[function] / 1024
-            )
+            gb_s = (now["billed_ms"] - then["billed_ms"]) / 1000 * self.memory_mb[function] / 1024
+            usage.lambda_gb_s += gb_s
+            if gb_s:
+                usage.gb_s_by_function[function] += gb_s
             if function in self.api_functions:
                 usage.api_calls += invocations
         for service, operation, body in self.recording.new_requests():
@@ -548,6 +550,12 @@ def format_dynamodb_detail(case: Case) -> str:
     return f"DynamoDB operations: {detail or 'none'}"
 
 
+def format_lambda_detail(case: Case) -> str:
+    by_function = case.ours.usage.gb_s_by_function.most_common()
+    detail = ", ".join(f"{function} {gb_s:.3f}" for function, gb_s in by_function)
+    return f"Lambda GB-s by function: {detail or 'none'}"
+
+
 # -- main -------------------------------------------------------------------------------------
 
 ALL_CASES = ("tree", "restore", "small", "sparse", "stream")
@@ -728,6 +736,7 @@ def case_json(case: Case) -> dict[str, Any]:
         "megabytes": case.megabytes,
         "lines": {metric: {"ours": o, "restic": r} for metric, o, r, _ in case_lines(case)},
         "dynamodb_operations": dict(case.ours.usage.dynamodb),
+        "lambda_gb_s_by_function": dict(case.ours.usage.gb_s_by_function),
     }
 
 
@@ -737,7 +746,8 @@ def print_header() -> None:
 
 
 def print_case(case: Case) -> None:
-    print(f"\n{format_case(case)}\n\n{format_dynamodb_detail(case)}", flush=True)
+    details = f"{format_dynamodb_detail(case)}\n{format_lambda_detail(case)}"
+    print(f"\n{format_case(case)}\n\n{details}", flush=True)
 
 
 if __name__ == "__main__":
