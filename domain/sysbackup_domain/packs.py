@@ -37,15 +37,23 @@ _TAIL = struct.Struct(">I8s")
 # One PUT (S3 allows 5 GB, but the verifier Lambda reads a whole pack into memory).
 MAX_PACK_BYTES = 128 * 1024 * 1024
 
-# Why 16 MiB: PUT requests cost $0.005 per 1,000, so 16 MiB packs cost 64 PUTs per GiB, about $0.0003
-# per GiB, already negligible next to a month of storage ($0.023/GB); going bigger saves almost nothing.
-# Going smaller would multiply per-object costs that grow with the number of objects: one lock
-# extension request per pack per fold window, Glacier's per-object overhead and restore requests, and
-# the verifier's invocations. Against bigger packs: the host holds the pack in memory (several in
-# flight), a failed PUT retries the whole pack, the verifier re-reads it whole, and gc repacks at pack
-# granularity (a mostly-dead 16 MiB pack costs 16 MiB to rewrite, not 128). Restores are by ranged
-# GET of single blobs, so pack size does not change restore granularity much.
+# A run's first packs aim at 16 MiB; a run that has sealed more grows its packs (a quarter of what it
+# sealed so far) up to 64 MiB. Why: S3 bills per PUT ($0.005 per 1,000), and every pack also costs a
+# registry item, a trailer read at commit, a verifier read and one lock extension per fold window; a
+# 1 GiB dump in 16 MiB packs is 64 of each, in growing packs about 22 (restic's default packs are
+# 16 MiB: 64 PUTs). Small runs keep small packs, which matter to gc: it repacks at pack granularity (a
+# mostly-dead pack costs its whole size to rewrite), and a one-file change is one small pack the commit
+# verifies in the GET it reads anyway. Against bigger packs still: a failed PUT retries the whole pack,
+# the verifier reads it whole into memory, and the host spools a few of them on disk. Restores read
+# single blobs by ranged GET, so pack size does not change restore granularity.
 TARGET_PACK_BYTES = 16 * 1024 * 1024
+PACK_GROWTH_LIMIT = 4  # the biggest target is 4 x the first: 64 MiB
+
+
+def next_pack_target(sealed_bytes: int, first_target: int = TARGET_PACK_BYTES) -> int:
+    """Bytes the next pack of a run aims at, once the run has sealed `sealed_bytes` in packs."""
+    return min(max(first_target, sealed_bytes // 4), first_target * PACK_GROWTH_LIMIT)
+
 
 # Caps that keep a trailer small enough to parse in a Lambda: with tiny files a pack fills by count.
 MAX_PACK_BLOBS = 100_000

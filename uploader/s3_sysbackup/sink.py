@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from sysbackup_domain.compression import compress_if_worth
 from sysbackup_domain.hashing import blob_hash
-from sysbackup_domain.packs import TARGET_PACK_BYTES, PackEntry, PackWriter
+from sysbackup_domain.packs import TARGET_PACK_BYTES, PackEntry, PackWriter, next_pack_target
 
 from .api import ApiClient, ApiError
 from .transfer import Transfer
@@ -37,9 +37,10 @@ logger = logging.getLogger(__name__)
 FAULT_ENV = "S3SB_FAULT"
 # Packs are spooled to files in the cache directory, so a pack waiting for its PUT costs page cache,
 # not memory. The first pack ships alone, as soon as it is sealed (reading and uploading overlap
-# from the start); each later batch may hold twice as many, up to MAX_PACKS_PER_BATCH, so a big run
-# makes one presign call (an API call and an invocation) per 8 packs, not per pack: a 1 GiB dump
-# 11 calls instead of 64. Two batches may be on the wire at once, hiding a presign's latency.
+# from the start); each later batch may hold twice as many, up to MAX_PACKS_PER_BATCH packs or as
+# many bytes as that many first-size packs (packs grow in a big run; the bytes bound keeps the spool's
+# disk use where it was), so a big run makes one presign call (an API call and an invocation) per
+# 128 MiB, not per pack. Two batches may be on the wire at once, hiding a presign's latency.
 MAX_PACKS_PER_BATCH = 8
 BATCHES_IN_FLIGHT = 2
 PARALLEL_PUTS = 4
@@ -165,7 +166,9 @@ class BlobSink:
     spool_dir: Path  # where packs are built, as unlinked files
     max_packs_per_batch: int = MAX_PACKS_PER_BATCH
     _batch_size: int = 1  # packs the next batch waits for (doubles after each batch)
-    target_pack_bytes: int = TARGET_PACK_BYTES
+    target_pack_bytes: int = TARGET_PACK_BYTES  # the run's first packs; later ones grow (next_pack_target)
+    _sealed_bytes: int = 0
+    _ready_bytes: int = 0
     _seen: set[str] = field(default_factory=set)
     _writer: PackWriter | None = None
     _ready: list[SealedPack] = field(default_factory=list)
@@ -194,7 +197,7 @@ class BlobSink:
             if self._writer is None:
                 self._writer = self._new_writer()
             self._writer.add_stored(digest, kind, codec, stored, raw_length)
-            if self._writer.size >= self.target_pack_bytes:
+            if self._writer.size >= next_pack_target(self._sealed_bytes, self.target_pack_bytes):
                 self._seal()
 
     def add_plaintext(self, kind: str, plaintext: bytes) -> str:
@@ -230,7 +233,10 @@ class BlobSink:
         sha256, size, entries = writer.finish_spool()
         assert writer.spool is not None  # every writer of the sink spools (_new_writer)
         self._ready.append(SealedPack(sha256, writer.spool, size, entries))
-        if ship and len(self._ready) >= self._batch_size:
+        self._sealed_bytes += size
+        self._ready_bytes += size
+        batch_bytes = self.max_packs_per_batch * self.target_pack_bytes
+        if ship and (len(self._ready) >= self._batch_size or self._ready_bytes >= batch_bytes):
             self._ship_ready()
 
     def _ship_ready(self) -> None:
@@ -238,7 +244,7 @@ class BlobSink:
             return
         while len(self._in_flight) >= BATCHES_IN_FLIGHT:
             self._in_flight.popleft().result()  # re-raises a shipping failure in the producer
-        batch, self._ready = self._ready, []
+        batch, self._ready, self._ready_bytes = self._ready, [], 0
         self._in_flight.append(self._executor.submit(self.shipper.ship, batch))
         self._batch_size = min(2 * self._batch_size, self.max_packs_per_batch)
 

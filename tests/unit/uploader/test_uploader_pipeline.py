@@ -26,7 +26,7 @@ from s3_sysbackup.fetch import BlobFetcher, stream_chunks
 from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
-from s3_sysbackup.sink import FAULT_ENV, BlobSink, InjectedFault, PackShipper, SealedPack
+from s3_sysbackup.sink import FAULT_ENV, InjectedFault, PackShipper, SealedPack
 from sysbackup_domain.chunking import FILE_CHUNKING, SMALL_FILE_BYTES, chunk_file
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, parse_commit_request
@@ -524,14 +524,3 @@ def test_file_chunks_match_chunk_file_whatever_fstat_said(tmp_path: Path, size: 
         assert list(_file_chunks(fd, 10 if stale_hint else size)) == expected
     finally:
         os.close(fd)
-
-
-def test_batches_of_packs_grow_so_a_big_run_makes_few_presign_calls(backend, transfer, tmp_path):
-    shipper = PackShipper(backend, transfer, on_stored=lambda pack: None)  # type: ignore[arg-type]
-    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path, target_pack_bytes=1000)
-    for _ in range(20):  # incompressible blobs of 2000 bytes: each one seals a pack
-        sink.add_plaintext("data", os.urandom(2000))
-    sink.finish()
-    # The first pack ships alone, then batches of 2, 4, 8, and the rest at the end.
-    assert backend.counter.as_dict()["api"]["POST /packs/presign"] == 5
-    assert len(transfer.puts) == shipper.counts.packs == 20

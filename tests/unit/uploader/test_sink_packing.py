@@ -1,0 +1,63 @@
+"""BlobSink's packing: packs grow with the run, batches of packs grow and stay bounded in bytes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+from s3_sysbackup.sink import BlobSink, PackShipper, SealedPack
+from sysbackup_domain.packs import PACK_GROWTH_LIMIT, TARGET_PACK_BYTES, next_pack_target, parse_trailer
+
+
+class RecordingShipper(PackShipper):
+    """The real shipper (presign and PUT to the fake backend), remembering each batch's packs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[list[int]] = []  # pack sizes per presign call, in the order sent
+
+    def ship(self, packs: list[SealedPack]) -> None:
+        self.batches.append([pack.size for pack in packs])
+        super().ship(packs)
+
+
+def test_next_pack_target_starts_at_the_first_size_and_grows_with_what_was_sealed_up_to_its_limit():
+    assert next_pack_target(0) == TARGET_PACK_BYTES
+    assert next_pack_target(4 * TARGET_PACK_BYTES) == TARGET_PACK_BYTES
+    assert next_pack_target(6 * TARGET_PACK_BYTES) == TARGET_PACK_BYTES * 3 // 2
+    assert next_pack_target(10**12) == PACK_GROWTH_LIMIT * TARGET_PACK_BYTES
+    assert next_pack_target(10**12, first_target=1000) == PACK_GROWTH_LIMIT * 1000
+
+
+def test_a_big_run_grows_its_packs_and_a_small_one_keeps_them_small(backend, transfer, tmp_path: Path):
+    shipper = RecordingShipper(backend, transfer, on_stored=lambda pack: None)  # type: ignore[arg-type]
+    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path, target_pack_bytes=1000)
+    blobs = [os.urandom(300) for _ in range(200)]  # incompressible: stored as they are
+    for blob in blobs:
+        sink.add_plaintext("data", blob)
+    sink.finish()
+    sizes = [size for batch in shipper.batches for size in batch]
+    # The first packs close just past the first target; later ones near the limit, never far past it.
+    assert all(size < 1000 + 300 + 200 for size in sizes[:4])
+    assert max(sizes) > 3000
+    assert max(sizes) < PACK_GROWTH_LIMIT * 1000 + 300 + 1000  # one blob and a trailer past the target
+    # Nothing lost on the way: every blob is in exactly one pack.
+    listed = [entry.hash for pack in backend.objects.values() for entry in parse_trailer(pack)]
+    assert len(listed) == len(set(listed)) == len(blobs)
+
+
+def test_batches_of_packs_grow_so_a_big_run_makes_few_presign_calls(backend, transfer, tmp_path: Path):
+    shipper = RecordingShipper(backend, transfer, on_stored=lambda pack: None)  # type: ignore[arg-type]
+    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path, target_pack_bytes=10_000, max_packs_per_batch=8)
+    for _ in range(40):  # incompressible blobs of 50 kB: each one seals a pack, whatever the target
+        sink.add_plaintext("data", os.urandom(50_000))
+    sink.finish()
+    counts = [len(batch) for batch in shipper.batches]
+    assert counts[0] == 1  # the first pack ships alone: uploading starts at once
+    # Each batch may hold twice the last's packs, but (except the last, which takes what is left)
+    # no more bytes than 8 first-size packs and one pack more: the spool's disk use stays bounded.
+    assert all(after <= 2 * before for before, after in itertools.pairwise(counts[:-1]))
+    assert all(sum(batch) < 8 * 10_000 + 51_000 for batch in shipper.batches[:-1])
+    assert sum(counts) == shipper.counts.packs == len(transfer.puts) == 40
+    assert len(counts) < 40 // 1.5  # far fewer presign calls than packs
