@@ -19,6 +19,7 @@ from typing import Any
 
 from sysbackup_domain import canonical
 from sysbackup_domain.errors import InvalidDocument
+from sysbackup_domain.hashing import is_blob_hash
 
 ENTRY_TYPES = ("file", "dir", "symlink", "fifo", "chardev", "blockdev", "socket")
 
@@ -39,6 +40,7 @@ _HARDLINK_RE = re.compile(r"[0-9]{1,20}:[0-9]{1,20}")
 
 _REQUIRED_FIELDS = ("name", "type", "mode", "uid", "gid", "user", "group", "mtime_ns")
 _OPTIONAL_FIELDS = ("size", "content", "subtree", "target", "rdev", "xattrs", "acl", "hardlink")
+_REQUIRED_KEYS = frozenset(_REQUIRED_FIELDS)
 # Which optional fields each type requires and allows (xattrs, acl and hardlink are checked apart).
 _TYPE_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "file": (frozenset({"size", "content"}), frozenset({"size", "content"})),
@@ -170,6 +172,83 @@ def _entry_from_json(document: dict[str, Any]) -> TreeEntry:
 
 def _validate_entry_json(item: object) -> dict[str, Any]:
     """Check one entry's JSON form; used on both encode (host bugs) and decode (hostile input)."""
+    if _is_plain_entry(item):
+        return item  # type: ignore[return-value]  # _is_plain_entry checked it is a dict
+    return _validate_entry_json_field_by_field(item)
+
+
+# What _is_plain_entry accepts: no xattrs, ACL or hard link (those take the field-by-field path).
+_PLAIN_KEYS = frozenset(_REQUIRED_FIELDS) | {"size", "content", "subtree", "target", "rdev"}
+_TYPED_KEYS = frozenset({"size", "content", "subtree", "target", "rdev"})
+
+
+def _is_plain_entry(item: object) -> bool:
+    """True for an entry of the common shape (ASCII name and owners, no xattrs, ACL or hard link) that
+    `_validate_entry_json_field_by_field` accepts, checked without building its messages; False means
+    "take the field-by-field path", which then accepts it or names its problem. A commit decodes every
+    new tree of a run (100k entries for a first backup of 100k files); this is most of its time.
+    tests/unit/domain/test_domain_tree_fast_path.py holds it to a subset of the full checks."""
+    if type(item) is not dict:
+        return False
+    keys = item.keys()
+    if not (keys >= _REQUIRED_KEYS and keys <= _PLAIN_KEYS):
+        return False
+    name, entry_type = item["name"], item["type"]
+    mode, uid, gid, mtime_ns = item["mode"], item["uid"], item["gid"], item["mtime_ns"]
+    if not (
+        type(name) is str
+        and name.isascii()
+        and 0 < len(name) <= MAX_NAME_BYTES
+        and name not in (".", "..")
+        and "/" not in name
+        and "\x00" not in name
+        and type(entry_type) is str
+        and entry_type in _TYPE_FIELDS
+        and type(mode) is int
+        and 0 <= mode <= _MAX_MODE
+        and type(uid) is int
+        and 0 <= uid <= _MAX_ID
+        and type(gid) is int
+        and 0 <= gid <= _MAX_ID
+        and type(mtime_ns) is int
+        and canonical.INT64_MIN <= mtime_ns <= canonical.INT64_MAX
+        and _is_plain_owner(item["user"])
+        and _is_plain_owner(item["group"])
+        and keys & _TYPED_KEYS == _TYPE_FIELDS[entry_type][0]  # what the type requires, nothing else
+    ):
+        return False
+    if entry_type == "file":
+        size, content = item["size"], item["content"]
+        return (
+            type(size) is int
+            and 0 <= size <= canonical.INT64_MAX
+            and type(content) is list
+            and len(content) <= MAX_CONTENT_BLOBS
+            and all(map(is_blob_hash, content))
+        )
+    if entry_type == "dir":
+        return is_blob_hash(item["subtree"])
+    if entry_type == "symlink":
+        target = item["target"]
+        return (
+            type(target) is str
+            and target.isascii()
+            and 0 < len(target) <= MAX_TARGET_BYTES
+            and "\x00" not in target
+        )
+    if "rdev" in item:
+        rdev = item["rdev"]
+        return type(rdev) is int and 0 <= rdev <= _MAX_RDEV
+    return True
+
+
+def _is_plain_owner(owner: object) -> bool:
+    return owner is None or (
+        type(owner) is str and owner.isascii() and len(owner) <= MAX_OWNER_CHARS and "\x00" not in owner
+    )
+
+
+def _validate_entry_json_field_by_field(item: object) -> dict[str, Any]:
     document = canonical.require_object(item, "tree entry", _REQUIRED_FIELDS, _OPTIONAL_FIELDS)
     name = _check_name(document["name"])
     where = f"tree entry {name!r:.120}"
@@ -250,7 +329,8 @@ def _check_text(value: object, where: str, max_chars: int) -> str:
     text = canonical.require_str(value, where, max_chars=max_chars)
     if "\x00" in text:
         raise InvalidDocument(f"{where} contains NUL")
-    _require_byte_form(text, where)
+    if not text.isascii():  # ASCII is always the one decoding of its bytes
+        _require_byte_form(text, where)
     return text
 
 
@@ -274,7 +354,11 @@ def _check_name(name: object) -> str:
         raise InvalidDocument(f"tree entry name {name!r} is not allowed")
     if "/" in name or "\x00" in name:
         raise InvalidDocument(f"tree entry name {name!r:.120} contains '/' or NUL")
-    if len(_require_byte_form(name, f"tree entry name {name!r:.120}")) > MAX_NAME_BYTES:
+    if name.isascii():  # ASCII is always the one decoding of its bytes
+        byte_length = len(name)
+    else:
+        byte_length = len(_require_byte_form(name, f"tree entry name {name!r:.120}"))
+    if byte_length > MAX_NAME_BYTES:
         raise InvalidDocument(f"tree entry name {name[:60]!r}... is longer than {MAX_NAME_BYTES} bytes")
     return name
 
