@@ -8,8 +8,10 @@ over loopback HTTP: `POST /invoke` with `{"event", "request_id"}` answers `{"res
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import json
+import os
 import signal
 import sys
 import time
@@ -21,6 +23,10 @@ from types import FrameType, ModuleType
 from typing import Any
 
 from .template import ACCOUNT_ID, REGION
+
+# Development aid: when set (in the environment `local up` starts from), every invocation runs under
+# cProfile and leaves `<dir>/<function>-<request id>.prof` (read with `python -m pstats`).
+PROFILE_DIR_ENV = "SYSBACKUP_LOCAL_PROFILE_DIR"
 
 
 class LambdaContext:
@@ -82,10 +88,21 @@ class FunctionRuntime:
         previous = signal.signal(signal.SIGALRM, on_timeout)
         signal.alarm(self.timeout)
         try:
+            profile_dir = os.environ.get(PROFILE_DIR_ENV)
+            if profile_dir:
+                return self._profiled(handler, event, context, Path(profile_dir) / f"{request_id}.prof")
             return handler(event, context)
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
+
+    def _profiled(self, handler: Any, event: Any, context: LambdaContext, out: Path) -> Any:
+        profiler = cProfile.Profile()
+        try:
+            return profiler.runcall(handler, event, context)
+        finally:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            profiler.dump_stats(out.with_name(f"{self.function_name}-{out.name}"))
 
 
 # Lambda's limit for a synchronous invocation's response.
