@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,16 @@ from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, MAX_WARNI
 from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 
 from .api import ApiClient, ApiError
-from .cache import ArchiveLock, CachedFile, FileState, ParentCache, ParentSnapshot, host_state_dir
+from .cache import ArchiveLock, CachedFile, FileRows, FileState, ParentCache, ParentSnapshot, host_state_dir
 from .commit_plan import (
     CommitPlan,
     FetchedParent,
-    NewChild,
     ParentSide,
     PlanInputs,
+    StoredTrees,
+    TreeChanges,
+    TreeShare,
+    TreeWalk,
     ViewParent,
     resolve,
     walk_changes,
@@ -52,7 +56,7 @@ from .pickers import run_pickers
 from .sink import BlobSink, PackShipper, SealedPack, fault_point
 from .snapshots import take_snapshots
 from .transfer import Transfer
-from .walker import Node, walk
+from .walker import Node, Walk, walk
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +69,10 @@ LOCK_POLL_S = 0.1
 # A refused commit is retried after forgetting what the refusal named; these bound the retries.
 COMMIT_REFUSALS_MAX = 3  # commits refused (422) within one pass
 RUNS_MAX = 3  # passes over the files (a pass sends again what the index lost)
+# The walk's files are read in batches while the walk goes on; a directory's tree is built once its
+# files are read, and its entries are then let go (see DirectoryTrees).
+READ_BATCH = 1024  # files to read before the reading threads are started on them
+WAITING_ENTRIES_MAX = 4096  # entries of walked directories waiting for their files before a batch is read
 
 
 class CommitConflict(RuntimeError):
@@ -89,6 +97,7 @@ class FileOutcome:
     bytes_read: int = 0
     reused: bool = False
     cacheable: bool = True  # False for an inconsistent read: the next run must read it again
+    parent_content: tuple[str, ...] = ()  # the parent view's content at its path (the commit lists the rest)
 
 
 @dataclass
@@ -105,25 +114,6 @@ class RunStats:
 
 
 @dataclass
-class RunTrees:
-    """The new manifest's trees as the run's own walk: a tree's entries are its directory's children
-    (no tree is kept in memory twice, none is read back)."""
-
-    outcomes: dict[str, FileOutcome]
-    subtree_of: dict[int, str]  # id(directory node) -> its tree hash
-    directory_of: dict[str, Node] = field(default_factory=dict)  # tree hash -> a directory with it
-
-    def children(self, tree: str) -> Iterator[NewChild]:
-        for child in (self.directory_of[tree].children or {}).values():
-            if child.type == "file":
-                outcome = self.outcomes.get(child.path)
-                if outcome is not None:  # a skipped file has no entry
-                    yield NewChild(child.name, "file", outcome.content, None)
-            else:
-                yield NewChild(child.name, child.type, (), self.subtree_of.get(id(child)))
-
-
-@dataclass
 class RunContent:
     """What a run's manifest holds, and what the commit plan needs to compare it with the parent."""
 
@@ -131,7 +121,9 @@ class RunContent:
     root: str | None = None
     snapshots: list[SnapshotRecord] = field(default_factory=list)
     chunks_of: dict[str, tuple[str, ...]] = field(default_factory=dict)  # stream index -> chunks
-    trees: RunTrees = field(default_factory=lambda: RunTrees({}, {}))
+    # The trees' share of the commit plan, gathered by the walk against the parent it knew (None: the
+    # cache's view was not that parent's; the commit walks the stored trees).
+    trees: TreeChanges | None = None
 
     def snapshots_for_cache(self) -> dict[str, ParentSnapshot]:
         return {
@@ -264,19 +256,20 @@ class Archiver:
         picked = run_pickers(self.config.pickers_dir, self.config.content.picker_timeout_s)
         warnings.extend(picked.warnings)
         walked = walk(picked.paths, self.options.root_path)
-        warnings.extend(walked.warnings)
-        content = RunContent(previous_memo=cache.tree_memo())
-        memo: dict[str, tuple[str, str]] = {}  # directory trees, for the next run (see _build_trees)
+        previous_memo = cache.tree_memo()
+        content = RunContent(previous_memo=previous_memo, trees=_tree_changes(cache, previous_memo))
+        memo: dict[str, tuple[str, str]] = {}  # directory trees, for the next run (see DirectoryTrees)
+        rows = cache.file_rows()
 
         def on_stream(index: str, chunks: list[str]) -> None:
             content.chunks_of[index] = tuple(chunks)
 
         try:
-            outcomes = self._read_files(walked.root, cache, sink, stats, warnings, progress)
             if picked.paths:
-                memo = dict(content.previous_memo)
-                content.trees = RunTrees(outcomes, {})
-                content.root = self._build_trees(walked.root, outcomes, sink, stats, memo, content.trees)
+                trees = DirectoryTrees(self, cache, rows, sink, stats, warnings, progress, scan_started_ns)
+                content.root = trees.build(walked, content.previous_memo, memo, content.trees)
+            warnings.extend(walked.warnings)
+            gone = rows.finish()
             content.snapshots, snapshot_warnings = take_snapshots(
                 self.config.snapshots_dir,
                 self.config.content.snapshot_timeout_s,
@@ -299,12 +292,7 @@ class Archiver:
         manifest_id = self._commit(cache, run_id, content, warnings, manifest_stats)
         fault_point("mid-commit")
         cache.record_commit(
-            manifest_id,
-            ((path, o.state, o.content) for path, o in outcomes.items() if o.cacheable and not o.reused),
-            scan_started_ns,
-            kept=(path for path, o in outcomes.items() if o.cacheable and o.reused),
-            trees=memo,
-            snapshots=content.snapshots_for_cache(),
+            manifest_id, (), scan_started_ns, gone=gone, trees=memo, snapshots=content.snapshots_for_cache()
         )
         report = dict(manifest_stats)
         report.update(
@@ -322,49 +310,13 @@ class Archiver:
 
     # -- files ------------------------------------------------------------------------------
 
-    def _read_files(
-        self,
-        root: Node,
-        cache: ParentCache,
-        sink: BlobSink,
-        stats: RunStats,
-        warnings: list[str],
-        progress: Progress,
-    ) -> dict[str, FileOutcome]:
-        """Content of every regular file: reused from the cache when unchanged, else read."""
-        outcomes: dict[str, FileOutcome] = {}
-        to_read: list[tuple[Node, CachedFile | None]] = []
-        node_at = {node.path: node for node in _iter_files(root)}
-        for path, cached in cache.lookup_many(node_at):
-            node = node_at[path]
-            if cached is not None and cached.reusable_for(FileState.of(node.stat)):
-                outcomes[node.path] = FileOutcome(cached.content, cached.state, node.stat, reused=True)
-                stats.files_reused += 1
-            else:
-                to_read.append((node, cached))
-        lock = threading.Lock()
-        total = len(to_read)
-
-        def read_one(item: tuple[Node, CachedFile | None]) -> None:
-            node, cached = item
-            local_warnings: list[str] = []
-            outcome = self._read_file(node, cached, sink, local_warnings)
-            with lock:
-                warnings.extend(local_warnings)
-                if outcome is not None:
-                    outcomes[node.path] = outcome
-                    stats.bytes_read += outcome.bytes_read
-                stats.files_read += 1
-                progress.show(f"read {stats.files_read}/{total} files, {stats.bytes_read / 2**20:.1f} MiB")
-
-        run_bounded(read_one, to_read, workers=self.config.content.workers)
-        return outcomes
-
     def _read_file(
         self, node: Node, cached: CachedFile | None, sink: BlobSink, warnings: list[str]
     ) -> FileOutcome | None:
         previous = (
-            FileOutcome(cached.content, cached.state, node.stat, reused=True) if cached is not None else None
+            FileOutcome(cached.content, cached.state, node.stat, reused=True, parent_content=cached.content)
+            if cached is not None
+            else None
         )
         try:
             fd = os.open(node.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -379,7 +331,10 @@ class Archiver:
                     warnings,
                     f"{node.path!r}: no shared lock within {self.config.content.lock_timeout_s:g} s",
                 )
-            return self._read_locked(fd, node, sink, warnings)
+            outcome = self._read_locked(fd, node, sink, warnings)
+            if cached is not None:
+                outcome.parent_content = cached.content
+            return outcome
         except OSError as error:
             return _fallback(previous, warnings, f"cannot read {node.path!r}: {error.strerror}")
         finally:
@@ -408,60 +363,6 @@ class Archiver:
                     tuple(content), FileState.of(after), Stat.of(after), bytes_read, cacheable=False
                 )
         return FileOutcome(tuple(content), FileState.of(after), Stat.of(after), bytes_read=bytes_read)
-
-    # -- trees ------------------------------------------------------------------------------
-
-    def _build_trees(
-        self,
-        root: Node,
-        outcomes: dict[str, FileOutcome],
-        sink: BlobSink,
-        stats: RunStats,
-        memo: dict[str, tuple[str, str]],
-        trees: RunTrees,
-    ) -> str:
-        """Encode every directory bottom-up (children before parents); returns the root tree hash.
-
-        A directory whose tree would be made from exactly what the last committed run made it from
-        (`memo`: path -> (signature, tree)), and whose tree the local index holds, reuses that tree
-        unencoded; `memo` is replaced by this run's signatures for the next run. `trees` learns each
-        directory's tree (the commit plan walks them).
-        """
-        order: list[Node] = []
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            order.append(node)
-            stack.extend(child for child in (node.children or {}).values() if child.is_dir)
-        previous, memo_now = dict(memo), memo
-        memo_now.clear()
-        subtree_of = trees.subtree_of
-        for directory in reversed(order):  # a pre-order list reversed puts children first
-            children = [
-                (child, outcomes.get(child.path))
-                for child in (directory.children or {}).values()
-                if child.type != "file" or child.path in outcomes  # a skipped file has no entry
-            ]
-            signature = _tree_signature(children, subtree_of)
-            remembered = previous.get(directory.path)
-            if remembered is not None and remembered[0] == signature and sink.is_known_stored(remembered[1]):
-                tree = remembered[1]
-            else:
-                entries = [
-                    _tree_entry(child, outcome, subtree_of.get(id(child))) for child, outcome in children
-                ]
-                tree = sink.add_plaintext(
-                    "tree", encode_tree(Tree(tuple(e for e in entries if e is not None)))
-                )
-            for child, outcome in children:
-                if outcome is not None:
-                    stats.bytes_total += outcome.state.size
-                stats.files += child.type == "file"
-                stats.dirs += child.type == "dir"
-            subtree_of[id(directory)] = tree
-            trees.directory_of[tree] = directory
-            memo_now[directory.path] = (signature, tree)
-        return subtree_of[id(root)]
 
     # -- commit -----------------------------------------------------------------------------
 
@@ -546,30 +447,49 @@ class Archiver:
 
     def _plan_inputs(self, cache: ParentCache, parent: str | None, content: RunContent) -> PlanInputs:
         fetcher = BlobFetcher(self.api, self.transfer, cache)
-        side: ParentSide
+        manifest: dict | None = None
         if parent is None:
-            side, parent_root, parent_snapshots = ViewParent({}, lambda path: None), None, {}
+            parent_snapshots: dict[str, ParentSnapshot] = {}
         elif cache.view_matches_parent:
-            # The usual case: the cache describes the parent; nothing is read.
-            memo = content.previous_memo
-            side = ViewParent(memo, lambda path: _cached_content(cache, path))
-            parent_root = memo[self.options.root_path][1] if self.options.root_path in memo else None
-            parent_snapshots = cache.parent_snapshots()
+            parent_snapshots = cache.parent_snapshots()  # the usual case: the cache describes the parent
         else:
             # The parent came from the backend (a crashed run's commit, a lost cache): read its trees.
             manifest = self.api.get_manifest(parent)
-            side = FetchedParent(fetcher.fetch_all)
-            parent_root = manifest.get("root")
             parent_snapshots = _fetched_parent_snapshots(fetcher, manifest, content.snapshots)
+        trees: TreeShare
+        gathered = content.trees
+        if gathered is not None and gathered.parent == parent and (parent is None or manifest is None):
+            trees = gathered  # the usual case: the walk compared with this very parent
+        else:
+            trees = self._stored_tree_walk(cache, parent, manifest, content, fetcher)
         return PlanInputs(
-            root=content.root,
-            parent_root=parent_root,
-            root_path=self.options.root_path,
+            trees=trees,
             snapshots=content.snapshots,
             chunks_of=content.chunks_of,
             parent_snapshots=parent_snapshots,
-            new_trees=content.trees,
-            parent=side,
+        )
+
+    def _stored_tree_walk(
+        self,
+        cache: ParentCache,
+        parent: str | None,
+        manifest: dict | None,
+        content: RunContent,
+        fetcher: BlobFetcher,
+    ) -> TreeWalk:
+        """The commit goes on another parent than the walk compared with: walk the stored trees, this
+        run's read back from its packs (the walk let its directories go)."""
+        side: ParentSide
+        if manifest is not None:
+            side, parent_root = FetchedParent(fetcher.fetch_all), manifest.get("root")
+        elif parent is not None:  # the cache's view is this parent's
+            memo = content.previous_memo
+            side = ViewParent(memo, lambda path: _cached_content(cache, path))
+            parent_root = memo[self.options.root_path][1] if self.options.root_path in memo else None
+        else:
+            side, parent_root = ViewParent({}, lambda path: None), None
+        return TreeWalk(
+            content.root, parent_root, self.options.root_path, StoredTrees(fetcher.fetch_all), side
         )
 
     @staticmethod
@@ -617,6 +537,173 @@ class Archiver:
             "elapsed_ms": int((time.monotonic() - stats.started) * 1000),
             "requests": self.counter.as_dict(),
         }
+
+
+class DirectoryTrees:
+    """Read the walk's files and build its directories' trees as the walk goes, bottom-up.
+
+    Files are read in batches (READ_BATCH, on the reading threads); a walked directory waits until
+    its files are read, then its tree is built and its entries let go: a run holds the directories on
+    the walk's path and a batch or so of files, not the whole tree (100k files held whole: ~1.3 KB
+    each). Unchanged files are reused from the cache's rows, merged in path order (FileRows); the rows
+    of what is read are staged for the next view as each batch is done.
+    """
+
+    def __init__(
+        self,
+        archiver: Archiver,
+        cache: ParentCache,
+        rows: FileRows,
+        sink: BlobSink,
+        stats: RunStats,
+        warnings: list[str],
+        progress: Progress,
+        scanned_ns: int,
+    ) -> None:
+        self.archiver = archiver
+        self.cache = cache
+        self.rows = rows
+        self.sink = sink
+        self.stats = stats
+        self.warnings = warnings
+        self.progress = progress
+        self.scanned_ns = scanned_ns
+        self._to_read: list[tuple[Node, CachedFile | None]] = []
+        self._waiting: deque[Node] = deque()  # walked directories, children first, trees not built yet
+        self._waiting_entries = 0
+
+    def build(
+        self,
+        walked: Walk,
+        previous: dict[str, tuple[str, str]],
+        memo: dict[str, tuple[str, str]],
+        changes: TreeChanges | None,
+    ) -> str:
+        """Every directory's tree; returns the root's.
+
+        A directory whose tree would be made from exactly what the last committed run made it from
+        (`previous`: path -> (signature, tree)), and whose tree the local index holds, reuses that tree
+        unencoded; `memo` learns this run's signatures for the next run, `changes` the commit plan's
+        share of each tree."""
+        for node in walked.nodes():
+            if not node.is_dir:
+                self._add_file(node)
+                continue
+            self._waiting.append(node)
+            self._waiting_entries += len(node.children or ())
+            if len(self._to_read) >= READ_BATCH or self._waiting_entries >= WAITING_ENTRIES_MAX:
+                self._read_batch()
+            if not self._to_read:
+                self._build_waiting(previous, memo, changes)
+        self._read_batch()
+        self._build_waiting(previous, memo, changes)
+        return str(walked.root.outcome)
+
+    def _add_file(self, node: Node) -> None:
+        cached = self.rows.lookup(node.path)
+        if cached is not None and cached.reusable_for(FileState.of(node.stat)):
+            node.outcome = FileOutcome(
+                cached.content, cached.state, node.stat, reused=True, parent_content=cached.content
+            )
+            self.stats.files_reused += 1
+        else:
+            self._to_read.append((node, cached))
+
+    def _read_batch(self) -> None:
+        batch, self._to_read = self._to_read, []
+        if not batch:
+            return
+        batch.sort(
+            key=lambda item: item[0].stat.st_size, reverse=True
+        )  # a big file last would leave a thread idle
+        lock = threading.Lock()
+        stats = self.stats
+
+        def read_one(item: tuple[Node, CachedFile | None]) -> None:
+            node, cached = item
+            local_warnings: list[str] = []
+            outcome = self.archiver._read_file(node, cached, self.sink, local_warnings)
+            with lock:
+                self.warnings.extend(local_warnings)
+                node.outcome = outcome
+                if outcome is not None:
+                    stats.bytes_read += outcome.bytes_read
+                stats.files_read += 1
+                self.progress.show(f"read {stats.files_read} files, {stats.bytes_read / 2**20:.1f} MiB")
+
+        run_bounded(read_one, batch, workers=self.archiver.config.content.workers)
+        self.cache.stage_files(_next_view_rows(batch), self.scanned_ns)
+
+    def _build_waiting(
+        self,
+        previous: dict[str, tuple[str, str]],
+        memo: dict[str, tuple[str, str]],
+        changes: TreeChanges | None,
+    ) -> None:
+        while self._waiting:
+            directory = self._waiting.popleft()
+            self._waiting_entries -= len(directory.children or ())
+            self._build_one(directory, previous, memo, changes)
+
+    def _build_one(
+        self,
+        directory: Node,
+        previous: dict[str, tuple[str, str]],
+        memo: dict[str, tuple[str, str]],
+        changes: TreeChanges | None,
+    ) -> None:
+        children = [
+            (child, child.outcome if child.type == "file" else None)
+            for child in (directory.children or {}).values()
+            if child.type != "file" or child.outcome is not None  # a skipped file has no entry
+        ]
+        signature = _tree_signature(children)
+        remembered = previous.get(directory.path)
+        if remembered is not None and remembered[0] == signature and self.sink.is_known_stored(remembered[1]):
+            tree = remembered[1]
+        else:
+            entries = [_tree_entry(child, outcome, _subtree(child)) for child, outcome in children]
+            tree = self.sink.add_plaintext(
+                "tree", encode_tree(Tree(tuple(e for e in entries if e is not None)))
+            )
+        for child, outcome in children:
+            if outcome is not None:
+                self.stats.bytes_total += outcome.state.size
+            self.stats.files += child.type == "file"
+            self.stats.dirs += child.type == "dir"
+        memo[directory.path] = (signature, tree)
+        if changes is not None:
+            changes.add_directory(
+                directory.path, tree, ((o.content, o.parent_content) for _, o in children if o is not None)
+            )
+        directory.outcome = tree
+        directory.children = None  # its tree is built: its entries are not needed any more
+
+
+def _next_view_rows(
+    batch: list[tuple[Node, CachedFile | None]],
+) -> Iterator[tuple[str, FileState | None, tuple[str, ...]]]:
+    """The cache rows a read batch changes: a row for what was read, none for what was skipped or read
+    inconsistently (a reused previous version keeps its row)."""
+    for node, cached in batch:
+        outcome: FileOutcome | None = node.outcome
+        if outcome is not None and outcome.cacheable and not outcome.reused:
+            yield node.path, outcome.state, outcome.content
+        elif cached is not None and (outcome is None or not outcome.cacheable):
+            yield node.path, None, ()
+
+
+def _tree_changes(cache: ParentCache, previous_memo: dict[str, tuple[str, str]]) -> TreeChanges | None:
+    """What the walk compares its trees with: the parent the cache describes, or no parent; None if
+    the cache's view is not its parent's (the commit then walks the stored trees)."""
+    parent = cache.parent_manifest
+    if parent is None:
+        return TreeChanges(None, {})
+    return TreeChanges(parent, previous_memo) if cache.view_matches_parent else None
+
+
+def _subtree(node: Node) -> str | None:
+    return node.outcome if node.is_dir else None
 
 
 def _fetched_parent_snapshots(
@@ -711,16 +798,6 @@ def _read_up_to(fd: int, size: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _iter_files(root: Node) -> Iterator[Node]:
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node.type == "file":
-            yield node
-        elif node.children:
-            stack.extend(node.children.values())
-
-
 def _lock_shared(fd: int, timeout_s: float) -> bool:
     """A shared POSIX advisory lock (writers that lock exclusively are waited for), with a timeout."""
     deadline = time.monotonic() + timeout_s
@@ -756,7 +833,7 @@ def _fallback(previous: FileOutcome | None, warnings: list[str], problem: str) -
 TREE_MEMO_VERSION = "1"
 
 
-def _tree_signature(children: list[tuple[Node, FileOutcome | None]], subtree_of: dict[int, str]) -> str:
+def _tree_signature(children: list[tuple[Node, FileOutcome | None]]) -> str:
     """A digest of everything the directory's tree entries are made from (see _tree_entry)."""
     parts = []
     for child, outcome in children:
@@ -769,9 +846,9 @@ def _tree_signature(children: list[tuple[Node, FileOutcome | None]], subtree_of:
                 user_name(st.st_uid),
                 group_name(st.st_gid),
                 (outcome.state.size, outcome.content) if outcome is not None else None,
-                subtree_of.get(id(child)),
+                _subtree(child),
                 child.target,
-                sorted(child.xattrs.items()),
+                sorted((child.xattrs or {}).items()),
             )
         )
     return hashlib.sha256(repr((TREE_MEMO_VERSION, parts)).encode("utf-8", "surrogateescape")).hexdigest()
@@ -795,8 +872,8 @@ def _tree_entry(node: Node, outcome: FileOutcome | None, subtree: str | None) ->
         subtree=subtree,
         target=node.target,
         rdev=st.st_rdev if node.type in ("chardev", "blockdev") else None,
-        xattrs=encode_xattrs(node.xattrs),
-        acl=acl_text(node.xattrs),
+        xattrs=encode_xattrs(node.xattrs or {}),
+        acl=acl_text(node.xattrs or {}),
         hardlink=hardlink_id(st),
     )
 

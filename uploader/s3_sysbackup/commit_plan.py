@@ -6,9 +6,11 @@ root down, and stops where they are equal. This module walks the same pairs on t
   new stream indexes, and file/stream chunks the parent did not hold at the same place;
 - `locations`: where the trees and stream indexes the walk reads are, the new ones and the parent's.
 
-The parent's side comes from the cache's view of the parent (tree memo, file rows, snapshot chunk
-lists) when the view is the parent's own: no request. Otherwise (the parent was taken from the
-backend after a crash or a lost cache) the parent's trees are read through the local index.
+The trees' share is gathered while the run builds its trees (TreeChanges), against the parent the
+cache's view describes (tree memo, file rows) or no parent: no request, and the run's directories need
+not be held until the commit. When the commit goes on another parent (taken from the backend after a
+crash, a lost cache, a conflict) the same pairs are walked over the stored trees instead (TreeWalk):
+the parent's and this run's own are read back through the local index.
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ class NewChild(NamedTuple):
 
 
 class NewTrees(Protocol):
-    """The entries of each tree of the new manifest (the run's own walk of the file system)."""
+    """The entries of each tree of the new manifest."""
 
     def children(self, tree: str) -> Iterable[NewChild]: ...
+
+    def prefetch(self, trees: Iterable[str]) -> None: ...
+
+
+class TreeShare(Protocol):
+    """The blobs the backend's walk of the trees needs: (listed, read), as walk_changes returns them."""
+
+    def blobs(self) -> tuple[set[str], set[str]]: ...
 
 
 class PlanTooLarge(RuntimeError):
@@ -107,6 +117,80 @@ class FetchedParent:
 
 
 @dataclass
+class StoredTrees:
+    """This run's trees read back from storage, a level of the walk at a time (only the level being
+    walked is held)."""
+
+    fetch: FetchBlobs
+    trees: dict[str, tuple[NewChild, ...]] = field(default_factory=dict)
+
+    def children(self, tree: str) -> Iterable[NewChild]:
+        return self.trees[tree]
+
+    def prefetch(self, trees: Iterable[str]) -> None:
+        self.trees = {
+            digest: tuple(
+                NewChild(entry.name, entry.type, tuple(entry.content), entry.subtree)
+                for entry in decode_tree(data).entries
+            )
+            for digest, data in self.fetch(set(trees)).items()
+        }
+
+
+@dataclass
+class TreeChanges:
+    """The trees' share, gathered while the run builds its trees bottom-up, against the parent whose
+    trees by directory path are `old_trees` (the cache's tree memo; empty for no parent).
+
+    The backend walks a directory iff its new tree differs from the parent's at the same path (if
+    they were equal, so would every tree below be); there the chunks of a file that the parent's
+    file at the same path lacks are listed."""
+
+    parent: str | None
+    old_trees: Mapping[str, tuple[str, str]]  # path -> (signature, tree)
+    listed: set[str] = field(default_factory=set)
+    read: set[str] = field(default_factory=set)
+
+    def add_directory(
+        self, path: str, tree: str, files: Iterable[tuple[tuple[str, ...], tuple[str, ...]]]
+    ) -> None:
+        """A directory's tree, with its files' (content, the parent view's content at its path)."""
+        remembered = self.old_trees.get(path)
+        old = remembered[1] if remembered is not None else None
+        if tree == old:
+            return
+        self.listed.add(tree)
+        self.read.add(tree)
+        if old is not None:
+            self.read.add(old)
+        for content, held in files:
+            if self.parent is None:
+                self.listed.update(content)
+            elif content is not held:  # the same tuple: a reused file holds what the parent held
+                self.listed.update(digest for digest in content if digest not in held)
+
+    def blobs(self) -> tuple[set[str], set[str]]:
+        return self.listed, self.read
+
+
+@dataclass
+class TreeWalk:
+    """The trees' share found by walking the new trees against a parent's, from the root down."""
+
+    root: str | None
+    parent_root: str | None
+    root_path: str
+    new_trees: NewTrees
+    parent: ParentSide
+
+    def blobs(self) -> tuple[set[str], set[str]]:
+        listed: set[str] = set()
+        read: set[str] = set()
+        _walk_trees(self, listed, read)
+        return listed, read
+
+
+@dataclass
 class CommitPlan:
     packs: list[str]
     locations: dict[str, dict]
@@ -118,21 +202,18 @@ class CommitPlan:
 
 @dataclass
 class PlanInputs:
-    root: str | None
-    parent_root: str | None
-    root_path: str
+    trees: TreeShare
     snapshots: list[SnapshotRecord]
     chunks_of: Mapping[str, tuple[str, ...]]  # stream index hash -> its chunks (this run's snapshots)
     parent_snapshots: Mapping[str, ParentSnapshot]
-    new_trees: NewTrees
-    parent: ParentSide
 
 
 def walk_changes(inputs: PlanInputs) -> tuple[set[str], set[str]]:
-    """(blobs whose packs the commit lists, blobs whose locations it sends), as the backend walks."""
-    listed: set[str] = set()
-    read: set[str] = set()
-    _walk_trees(inputs, listed, read)
+    """(blobs whose packs the commit lists, blobs whose locations it sends), as the backend walks.
+
+    The snapshots' blobs are added to the trees' share's own sets (a 100k-file first backup lists
+    100k chunks: no copy); adding them again on a re-plan changes nothing."""
+    listed, read = inputs.trees.blobs()
     for snapshot in inputs.snapshots:
         index = snapshot.content
         if index is None:
@@ -149,13 +230,14 @@ def walk_changes(inputs: PlanInputs) -> tuple[set[str], set[str]]:
     return listed, read
 
 
-def _walk_trees(inputs: PlanInputs, listed: set[str], read: set[str]) -> None:
+def _walk_trees(inputs: TreeWalk, listed: set[str], read: set[str]) -> None:
     level: list[tuple[str, str, str | None]] = []
     if inputs.root is not None:
         level.append((inputs.root_path, inputs.root, inputs.parent_root))
     while level:
         level = [(path, new, old) for path, new, old in level if new != old]
         inputs.parent.prefetch({old for _, _, old in level if old is not None})
+        inputs.new_trees.prefetch({new for _, new, _ in level})
         following: list[tuple[str, str, str | None]] = []
         for path, new, old in level:
             listed.add(new)

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from s3_sysbackup import cache as cache_module
 from s3_sysbackup.cache import (
     RACY_WINDOW_NS,
     ArchiveLock,
@@ -46,14 +47,20 @@ def test_a_file_modified_just_before_the_scan_is_read_again():
     assert CachedFile(settled, (), SCANNED).reusable_for(settled)
 
 
-def test_record_commit_replaces_the_whole_view(tmp_path: Path):
+def test_record_commit_writes_the_view_and_deletes_the_rows_a_walk_passed_over(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="https://api.one")
     first_snapshots = {"db": ParentSnapshot("d" * 64, ("1" * 64,)), "old": ParentSnapshot("e" * 64, ())}
     cache.record_commit(
         "m1", [("/a", STATE, ("1" * 64,)), ("/gone", STATE, ())], SCANNED, snapshots=first_snapshots
     )
+    rows = cache.file_rows()
+    assert rows.lookup("/a") is not None  # the walk has /a, no /gone
     cache.record_commit(
-        "m2", [("/a", STATE, ("2" * 64,))], SCANNED, snapshots={"db": ParentSnapshot("f" * 64, ())}
+        "m2",
+        [("/a", STATE, ("2" * 64,))],
+        SCANNED,
+        gone=rows.finish(),
+        snapshots={"db": ParentSnapshot("f" * 64, ())},
     )
     assert cache.parent_manifest == "m2" and cache.view_matches_parent
     assert cache.lookup("/gone") is None
@@ -111,14 +118,36 @@ def test_record_commit_keeps_reused_rows_as_they_were(tmp_path: Path):
         "m1", [("/kept", STATE, ("1" * 64,)), ("/reread", STATE, ()), ("/gone", STATE, ())], SCANNED
     )
     later = SCANNED + 10 * SECOND
-    cache.record_commit("m2", [("/reread", other, ("2" * 64,))], later, kept=["/kept"])
+    rows = cache.file_rows()
+    assert rows.lookup("/kept") is not None and rows.lookup("/reread") is not None
+    cache.stage_files([("/reread", other, ("2" * 64,))], later)
+    cache.record_commit("m2", [], later, gone=rows.finish())
     kept, reread = cache.lookup("/kept"), cache.lookup("/reread")
     assert kept == CachedFile(STATE, ("1" * 64,), SCANNED)  # untouched, read-time included
     assert reread == CachedFile(other, ("2" * 64,), later)
     assert cache.lookup("/gone") is None
-    cache.record_commit("m3", [], later, kept=["/reread"])
-    assert cache.lookup("/kept") is None
+
+    rows = cache.file_rows()
+    assert rows.lookup("/reread") is not None
+    cache.stage_files([("/reread", None, ())], later)  # skipped this time: its row goes too
+    cache.record_commit("m3", [], later, gone=rows.finish())
+    assert cache.lookup("/kept") is None and cache.lookup("/reread") is None
     assert cache.parent_manifest == "m3"
+
+
+def test_rows_staged_by_a_run_that_never_committed_are_dropped(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    cache.record_commit("m1", [("/a", STATE, ("1" * 64,))], SCANNED)
+    cache.file_rows()
+    cache.stage_files([("/a", STATE, ("2" * 64,)), ("/b", STATE, ())], SCANNED)
+    cache.close()  # the run crashed before its commit
+
+    rerun = ParentCache(tmp_path, scope="s")
+    rows = rerun.file_rows()
+    cached = rows.lookup("/a")
+    assert cached is not None and cached.content == ("1" * 64,)
+    rerun.record_commit("m2", [], SCANNED, gone=rows.finish())
+    assert rerun.lookup("/a") == cached and rerun.lookup("/b") is None
 
 
 def entry(digest: str, offset: int, length: int = 10) -> PackEntry:
@@ -179,15 +208,35 @@ def test_a_v1_cache_keeps_its_parent_and_files_and_rebuilds_its_index(tmp_path: 
     assert "stored" not in tables
 
 
-@pytest.mark.parametrize("extra_rows", [0, 100])  # 0: one ordered scan; 100: few paths, a query each
-def test_lookup_many_answers_every_path_in_byte_order(tmp_path: Path, extra_rows: int):
+@pytest.mark.parametrize("page", [2, 1000])  # rows read a few at a time, or all in one page
+def test_file_rows_answer_a_walk_in_byte_order_and_keep_what_it_passed_over_as_gone(
+    tmp_path: Path, page: int, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(cache_module, "SCAN_PAGE", page)
     cache = ParentCache(tmp_path, scope="s")
     rows = [("/b", STATE, ("1" * 64,)), ("/a/\udcff", STATE, ("2" * 64,)), ("/a/z", STATE, ())]
-    rows += [(f"/other/{n}", STATE, ("3" * 64,)) for n in range(extra_rows)]
+    rows += [(f"/other/{n}", STATE, ("3" * 64,)) for n in range(5)]
     cache.record_commit("m1", rows, SCANNED)
 
-    answers = list(cache.lookup_many(["/b", "/missing", "/a/z", "/a/\udcff"]))
+    scan = cache.file_rows()
+    found = {path: scan.lookup(path) for path in ["/a/z", "/a/\udcff", "/missing"]}  # z < \xff as bytes
 
-    assert [path for path, _ in answers] == ["/a/z", "/a/\udcff", "/b", "/missing"]  # z < \xff as bytes
-    found = {path: cached.content if cached else None for path, cached in answers}
-    assert found == {"/a/z": (), "/a/\udcff": ("2" * 64,), "/b": ("1" * 64,), "/missing": None}
+    assert {path: cached.content if cached else None for path, cached in found.items()} == {
+        "/a/z": (),
+        "/a/\udcff": ("2" * 64,),
+        "/missing": None,
+    }
+    with pytest.raises(ValueError, match="out of order"):
+        scan.lookup("/b")
+    cache.record_commit("m2", [], SCANNED, gone=scan.finish())
+    assert (
+        cache.lookup("/b") is None and cache.lookup("/other/0") is None and cache.lookup("/other/4") is None
+    )
+    assert cache.lookup("/a/z") is not None and cache.lookup("/a/\udcff") is not None
+
+
+def test_a_walk_of_nothing_leaves_no_file_rows(tmp_path: Path):
+    cache = ParentCache(tmp_path, scope="s")
+    cache.record_commit("m1", [("/a", STATE, ()), ("/b", STATE, ())], SCANNED)
+    cache.record_commit("m2", [], SCANNED, gone=cache.file_rows().finish())
+    assert cache.lookup("/a") is None and cache.lookup("/b") is None

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from s3_sysbackup.metadata import acl_text, hardlink_id, user_name
-from s3_sysbackup.walker import walk
+from s3_sysbackup.walker import Walk, walk
 
 
 def make_tree(root: Path) -> Path:
@@ -32,9 +32,17 @@ def make_tree(root: Path) -> Path:
     return top
 
 
+def walked(picks: list[str], root: Path) -> Walk:
+    """The walk, run through (nothing dropped: the whole tree stays under `root`)."""
+    result = walk(picks, root_path=str(root))
+    for _ in result.nodes():
+        pass
+    return result
+
+
 def test_picked_directory_is_recorded_recursively_with_metadata(tmp_path: Path):
     make_tree(tmp_path)
-    result = walk(["/srv/app"], root_path=str(tmp_path))
+    result = walked(["/srv/app"], tmp_path)
     assert result.warnings == []
     srv = result.root.children["srv"]
     assert set(result.root.children) == {"srv"}  # "outside" was not picked
@@ -51,6 +59,7 @@ def test_picked_directory_is_recorded_recursively_with_metadata(tmp_path: Path):
     assert app.children["to-outside"].target == str(tmp_path / "outside")
     assert app.children["to-outside"].children is None  # a symlink to a directory is not entered
     assert app.children["private"].xattrs == {"user.origin": b"test"}
+    assert app.children["empty-file"].xattrs is None  # no empty dict per file
     hard_a, hard_b = app.children["hard-a"].stat, app.children["hard-b"].stat
     assert hardlink_id(hard_a) == hardlink_id(hard_b) is not None
     assert hardlink_id(app.children["private"].stat) is None
@@ -58,15 +67,15 @@ def test_picked_directory_is_recorded_recursively_with_metadata(tmp_path: Path):
 
 def test_parents_of_a_picked_file_are_recorded_without_siblings(tmp_path: Path):
     make_tree(tmp_path)
-    result = walk(["/srv/app/private"], root_path=str(tmp_path))
+    result = walked(["/srv/app/private"], tmp_path)
     app = result.root.children["srv"].children["app"]
     assert list(app.children) == ["private"]
-    assert app.type == "dir" and not app.expanded
+    assert app.type == "dir" and not app.picked
 
 
 def test_a_path_through_a_symlink_is_not_followed(tmp_path: Path):
     make_tree(tmp_path)
-    result = walk(["/srv/app/to-outside/not-picked", "/srv/app/missing"], root_path=str(tmp_path))
+    result = walked(["/srv/app/to-outside/not-picked", "/srv/app/missing"], tmp_path)
     assert len(result.warnings) == 2
     assert "non-directory" in result.warnings[0] and "does not exist" in result.warnings[1]
     assert "to-outside" not in result.root.children["srv"].children["app"].children
@@ -74,7 +83,7 @@ def test_a_path_through_a_symlink_is_not_followed(tmp_path: Path):
 
 def test_dotdot_in_a_picked_path_is_refused(tmp_path: Path):
     make_tree(tmp_path)
-    result = walk(["/srv/../outside"], root_path=str(tmp_path))
+    result = walked(["/srv/../outside"], tmp_path)
     assert result.root.children == {}
     assert "'..'" in result.warnings[0]
 
@@ -104,9 +113,32 @@ def test_overlapping_picks_in_any_order_give_the_same_tree(tmp_path: Path):
     make_tree(tmp_path)
 
     def shape(picks: list[str]) -> set[str]:
-        return {node.path for node in walk(picks, root_path=str(tmp_path)).iter_nodes()}
+        return {node.path for node in walked(picks, tmp_path).iter_nodes()}
 
     whole = shape(["/srv/app"])
     assert shape(["/srv/app/private", "/srv/app/"]) == whole
     assert shape(["/srv/app", "/srv/app/group-dir", "/srv/app/private"]) == whole
     assert shape(["/srv"]) == whole  # /srv holds only app
+
+
+def test_files_come_in_the_byte_order_of_their_paths_and_directories_after_their_entries(tmp_path: Path):
+    top = tmp_path / "data"
+    (top / "a").mkdir(parents=True)
+    (top / "b").mkdir()
+    for name in ("a-b", "a.c", "a/x", "a/y-z", "a/\udcff", "b/f"):  # "a-b" < "a.c" < "a/..." as bytes
+        (top / name).write_bytes(b"x")
+
+    nodes = [
+        (node.path.removeprefix(str(tmp_path)), node.type) for node in walk(["/data"], str(tmp_path)).nodes()
+    ]
+
+    files = [path for path, kind in nodes if kind == "file"]
+    assert files == ["/data/a-b", "/data/a.c", "/data/a/x", "/data/a/y-z", "/data/a/\udcff", "/data/b/f"]
+    assert files == sorted(files, key=os.fsencode)  # what an ordered scan of the cache's rows gives
+    directories = [path for path, kind in nodes if kind == "dir"]
+    assert directories == ["/data/a", "/data/b", "/data", ""]  # each after its entries
+    assert (
+        nodes.index(("/data/a/\udcff", "file"))
+        < nodes.index(("/data/a", "dir"))
+        < nodes.index(("/data/b/f", "file"))
+    )
