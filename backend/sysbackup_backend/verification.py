@@ -7,6 +7,8 @@ inline check of small packs can use `checked_pack_entries` the same way.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
@@ -16,7 +18,7 @@ from sysbackup_domain.packs import PackEntry, verify_pack
 from .registry import PACK_CORRUPT, PACK_PRESIGNED, PACK_VERIFIED, PackRegistry
 from .store import PackStore, object_missing, pack_key
 
-# Outcomes of `verify_registered_pack` besides the registry states it writes.
+# Outcomes of `verify_registered_packs` besides the registry states it writes.
 SKIPPED = "skipped"  # no item, or not `presigned` (already decided, or gc has it)
 ABSENT = "absent"  # the item is presigned but the object is not in the bucket
 MOVED_ON = "moved on"  # the item left `presigned`/`verified` while the pack was read (gc)
@@ -46,14 +48,38 @@ def _read_if_present(store: PackStore, pack_id: str) -> bytes | None:
         raise
 
 
-def verify_registered_pack(registry: PackRegistry, store: PackStore, pack_id: str) -> VerifyOutcome:
-    """Read a `presigned` pack whole, re-hash it and record it verified or corrupt (idempotent)."""
+def verify_registered_packs(
+    registry: PackRegistry, store: PackStore, pack_ids: Iterable[str]
+) -> Iterator[VerifyOutcome]:
+    """Read each `presigned` pack whole, re-hash it and record it verified or corrupt (idempotent); the
+    next pack is read while this one is re-hashed: a Lambda's S3 GET of a 16-64 MiB pack takes about as
+    long as hashing it, and both are billed."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-pack") as reader:
+        upcoming: tuple[str, Future[bytes | VerifyOutcome]] | None = None
+        for pack_id in pack_ids:
+            following = (pack_id, reader.submit(_read_presigned, registry, store, pack_id))
+            if upcoming is not None:
+                yield _outcome_of(registry, *upcoming)
+            upcoming = following
+        if upcoming is not None:
+            yield _outcome_of(registry, *upcoming)
+
+
+def _outcome_of(registry: PackRegistry, pack_id: str, read: Future[bytes | VerifyOutcome]) -> VerifyOutcome:
+    result = read.result()  # re-raises a failure to reach S3 or DynamoDB (the message is redelivered)
+    return result if isinstance(result, VerifyOutcome) else _check_and_record(registry, pack_id, result)
+
+
+def _read_presigned(registry: PackRegistry, store: PackStore, pack_id: str) -> bytes | VerifyOutcome:
+    """The pack's bytes if its item is `presigned` and its object is there; else why not."""
     record = registry.get(pack_id)
     if record is None or record.state != PACK_PRESIGNED:
         return VerifyOutcome(pack_id, SKIPPED, record.state if record else "no registry item")
     data = _read_if_present(store, pack_id)
-    if data is None:
-        return VerifyOutcome(pack_id, ABSENT)
+    return VerifyOutcome(pack_id, ABSENT) if data is None else data
+
+
+def _check_and_record(registry: PackRegistry, pack_id: str, data: bytes) -> VerifyOutcome:
     try:
         entries = checked_pack_entries(pack_id, data)
     except (CorruptBlob, InvalidDocument) as error:

@@ -17,7 +17,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field, Json
 from sysbackup_backend.api import BlobHash, services
 from sysbackup_backend.registry import PACK_CORRUPT, PACK_VERIFIED
-from sysbackup_backend.verification import SKIPPED, VerifyOutcome, verify_registered_pack
+from sysbackup_backend.verification import SKIPPED, VerifyOutcome, verify_registered_packs
 
 MAX_PACKS_PER_MESSAGE = 300
 
@@ -38,11 +38,9 @@ class VerifyRecord(SqsRecordModel):
 processor = BatchProcessor(event_type=EventType.SQS, model=VerifyRecord)
 
 
-@tracer.capture_method
-def verify_one(pack_id: str, source: str) -> VerifyOutcome:
-    backend = services()
-    outcome = verify_registered_pack(backend.registry, backend.store, pack_id)
-    context = {"pack_id": pack_id, "source": source, "result": outcome.result, "detail": outcome.detail}
+def report(outcome: VerifyOutcome, source: str) -> None:
+    context = {"pack_id": outcome.pack_id, "source": source, "result": outcome.result}
+    context["detail"] = outcome.detail
     if outcome.result == PACK_CORRUPT:
         logger.error("corrupt pack", extra=context)
         metrics.add_metric(name="PacksCorrupt", unit=MetricUnit.Count, value=1)
@@ -53,12 +51,14 @@ def verify_one(pack_id: str, source: str) -> VerifyOutcome:
         logger.info("pack not presigned; skipped", extra=context)
     else:  # absent, or gc took it while it was read
         logger.warning("pack not verified", extra=context)
-    return outcome
 
 
+@tracer.capture_method
 def record_handler(record: VerifyRecord) -> None:
-    for pack_id in dict.fromkeys(record.body.packs):  # once each, in the message's order
-        verify_one(pack_id, record.body.source)
+    backend = services()
+    pack_ids = dict.fromkeys(record.body.packs)  # once each, in the message's order
+    for outcome in verify_registered_packs(backend.registry, backend.store, pack_ids):
+        report(outcome, record.body.source)
 
 
 @logger.inject_lambda_context

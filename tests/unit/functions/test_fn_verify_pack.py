@@ -171,3 +171,33 @@ def test_a_pack_gc_condemns_while_it_is_read_stays_condemned(verifier: Any, back
     backend.store.client.meta.events.register("before-call.s3.GetObject", condemn_during_read)
     assert run(verifier, message(pack.pack_id)) == []
     assert state_of(backend, pack.pack_id) == "condemned"
+
+
+def test_packs_of_one_message_are_verified_in_order_up_to_a_failure(verifier: Any, backend: Services) -> None:
+    # The next pack is read while one is re-hashed; a read failure still fails the message (redelivered,
+    # and the packs already verified are skipped then), and no pack after it is recorded.
+    packs = [store_pack(backend, "alpha", [("data", b"pack %d" % number)]) for number in range(5)]
+    other = message(store_pack(backend, "alpha", [("data", b"another message")]).pack_id)  # a batch that
+    # fails whole is an exception, not a partial response
+    failing_key = f"packs/{packs[3].pack_id}"
+    gets: list[str] = []
+
+    def refuse(params: dict[str, Any], **_: Any) -> None:
+        gets.append(params["Key"])
+        if params["Key"] == failing_key:
+            raise ConnectionError("S3 unreachable")
+
+    backend.store.client.meta.events.register("provide-client-params.s3.GetObject", refuse)
+    assert run(verifier, message(*(pack.pack_id for pack in packs)), other) == ["message-0"]
+    assert [state_of(backend, pack.pack_id) for pack in packs] == [
+        "verified",
+        "verified",
+        "verified",
+        "presigned",
+        "presigned",
+    ]
+    assert gets[:4] == [f"packs/{pack.pack_id}" for pack in packs[:4]]
+    assert run(verifier, message(*(pack.pack_id for pack in packs)), other) == ["message-0"]  # still failing
+    backend.store.client.meta.events.unregister("provide-client-params.s3.GetObject", refuse)
+    assert run(verifier, message(*(pack.pack_id for pack in packs))) == []
+    assert {state_of(backend, pack.pack_id) for pack in packs} == {"verified"}
