@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import decimal
+import pstats
 from pathlib import Path
 
 import pytest
 from sysbackup_local.worker import (
     MAX_RESPONSE_BYTES,
+    PROFILE_DIR_ENV,
     FunctionRuntime,
     InvocationTimeout,
     ResponsePayloadError,
@@ -64,3 +66,18 @@ def test_a_missing_app_fails_each_invocation_until_it_exists(tmp_path: Path) -> 
     app.write_text("def lambda_handler(event, context):\n    return 'here'\n")
 
     assert runtime.invoke({}, "req") == "here"
+
+
+def test_with_a_profile_dir_each_invocation_leaves_its_profile(tmp_path: Path, monkeypatch) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(
+        "def busy():\n    return sum(range(1000))\n\ndef lambda_handler(event, context):\n    return busy()\n"
+    )
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path / "profiles"))
+    runtime = FunctionRuntime("Profiled", app, "app.lambda_handler", memory_mb=128, timeout=5)
+
+    assert runtime.invoke({}, "req-1") == sum(range(1000))
+
+    profile = tmp_path / "profiles" / "Profiled-req-1.prof"
+    called = {name for _, _, name in pstats.Stats(str(profile)).stats}  # type: ignore[attr-defined]
+    assert "busy" in called
