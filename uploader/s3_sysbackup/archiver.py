@@ -431,12 +431,12 @@ class Archiver:
             listed, read = walk_changes(inputs)
         except MissingBlob as error:  # the parent's trees, read when the cache's view is not the parent's
             raise MissingBlobs(f"the parent's trees cannot be read: {error}") from error
-        plan = resolve(listed, read, cache.locate(listed | read))
+        plan = resolve(listed, read, cache)
         if plan.unlocated:
             # A refusal dropped them, or they were never indexed: they may be in packs the index does
             # not know yet (gc repacked them, another run of this host uploaded them).
             rebuild_index(self.api, self.transfer, cache)
-            plan = resolve(listed, read, cache.locate(listed | read))
+            plan = resolve(listed, read, cache)
         if plan.unlocated:
             sample = ", ".join(sorted(plan.unlocated)[:3])
             raise MissingBlobs(

@@ -278,6 +278,23 @@ class ParentCache:
                 found[digest] = IndexedBlob(pack_id, entry)
         return found
 
+    def packs_of(self, hashes: Iterable[str]) -> tuple[set[str], set[str]]:
+        """(the packs holding the indexed ones of `hashes`, the ones the index does not hold), with
+        no row per blob in memory: a plan listing 100k chunks took ~50 MB as `locate`'s answers."""
+        packs: set[str] = set()
+        missing: set[str] = set()
+        for batch in _sql_batches(list(set(hashes))):
+            marks = ",".join("?" * len(batch))
+            query = f"SELECT pack_id, COUNT(*) FROM blobs WHERE hash IN ({marks}) GROUP BY pack_id"
+            found = 0
+            for pack_id, count in self.db.execute(query, batch):
+                packs.add(pack_id)
+                found += count
+            if found < len(batch):
+                rows = self.db.execute(f"SELECT hash FROM blobs WHERE hash IN ({marks})", batch)
+                missing.update(set(batch).difference(row[0] for row in rows))
+        return packs, missing
+
     def trees_in(self, pack_ids: Iterable[str]) -> dict[str, IndexedBlob]:
         """Every tree blob the index holds in these packs (a restore reads a pack's trees in one GET)."""
         found: dict[str, IndexedBlob] = {}

@@ -261,9 +261,22 @@ def _compare_entry(
     return []
 
 
-def resolve(listed: set[str], read: set[str], located: Mapping[str, IndexedBlob]) -> CommitPlan:
-    """Turn blobs into pack ids and locations with the local index's answers (`located`)."""
-    packs = sorted({located[digest].pack_id for digest in listed if digest in located})
+class BlobIndex(Protocol):
+    """The local index, as the plan asks it (ParentCache)."""
+
+    def packs_of(self, hashes: Iterable[str]) -> tuple[set[str], set[str]]: ...
+
+    def locate(self, hashes: Iterable[str]) -> dict[str, IndexedBlob]: ...
+
+
+def resolve(listed: set[str], read: set[str], index: BlobIndex) -> CommitPlan:
+    """Turn blobs into pack ids and locations with the local index's answers.
+
+    Only the packs of `listed` are asked (a first backup lists every chunk: a row each, 100k of
+    them, took ~50 MB); `read` (trees, stream indexes) is located in full."""
+    packs, unlocated = index.packs_of(listed)
+    located = index.locate(read)
+    unlocated |= read - located.keys()
     locations: dict[str, dict] = {}
     # The parent's blobs first: nothing else tells the backend where they are.
     for digest in sorted(read - listed) + sorted(read & listed):
@@ -272,15 +285,14 @@ def resolve(listed: set[str], read: set[str], located: Mapping[str, IndexedBlob]
         if digest in located:
             locations[digest] = _location(located[digest])
     overflow = [digest for digest in read - listed if digest in located and digest not in locations]
-    packs = sorted(set(packs).union(located[digest].pack_id for digest in overflow))
+    packs.update(located[digest].pack_id for digest in overflow)
     if len(packs) > MAX_COMMIT_PACKS:
         raise PlanTooLarge(
             f"this run's new blobs are in {len(packs)} packs, more than the {MAX_COMMIT_PACKS} one commit "
             "may list (docs/PACK_INDEX.md). Back up in parts: let pickers.d pick part of the tree, run, "
             "then the rest; what was sent stays in this host's index and is not sent again"
         )
-    unlocated = (listed | read) - located.keys()
-    return CommitPlan(packs, locations, unlocated)
+    return CommitPlan(sorted(packs), locations, unlocated)
 
 
 def _location(blob: IndexedBlob) -> dict:

@@ -166,6 +166,21 @@ def test_the_local_index_outlives_a_crash_and_answers_lookups(tmp_path: Path):
     assert located["2" * 64].pack_id == "p" * 64 and located["2" * 64].entry == entry("2" * 64, 10)
 
 
+def test_packs_of_names_the_packs_of_indexed_blobs_and_the_blobs_no_pack_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(cache_module, "SQL_BATCH", 2)  # answers gathered over several queries
+    cache = ParentCache(tmp_path, scope="s")
+    cache.record_pack("p" * 64, 100, [entry("1" * 64, 0), entry("2" * 64, 10)])
+    cache.record_pack("q" * 64, 50, [entry("3" * 64, 0)])
+    assert cache.packs_of(["1" * 64, "2" * 64, "9" * 64, "8" * 64, "1" * 64]) == (
+        {"p" * 64},
+        {"9" * 64, "8" * 64},
+    )
+    assert cache.packs_of(["3" * 64, "2" * 64]) == ({"p" * 64, "q" * 64}, set())
+    assert cache.packs_of([]) == (set(), set())
+
+
 def test_dropping_a_pack_forgets_its_blobs_and_the_files_that_need_them(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
     cache.record_pack("p" * 64, 100, [entry("1" * 64, 0), entry("2" * 64, 10)])

@@ -4,6 +4,8 @@ nothing more than the backend's walk needs (docs/PACK_INDEX.md)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,9 +86,25 @@ def test_a_one_file_change_lists_the_new_blobs_and_locates_both_sides_of_each_ch
     assert second.root in new_blobs
 
 
-def located(*pairs: tuple[str, str]) -> dict[str, IndexedBlob]:
-    """{blob: where} for (blob, pack) pairs."""
-    return {digest: IndexedBlob(pack, PackEntry(digest, "tree", "none", 0, 5, 5)) for digest, pack in pairs}
+@dataclass
+class Located:
+    """An index holding what the test says: {blob: where}."""
+
+    blobs: dict[str, IndexedBlob]
+
+    def packs_of(self, hashes: Iterable[str]) -> tuple[set[str], set[str]]:
+        wanted = set(hashes)
+        return {self.blobs[d].pack_id for d in wanted if d in self.blobs}, wanted - self.blobs.keys()
+
+    def locate(self, hashes: Iterable[str]) -> dict[str, IndexedBlob]:
+        return {digest: self.blobs[digest] for digest in hashes if digest in self.blobs}
+
+
+def located(*pairs: tuple[str, str]) -> Located:
+    """An index of (blob, pack) pairs."""
+    return Located(
+        {digest: IndexedBlob(pack, PackEntry(digest, "tree", "none", 0, 5, 5)) for digest, pack in pairs}
+    )
 
 
 ONE, TWO, THREE, FOUR, NINE = ("1" * 64, "2" * 64, "3" * 64, "4" * 64, "9" * 64)
@@ -97,7 +115,7 @@ def test_resolve_lists_packs_of_new_blobs_only_and_reports_unlocated():
     plan = resolve(
         listed={ONE, TWO, NINE},
         read={ONE, THREE},
-        located=located((ONE, PACK_A), (TWO, PACK_A), (THREE, PACK_B)),
+        index=located((ONE, PACK_A), (TWO, PACK_A), (THREE, PACK_B)),
     )
     assert plan.packs == [PACK_A]  # the parent's tree (THREE) is located, its pack not listed
     assert set(plan.locations) == {ONE, THREE}
@@ -109,7 +127,7 @@ def test_resolve_lists_packs_of_new_blobs_only_and_reports_unlocated():
 def test_resolve_keeps_the_body_small_and_lists_the_packs_of_locations_it_leaves_out(monkeypatch):
     monkeypatch.setattr(plan_module, "MAX_LOCATIONS_SENT", 2)
     pack_of = {ONE: PACK_A, TWO: PACK_B, THREE: PACK_C, FOUR: PACK_D}
-    plan = resolve(listed={ONE}, read=set(pack_of), located=located(*pack_of.items()))
+    plan = resolve(listed={ONE}, read=set(pack_of), index=located(*pack_of.items()))
     assert len(plan.locations) == 2
     assert ONE not in plan.locations  # the parent's blobs go first: nothing else says where they are
     left_out = set(pack_of) - set(plan.locations) - {ONE}
@@ -119,7 +137,7 @@ def test_resolve_keeps_the_body_small_and_lists_the_packs_of_locations_it_leaves
 def test_more_packs_than_one_commit_takes_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(plan_module, "MAX_COMMIT_PACKS", 1)
     with pytest.raises(PlanTooLarge, match="2 packs"):
-        resolve(listed={ONE, TWO}, read=set(), located=located((ONE, PACK_A), (TWO, PACK_B)))
+        resolve(listed={ONE, TWO}, read=set(), index=located((ONE, PACK_A), (TWO, PACK_B)))
 
 
 def mutate(root: Path, rng: random.Random, step: int) -> None:
