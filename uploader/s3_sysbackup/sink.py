@@ -97,12 +97,19 @@ class PackShipper:
     sleep = staticmethod(time.sleep)  # between sends of packs gc is collecting
 
     def __init__(
-        self, api: ApiClient, transfer: Transfer, on_stored: PackStored, parallel_puts: int = PARALLEL_PUTS
+        self,
+        api: ApiClient,
+        transfer: Transfer,
+        on_stored: PackStored,
+        parallel_puts: int = PARALLEL_PUTS,
+        go_ahead: Callable[[], None] = lambda: None,
     ) -> None:
-        """`on_stored` gets each pack once it is in S3 (the cache indexes it)."""
+        """`on_stored` gets each pack once it is in S3 (the cache indexes it). `go_ahead` runs before each
+        batch is sent: it may wait for what the run must know first, or raise to stop the run."""
         self.api = api
         self.transfer = transfer
         self.on_stored = on_stored
+        self.go_ahead = go_ahead
         self.parallel_puts = parallel_puts
         self.counts = ShipCounts()
         self._counting = threading.Lock()
@@ -110,6 +117,7 @@ class PackShipper:
     def ship(self, packs: list[SealedPack]) -> None:
         """Presign and PUT `packs`; waits out gc deleting an identical old pack (409 collecting)."""
         try:
+            self.go_ahead()
             for wait_s in (*COLLECTING_WAITS_S, None):
                 try:
                     self._ship_once(packs)

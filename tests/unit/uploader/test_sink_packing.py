@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
+import time
 from pathlib import Path
 
+import pytest
 from s3_sysbackup.sink import BlobSink, PackShipper, SealedPack
 from sysbackup_domain.packs import PACK_GROWTH_LIMIT, TARGET_PACK_BYTES, next_pack_target, parse_trailer
 
@@ -61,3 +64,39 @@ def test_batches_of_packs_grow_so_a_big_run_makes_few_presign_calls(backend, tra
     assert all(sum(batch) < 8 * 10_000 + 51_000 for batch in shipper.batches[:-1])
     assert sum(counts) == shipper.counts.packs == len(transfer.puts) == 40
     assert len(counts) < 40 // 1.5  # far fewer presign calls than packs
+
+
+class RunStopped(RuntimeError):
+    pass
+
+
+def test_nothing_is_presigned_or_sent_before_the_go_ahead(backend, transfer, tmp_path: Path):
+    allowed = threading.Event()
+
+    def go_ahead() -> None:
+        if not allowed.wait(timeout=10):
+            raise RunStopped("no go-ahead")
+
+    shipper = PackShipper(backend, transfer, on_stored=lambda pack: None, go_ahead=go_ahead)  # type: ignore[arg-type]
+    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path, target_pack_bytes=1000)
+    for _ in range(3):  # each seals a pack: two batches (1 and 2 packs) go to the shipping threads
+        sink.add_plaintext("data", os.urandom(5000))
+    time.sleep(0.2)
+    assert backend.counter.as_dict().get("api", {}) == {} and transfer.puts == []
+    allowed.set()
+    sink.finish()
+    assert shipper.counts.packs == len(transfer.puts) == 3
+
+
+def test_a_go_ahead_that_refuses_stops_the_run_with_nothing_sent(backend, transfer, tmp_path: Path):
+    def go_ahead() -> None:
+        raise RunStopped("this host's cache was lost: its index must be rebuilt first")
+
+    shipper = PackShipper(backend, transfer, on_stored=lambda pack: None, go_ahead=go_ahead)  # type: ignore[arg-type]
+    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path, target_pack_bytes=1000)
+    with pytest.raises(RunStopped):
+        for _ in range(20):
+            sink.add_plaintext("data", os.urandom(5000))
+        sink.finish()
+    sink.abort()
+    assert backend.counter.as_dict().get("api", {}) == {} and transfer.puts == []
