@@ -3,13 +3,16 @@ nothing more than the backend's walk needs (docs/PACK_INDEX.md)."""
 
 from __future__ import annotations
 
+import os
 import random
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import pick, write_script
+from s3_sysbackup import archiver as archiver_module
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import commit_plan as plan_module
 from s3_sysbackup.cache import IndexedBlob
@@ -162,9 +165,23 @@ def mutate(root: Path, rng: random.Random, step: int) -> None:
         rng.choice(removable).rmdir()
 
 
+def cached_paths(tmp_path: Path) -> set[bytes]:
+    (database,) = tmp_path.rglob("cache.sqlite")
+    db = sqlite3.connect(database)
+    try:
+        return {row[0] for row in db.execute("SELECT path FROM files")}
+    finally:
+        db.close()
+
+
+# The default batches, and batches so small that directories wait for reads and rows are staged often.
+@pytest.mark.parametrize(("read_batch", "waiting_entries"), [(None, None), (2, 3)])
 def test_every_plan_of_a_changing_tree_is_accepted_at_once_and_restores(
-    run_archive, config_dir, host_root, backend, transfer, tmp_path
+    run_archive, config_dir, host_root, backend, transfer, tmp_path, monkeypatch, read_batch, waiting_entries
 ):
+    if read_batch is not None:
+        monkeypatch.setattr(archiver_module, "READ_BATCH", read_batch)
+        monkeypatch.setattr(archiver_module, "WAITING_ENTRIES_MAX", waiting_entries)
     rng = random.Random(4)
     data = host_root / "data"
     for n in range(12):
@@ -185,4 +202,6 @@ def test_every_plan_of_a_changing_tree_is_accepted_at_once_and_restores(
             if p.is_file()
         }
         assert restored == expected
+        # The cache's view is this run's files, no more (rows of what went are deleted), no fewer.
+        assert cached_paths(tmp_path) == {os.fsencode(p) for p in data.rglob("*") if p.is_file()}
         mutate(data, rng, step)

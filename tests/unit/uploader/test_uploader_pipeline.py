@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import stat
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import pytest
 from conftest import pick, write_script
+from s3_sysbackup import archiver as archiver_module
 from s3_sysbackup import cache as cache_module
 from s3_sysbackup import restorer as restorer_module
 from s3_sysbackup.archiver import (
     EXIT_OK,
     EXIT_WARNINGS,
+    Archiver,
     CommitConflict,
     _bounded_warnings,
     _file_chunks,
@@ -27,6 +30,7 @@ from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.metadata import user_name
 from s3_sysbackup.restorer import RestoreError, Restorer, write_snapshot
 from s3_sysbackup.sink import FAULT_ENV, InjectedFault, PackShipper, SealedPack
+from s3_sysbackup.walker import Node
 from sysbackup_domain.chunking import FILE_CHUNKING, SMALL_FILE_BYTES, chunk_file
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, parse_commit_request
@@ -524,3 +528,32 @@ def test_file_chunks_match_chunk_file_whatever_fstat_said(tmp_path: Path, size: 
         assert list(_file_chunks(fd, 10 if stale_hint else size)) == expected
     finally:
         os.close(fd)
+
+
+def test_a_run_lets_each_directory_go_once_its_tree_is_built(
+    run_archive, config_dir, host_root, backend, transfer, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(archiver_module, "READ_BATCH", 4)
+    monkeypatch.setattr(archiver_module, "WAITING_ENTRIES_MAX", 8)
+    data = host_root / "data"
+    for d in range(12):
+        (data / f"d{d:02d}").mkdir(parents=True)
+        for f in range(10):
+            (data / f"d{d:02d}" / f"f{f}").write_bytes(b"file %d %d\n" % (d, f))
+    pick(config_dir, "/data")
+    live_nodes: list[int] = []
+    read_file = Archiver._read_file
+
+    def counting_read(self, node, cached, sink, warnings):
+        live_nodes.append(sum(1 for thing in gc.get_objects() if isinstance(thing, Node)))
+        return read_file(self, node, cached, sink, warnings)
+
+    monkeypatch.setattr(Archiver, "_read_file", counting_read)
+    result = run_archive()
+
+    assert result.stats["files"] == 120 and result.stats["files_read"] == 120
+    whole_tree = 120 + 12 + 3  # files, their directories, data, the root's parents
+    assert max(live_nodes) <= whole_tree // 3, live_nodes  # about one directory's worth, not the tree
+    target = tmp_path / "restored"
+    restore(backend, transfer, result.manifest_id, target)
+    assert snapshot_of(target / "data") == snapshot_of(data)
