@@ -251,7 +251,7 @@ class Archiver:
         warnings: list[str] = []
         progress = Progress(not self.options.quiet)
         shipper = PackShipper(self.api, self.transfer, on_stored=lambda pack: _index_pack(cache, pack))
-        sink = BlobSink(shipper, known=cache.indexed_hashes(), spool_dir=cache.path.parent)
+        sink = BlobSink(shipper, known=cache.known_blobs(), spool_dir=cache.path.parent)  # type: ignore[arg-type]
 
         picked = run_pickers(self.config.pickers_dir, self.config.content.picker_timeout_s)
         warnings.extend(picked.warnings)

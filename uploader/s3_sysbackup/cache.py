@@ -41,6 +41,7 @@ SCHEMA_VERSION = "3"
 V1_TABLES = ("stored", "unfinished_packs")  # the v1 index's, dropped by the upgrade
 SQL_BATCH = 500  # host parameters per IN (...) query
 SCAN_PAGE = 1000  # file rows read at a time by FileRows
+KNOWN_ASKED_BEFORE_LOADING = 2048  # KnownBlobs: questions asked of the database before the set is loaded
 BLOB_COLUMNS = "hash, pack_id, offset, length, codec, raw_length, kind"
 
 
@@ -264,6 +265,13 @@ class ParentCache:
         """Every blob hash the local index knows (the archive's dedup set)."""
         return {row[0] for row in self.db.execute("SELECT hash FROM blobs")}
 
+    def known_blobs(self) -> KnownBlobs:
+        """Whether the local index holds a blob, for the archive's dedup (see KnownBlobs)."""
+        return KnownBlobs(self)
+
+    def is_indexed(self, digest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM blobs WHERE hash = ?", (digest,)).fetchone() is not None
+
     def known_packs(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT pack_id, size FROM packs"))
 
@@ -446,6 +454,28 @@ class ParentCache:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+
+
+class KnownBlobs:
+    """`digest in known`: does the local index hold the blob? Asked of the database while questions
+    are few (a no-change run asks about its trees only), from a set of every indexed hash once they
+    are many (a first backup asks about every chunk). That set, for a 100k-blob index, is ~15 MB."""
+
+    def __init__(self, cache: ParentCache, asked_before_loading: int = KNOWN_ASKED_BEFORE_LOADING) -> None:
+        self._cache = cache
+        self._asked_before_loading = asked_before_loading
+        self._asked = 0
+        self._hashes: set[str] | None = None
+
+    def __contains__(self, digest: object) -> bool:
+        if not isinstance(digest, str):
+            return False
+        if self._hashes is None:
+            self._asked += 1
+            if self._asked <= self._asked_before_loading:
+                return self._cache.is_indexed(digest)
+            self._hashes = self._cache.indexed_hashes()
+        return digest in self._hashes
 
 
 class FileRows:

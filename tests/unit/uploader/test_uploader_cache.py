@@ -15,6 +15,7 @@ from s3_sysbackup.cache import (
     CachedFile,
     CacheLockedError,
     FileState,
+    KnownBlobs,
     ParentCache,
     ParentSnapshot,
     host_state_dir,
@@ -179,6 +180,24 @@ def test_packs_of_names_the_packs_of_indexed_blobs_and_the_blobs_no_pack_holds(
     )
     assert cache.packs_of(["3" * 64, "2" * 64]) == ({"p" * 64, "q" * 64}, set())
     assert cache.packs_of([]) == (set(), set())
+
+
+def test_known_blobs_asks_the_database_until_many_questions_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    cache = ParentCache(tmp_path, scope="s")
+    cache.record_pack("p" * 64, 100, [entry("1" * 64, 0), entry("2" * 64, 10)])
+    loads: list[int] = []
+    load_all = cache.indexed_hashes
+    monkeypatch.setattr(cache, "indexed_hashes", lambda: loads.append(1) or load_all())
+    known = KnownBlobs(cache, asked_before_loading=3)
+    questions = ("1" * 64, "9" * 64, "2" * 64)
+
+    assert [digest in known for digest in questions] == [True, False, True]
+    assert loads == []  # a few questions: a query each
+    assert [digest in known for digest in questions] == [True, False, True]
+    assert loads == [1]  # many: every hash loaded once
+    assert [digest in known for digest in questions] == [True, False, True] and loads == [1]
 
 
 def test_dropping_a_pack_forgets_its_blobs_and_the_files_that_need_them(tmp_path: Path):
