@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .stack import DEFAULT_HOST, LocalStack, StackError
-from .template import TemplateError
+from .identities import DEFAULT_HOST
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _reporting_errors(handler: Handler) -> Handler:
-    """Known failures (bad names, no stack, a failed start) end with a one-line message and status 2."""
+def _reporting_errors(name: str) -> Handler:
+    """`commands.<name>`, imported when it runs (the stack's modules cost every CLI run ~20 MiB otherwise);
+    known failures (bad names, no stack, a failed start) end with a one-line message and status 2."""
 
     def run(args: argparse.Namespace) -> int:
+        from . import commands
+        from .stack import StackError
+        from .template import TemplateError
+
         try:
-            return handler(args)
+            return getattr(commands, name)(args)
         except (StackError, TemplateError, ValueError) as error:
             print(f"s3-sysbackup local: {error}", file=sys.stderr)
             return 2
@@ -55,21 +58,21 @@ def register(subparsers: Any) -> None:
         default=2,
         help="invocations of one function that may run at once (default 2)",
     )
-    up.set_defaults(handler=_reporting_errors(_up))
+    up.set_defaults(handler=_reporting_errors("up"))
 
     down = commands.add_parser("down", help="stop every process of a stack (idempotent)")
     down.add_argument("--state-dir", required=True, type=Path)
-    down.set_defaults(handler=_reporting_errors(_down))
+    down.set_defaults(handler=_reporting_errors("down"))
 
     add_host = commands.add_parser("add-host", help="make another host identity and its config directory")
     add_host.add_argument("name")
     add_host.add_argument("--state-dir", required=True, type=Path)
     add_host.add_argument("--config-dir", dest="local_config_dir", required=True, type=Path)
-    add_host.set_defaults(handler=_reporting_errors(_add_host))
+    add_host.set_defaults(handler=_reporting_errors("add_host"))
 
     status = commands.add_parser("status", help="print what runs where")
     status.add_argument("--state-dir", required=True, type=Path)
-    status.set_defaults(handler=_reporting_errors(_status))
+    status.set_defaults(handler=_reporting_errors("status"))
 
     invoke = commands.add_parser("invoke", help="run a function's handler with an event and print the result")
     invoke.add_argument("function", help="logical id (VerifyPackFunction) or folder name (verify_pack)")
@@ -77,76 +80,4 @@ def register(subparsers: Any) -> None:
     invoke.add_argument(
         "--event", type=Path, default=None, help="event JSON (default: the function's first in events/)"
     )
-    invoke.set_defaults(handler=_reporting_errors(_invoke))
-
-
-def parse_parameters(pairs: list[str]) -> dict[str, str]:
-    """`NAME=VALUE` pairs from --parameter."""
-    parameters = {}
-    for pair in pairs:
-        name, separator, value = pair.partition("=")
-        if not separator or not name:
-            raise StackError(f"--parameter wants NAME=VALUE, got {pair!r}")
-        parameters[name] = value
-    return parameters
-
-
-def _up(args: argparse.Namespace) -> int:
-    stack = LocalStack.start(
-        args.state_dir,
-        args.local_config_dir,
-        host=args.host,
-        template_path=args.template,
-        parameters=parse_parameters(args.parameter),
-        concurrency=args.concurrency,
-    )
-    print(json.dumps(stack.status(), indent=2))
-    return 0
-
-
-def _down(args: argparse.Namespace) -> int:
-    try:
-        stack = LocalStack(args.state_dir)
-    except StackError:
-        print(f"no stack in {args.state_dir}; nothing to stop", file=sys.stderr)
-        return 0
-    stack.stop()
-    return 0
-
-
-def _add_host(args: argparse.Namespace) -> int:
-    identity = LocalStack(args.state_dir).add_host(args.name, args.local_config_dir)
-    print(
-        json.dumps(
-            {
-                "host": identity.name,
-                "principal": identity.principal_arn,
-                "config_dir": str(args.local_config_dir),
-            }
-        )
-    )
-    return 0
-
-
-def _status(args: argparse.Namespace) -> int:
-    print(json.dumps(LocalStack(args.state_dir).status(), indent=2))
-    return 0
-
-
-def default_event_file(repo: Path, folder: str, logical_id: str) -> Path:
-    """The first event (by name) in events/ named `<folder>*.json` or `<LogicalId>*.json`."""
-    events = repo / "events"
-    candidates = sorted(path for path in events.glob("*.json") if path.stem.startswith((folder, logical_id)))
-    if not candidates:
-        raise StackError(f"no event for {logical_id} in {events} (looked for {folder}*.json)")
-    return candidates[0]
-
-
-def _invoke(args: argparse.Namespace) -> int:
-    stack = LocalStack(args.state_dir)
-    spec = stack.template.function(args.function)
-    event_path = args.event or default_event_file(Path(stack.info["repo"]), spec.folder, spec.logical_id)
-    event = json.loads(event_path.read_text())
-    result = stack.invoke(spec.logical_id, event)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+    invoke.set_defaults(handler=_reporting_errors("invoke"))

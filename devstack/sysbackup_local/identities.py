@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .template import ACCOUNT_ID
 
+DEFAULT_HOST = "local-host"  # the first host `local up` makes
+
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 KIND_ADMIN = "admin"

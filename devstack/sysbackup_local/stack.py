@@ -21,6 +21,7 @@ import boto3
 from botocore.config import Config
 
 from .identities import (
+    DEFAULT_HOST,
     KIND_ADMIN,
     KIND_FUNCTION,
     KIND_GC,
@@ -37,7 +38,6 @@ from .ports import NotReady, free_port, wait_for_http
 from .template import ACCOUNT_ID, REGION, StackTemplate, parse_template
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_HOST = "local-host"
 STARTUP_TIMEOUT = 90.0
 PORT_NAMES = (
     "master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc",

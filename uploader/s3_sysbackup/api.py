@@ -19,11 +19,9 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import urllib3
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
 
 from .net import RETRYABLE_STATUSES, RequestCounter, backoff_delays, new_pool
+from .sigv4 import CredentialSource, signed_headers
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ class ApiClient:
         self,
         endpoint: str,
         region: str,
-        credentials: Credentials,
+        credentials: CredentialSource,
         *,
         counter: RequestCounter | None = None,
         pool: urllib3.PoolManager | None = None,
@@ -245,17 +243,10 @@ class ApiClient:
 
     def _send(self, method: str, url: str, data: bytes | None) -> urllib3.BaseHTTPResponse:
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        request = AWSRequest(method=method, url=url, data=data, headers=headers)
+        keys = self.credentials.get_frozen_credentials()
         # Signed afresh on every attempt: the signature embeds the time.
-        SigV4Auth(self.credentials.get_frozen_credentials(), "execute-api", self.region).add_auth(request)
-        prepared = request.prepare()
-        return self.pool.request(
-            method,
-            prepared.url,
-            body=prepared.body,
-            headers=dict(prepared.headers.items()),
-            preload_content=True,
-        )
+        signed = signed_headers(method, url, headers, data, keys, self.region, "execute-api")
+        return self.pool.request(method, url, body=data, headers=signed, preload_content=True)
 
     def _interpret(self, route: str, response: urllib3.BaseHTTPResponse) -> ApiResponse:
         body = _decode_json(response.data)

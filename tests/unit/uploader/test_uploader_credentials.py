@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
@@ -64,3 +66,41 @@ def test_role_is_assumed_with_the_user_name_as_session_name(tmp_path: Path, monk
             aws_secret_access_key=assumed.secret_key, aws_session_token=assumed.token,
         )  # fmt: skip
         assert sts.get_caller_identity()["Arn"].endswith(":assumed-role/backup-host/web-1")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[default]\naws_access_key_id = AKID\n", "lacks aws_secret_access_key"),
+        ("[default]\naws_secret_access_key = s\n", "lacks aws_access_key_id"),
+        ("[default]\nregion = eu-west-1\n", "no keys for profile 'default'"),
+        ("aws_access_key_id = AKID\n", "credentials_file"),  # no section header: not an INI file
+    ],
+)
+def test_a_credentials_file_without_a_whole_key_pair_is_refused_by_name(
+    tmp_path: Path, text: str, problem: str
+):
+    credentials_file = tmp_path / "credentials"
+    credentials_file.write_text(text)
+    settings = AwsSettings(profile=None, credentials_file=credentials_file, role_arn=None, region=None)
+    with pytest.raises(CredentialsError, match=problem):
+        load_credentials(settings, "us-east-1")
+
+
+def test_a_session_token_in_the_file_is_used(tmp_path: Path):
+    credentials_file = tmp_path / "credentials"
+    credentials_file.write_text(
+        "[default]\naws_access_key_id = AKID\naws_secret_access_key = s\naws_session_token = T\n"
+    )
+    settings = AwsSettings(profile=None, credentials_file=credentials_file, role_arn=None, region=None)
+    assert tuple(load_credentials(settings, "us-east-1").get_frozen_credentials()) == ("AKID", "s", "T")
+
+
+def test_archiving_with_file_keys_does_not_import_botocore() -> None:
+    # botocore's import is ~30 MiB of every run's peak RSS (sigv4.py): the host's commands keep it out.
+    code = (
+        "import sys, s3_sysbackup.cli as cli; cli.build_parser(); heavy = ('botocore.auth', 'botocore.session', "
+        "'boto3'); print(sorted(name for name in sys.modules if name.startswith(heavy)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
