@@ -3,18 +3,20 @@
 Where a blob is comes from the host's local index (docs/PACK_INDEX.md); a blob it does not know, or
 a pack the backend no longer serves, makes the fetcher rebuild the index from the backend's pack
 list once. URLs come from `POST /downloads {"packs"}`. Blobs of one pack that sit close together are
-fetched with one ranged GET (S3 bills per request); every blob is decompressed and re-hashed
-(`open_blob`) before anyone sees a byte of it.
+fetched with one ranged GET (S3 bills per request), read as it arrives: GET threads decompress and
+re-hash each blob (`open_blob`) as soon as its bytes are in, and hand the verified plaintext over
+through a queue bounded in bytes. Memory holds blobs in flight, not whole ranges, and decoding runs
+beside the consumer's writes (zstd and SHA-256 release the GIL).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sysbackup_domain.manifest import decode_stream_index
@@ -30,11 +32,13 @@ logger = logging.getLogger(__name__)
 
 # Two blobs closer than this are fetched in one GET: a wasted 256 KiB costs less than a request.
 MERGE_GAP_BYTES = 256 * 1024
-# Half a pack per GET: a restore's memory is what is fetched but not yet written (SPANS_AHEAD spans,
-# 24 MiB), at the price of one more GET per 16 MiB pack (0.4 µUSD).
-MAX_RANGE_BYTES = 8 * 1024 * 1024
-PARALLEL_GETS = 3
-SPANS_AHEAD = PARALLEL_GETS
+# A range is streamed (memory holds blobs, not ranges), so a GET may cover a whole 16 MiB pack;
+# bigger packs are split so that their parts are read in parallel.
+MAX_RANGE_BYTES = 16 * 1024 * 1024
+PARALLEL_GETS = 2
+# Verified plaintext decoded ahead of the consumer (a restore's writes): with the blob each GET
+# thread is decoding, this is a restore's memory for data.
+DECODED_AHEAD_BYTES = 4 * 1024 * 1024
 # Presigned GETs live 300 s (DOWNLOAD_URL_EXPIRY_SECONDS); one is reused for this long, then asked again.
 URL_REUSE_S = 240
 # Trees of one pack sit together (written after the files): the first tree wanted from a pack brings
@@ -168,39 +172,132 @@ class BlobFetcher:
         return dict(self.fetch(hashes))
 
     def fetch_located(self, located: Located, urls: dict[str, str]) -> Iterator[tuple[str, bytes]]:
-        """Like `fetch`, for blobs already located (the caller needed their sizes first)."""
+        """Like `fetch`, for blobs already located (the caller needed their sizes first). Blobs come
+        in no set order; closing the iterator early stops the GET threads."""
         by_pack: dict[str, list[PackEntry]] = {}
         for blob in located.values():
             by_pack.setdefault(blob.pack_id, []).append(blob.entry)
-        spans = iter([span for pack_id, group in by_pack.items() for span in plan_spans(pack_id, group)])
-        with ThreadPoolExecutor(max_workers=PARALLEL_GETS, thread_name_prefix="get") as pool:
-            # A sliding window, not pool.map: map would fetch everything at once and hold it all
-            # in memory while the consumer writes; this keeps SPANS_AHEAD spans at most.
-            window: deque[tuple[Span, Future[bytes]]] = deque(
-                (span, pool.submit(self._get_span, span, urls))
-                for span in itertools.islice(spans, SPANS_AHEAD)
-            )
-            while window:
-                span, future = window.popleft()
-                data = future.result()
-                following = next(spans, None)
-                if following is not None:
-                    window.append((following, pool.submit(self._get_span, following, urls)))
-                for entry in span.entries:
-                    stored = data[entry.offset - span.start : entry.offset - span.start + entry.length]
-                    yield entry.hash, open_blob(entry, stored)
+        pending = deque(span for pack_id, group in by_pack.items() for span in plan_spans(pack_id, group))
+        if not pending:
+            return
+        workers = min(PARALLEL_GETS, len(pending))
+        blobs = DecodedBlobs(DECODED_AHEAD_BYTES, producers=workers)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="get") as pool:
+            for _ in range(workers):
+                pool.submit(self._read_spans, pending, urls, blobs)
+            try:
+                yield from blobs
+            finally:
+                pending.clear()
+                blobs.stop()  # wakes GET threads waiting for room; they end
 
-    def _get_span(self, span: Span, urls: dict[str, str]) -> bytes:
+    def _read_spans(self, pending: deque[Span], urls: dict[str, str], blobs: DecodedBlobs) -> None:
+        """One GET thread: take spans until none are left, stream each into `blobs`."""
+        error: BaseException | None = None
         try:
-            return self.transfer.get_range(urls[span.pack_id], span.start, span.end - span.start)
-        except TransferError as error:
-            # Presigned GETs expire quickly; one fresh URL, then give up.
-            logger.info("pack %s: %s; asking for a fresh URL", span.pack_id, error)
-            self._urls.pop(span.pack_id, None)
-            fresh, _ = self._urls_for({span.pack_id})
-            if span.pack_id not in fresh:
-                raise MissingBlob(f"pack {span.pack_id} is no longer served") from error
-            return self.transfer.get_range(fresh[span.pack_id], span.start, span.end - span.start)
+            while pending:
+                try:
+                    span = pending.popleft()
+                except IndexError:  # another thread took the last one
+                    break
+                self._read_span(span, urls, blobs)
+        except ConsumerGone:
+            pass
+        except BaseException as failure:  # handed to the consumer, raised there
+            error = failure
+        finally:
+            blobs.producer_done(error)
+
+    def _read_span(self, span: Span, urls: dict[str, str], blobs: DecodedBlobs) -> None:
+        """Stream one span's blobs into `blobs`, verified. A GET that fails (an expired URL, a dropped
+        connection) is asked again from the first blob not yet handed over, with a fresh URL; a second
+        failure in a row without progress gives up."""
+        url = urls[span.pack_id]
+        done = 0
+        failed_at = -1  # `done` when the last GET failed
+        while done < len(span.entries):
+            start = span.entries[done].offset
+            try:
+                with self.transfer.open_range(url, start, span.end - start) as body:
+                    position = start
+                    for entry in span.entries[done:]:
+                        if entry.offset < position:
+                            raise MissingBlob(f"pack {span.pack_id}: the index has overlapping blobs")
+                        body.skip(entry.offset - position)
+                        stored = body.read_exact(entry.length)
+                        position = entry.offset + entry.length
+                        blobs.put(entry.hash, open_blob(entry, stored))
+                        done += 1
+            except TransferError as error:
+                if failed_at == done:
+                    raise
+                failed_at = done
+                logger.info("pack %s: %s; asking for a fresh URL", span.pack_id, error)
+                self._urls.pop(span.pack_id, None)
+                fresh, _ = self._urls_for({span.pack_id})
+                if span.pack_id not in fresh:
+                    raise MissingBlob(f"pack {span.pack_id} is no longer served") from error
+                url = fresh[span.pack_id]
+
+
+class ConsumerGone(Exception):
+    """The consumer of a `DecodedBlobs` stopped reading (it failed, or needed no more)."""
+
+
+class DecodedBlobs:
+    """Verified blobs from GET threads to one consumer, at most `limit` bytes waiting (a blob larger
+    than that passes alone). Iterating yields them until every producer is done, and raises the
+    first producer's error."""
+
+    def __init__(self, limit: int, producers: int) -> None:
+        self._limit = limit
+        self._producers = producers
+        self._ready: deque[tuple[str, bytes]] = deque()
+        self._ready_bytes = 0
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._changed = threading.Condition()
+
+    def put(self, digest: str, plaintext: bytes) -> None:
+        """Wait for room, then queue the blob; ConsumerGone once the consumer has stopped."""
+        with self._changed:
+            while (
+                self._ready_bytes and self._ready_bytes + len(plaintext) > self._limit and not self._stopped
+            ):
+                self._changed.wait()
+            if self._stopped:
+                raise ConsumerGone
+            self._ready.append((digest, plaintext))
+            self._ready_bytes += len(plaintext)
+            self._changed.notify_all()
+
+    def producer_done(self, error: BaseException | None = None) -> None:
+        with self._changed:
+            self._producers -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._ready.clear()
+            self._ready_bytes = 0
+            self._changed.notify_all()
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        while True:
+            with self._changed:
+                while not self._ready and self._producers and self._error is None:
+                    self._changed.wait()
+                if self._error is not None:
+                    raise self._error
+                if not self._ready:
+                    return
+                digest, plaintext = self._ready.popleft()
+                self._ready_bytes -= len(plaintext)
+                self._changed.notify_all()
+            yield digest, plaintext
 
 
 def _describe_unknown(unknown: set[str]) -> str:

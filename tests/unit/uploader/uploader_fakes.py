@@ -355,3 +355,33 @@ class FakeTransfer:
         assert start + length <= len(data)
         self.gets.append((pack_id, start, length))
         return data[start : start + length]
+
+    def open_range(self, url: str, start: int, length: int) -> FakeRangeBody:
+        return FakeRangeBody(self.get_range(url, start, length))
+
+
+class FakeRangeBody:
+    """`RangeBody` over bytes already fetched: exact reads, and a check that none go past the range."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._position = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._position
+
+    def read_exact(self, count: int) -> bytes:
+        assert 0 <= count <= self.remaining, f"read of {count} bytes with {self.remaining} left"
+        piece = self._data[self._position : self._position + count]
+        self._position += count
+        return piece
+
+    def skip(self, count: int) -> None:
+        self.read_exact(count)
+
+    def __enter__(self) -> FakeRangeBody:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
