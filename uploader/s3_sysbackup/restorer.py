@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import logging
 import os
@@ -267,8 +268,11 @@ class Restorer:
         self._remove_existing(parent, name, parts)
         os.mkdir(name, 0o700, dir_fd=parent)
 
-    def _create_file(self, dirs: DirFds, parts: Parts, entry: TreeEntry) -> int:
-        """Create the file (replacing what is there only with --overwrite); returns it open for writing."""
+    def _create_file(
+        self, dirs: DirFds, parts: Parts, entry: TreeEntry, *, sized_by_write: bool = False
+    ) -> int:
+        """Create the file (replacing what is there only with --overwrite); returns it open for writing.
+        `sized_by_write`: the caller writes all of it at once, so it needs no size up front."""
         parent = dirs.get(parts[:-1])
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -276,6 +280,8 @@ class Restorer:
         except FileExistsError:
             self._remove_existing(parent, parts[-1], parts)
             fd = os.open(parts[-1], flags, 0o600, dir_fd=parent)
+        if sized_by_write:
+            return fd
         try:
             # The full size up front: holes stay holes where we skip all-zero chunks (sparse files).
             os.ftruncate(fd, entry.size or 0)
@@ -312,15 +318,16 @@ class Restorer:
                         f"the tree says {slot.entry.size}"
                     )
             for digest, plaintext in self.fetcher.fetch_located(located, urls):
-                if not plaintext.strip(b"\0"):
-                    continue  # all zeros: leave a hole (the file was pre-sized)
+                if is_all_zeros(plaintext):
+                    continue  # leave a hole (the file was pre-sized, or is created sized after)
                 for parts, position in uses[digest]:
                     if parts in created:
                         fd = os.open(
                             parts[-1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirs.get(parts[:-1])
                         )
                     else:
-                        fd = self._create_file(dirs, parts, entry_of[parts])
+                        entry = entry_of[parts]
+                        fd = self._create_file(dirs, parts, entry, sized_by_write=len(entry.content) == 1)
                         created.add(parts)
                     written += self._write_at(fd, position, plaintext)
         return written
@@ -380,10 +387,11 @@ class Restorer:
         parent = dirs.get(parts[:-1])
         name = parts[-1]
         display = "/" + "/".join(parts)
-        try:
-            os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return  # a socket or a device we could not create: already warned about
+        if entry.type not in ("file", "dir"):
+            try:
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return  # a socket or a device we could not create: already warned about
         if entry.type in ("file", "dir"):
             self._apply_xattrs(parent, name, entry, display, warnings)
         if self.as_root:
@@ -417,14 +425,30 @@ class Restorer:
 
     def _owner(self, entry: TreeEntry) -> tuple[int, int]:
         """Owner by name when this system knows the name (uids differ between hosts), else by number."""
-        uid, gid = entry.uid, entry.gid
-        if entry.user:
-            with contextlib.suppress(KeyError):
-                uid = pwd.getpwnam(entry.user).pw_uid
-        if entry.group:
-            with contextlib.suppress(KeyError):
-                gid = grp.getgrnam(entry.group).gr_gid
-        return uid, gid
+        return _uid_of(entry.user, entry.uid), _gid_of(entry.group, entry.gid)
+
+
+@functools.lru_cache(maxsize=1024)
+def _uid_of(user: str | None, uid: int) -> int:
+    """The uid this system gives `user`, else the recorded `uid` (one passwd lookup per name)."""
+    if user:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(user).pw_uid
+    return uid
+
+
+@functools.lru_cache(maxsize=1024)
+def _gid_of(group: str | None, gid: int) -> int:
+    if group:
+        with contextlib.suppress(KeyError):
+            return grp.getgrnam(group).gr_gid
+    return gid
+
+
+def is_all_zeros(data: bytes) -> bool:
+    """True for a blob of zeros (written as a hole). strip() copies a blob that is not all zeros, so
+    it only runs on one whose ends are both zero."""
+    return not data or (data[0] == 0 and data[-1] == 0 and not data.strip(b"\0"))
 
 
 def _slot_batches(slots: list[_FileSlot], max_hashes: int) -> Iterator[list[_FileSlot]]:
