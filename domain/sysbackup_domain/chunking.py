@@ -5,7 +5,10 @@ a database dump only changes the chunks around the edit. Parameters were chosen 
 run `bench/chunking.py`.
 """
 
+import errno
+import functools
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -135,4 +138,104 @@ class _PrefixedReader(io.RawIOBase):
             return self._rest_readinto(buffer) or 0
         data = self._rest.read(len(buffer))
         buffer[: len(data)] = data
+        return len(data)
+
+
+def chunk_sparse_file(fd: int, size: int, params: ChunkParams = FILE_CHUNKING) -> Iterator[bytes] | None:
+    """The chunks of a file with holes of at least `max_size` bytes, read around them; None if it has none.
+
+    A hole is never read: it yields zero chunks of `max_size` (the same bytes object each time, so a
+    caller may remember its hash) and one shorter remainder. Data between holes is chunked by FastCDC on
+    its own, so cut points differ from `chunk_file`'s over the same bytes (dedup between a sparse and a
+    dense copy of one file suffers; nothing else does). Holes shorter than `max_size` are read as data.
+    """
+    extents = _data_extents(fd, size, min_hole=params.max_size)
+    if extents is None:
+        return None
+    return _chunk_extents(fd, size, extents, params)
+
+
+def _chunk_extents(
+    fd: int, size: int, extents: list[tuple[int, int]], params: ChunkParams
+) -> Iterator[bytes]:
+    position = 0
+    for start, end in [*extents, (size, size)]:
+        yield from _zero_chunks(start - position, params.max_size)
+        if end > start:
+            reader = io.BufferedReader(_RangeReader(fd, start, end), buffer_size=params.max_size)
+            for chunk in _chunker(params).cut_stream(reader):
+                yield bytes(chunk.data)
+        position = end
+
+
+def _zero_chunks(length: int, chunk_size: int) -> Iterator[bytes]:
+    whole, rest = divmod(length, chunk_size)
+    for _ in range(whole):
+        yield _zeros(chunk_size)
+    if rest:
+        yield bytes(rest)
+
+
+@functools.lru_cache(maxsize=1)
+def _zeros(length: int) -> bytes:
+    return bytes(length)
+
+
+def _data_extents(fd: int, size: int, min_hole: int) -> list[tuple[int, int]] | None:
+    """[start, end) of the data between holes of at least `min_hole` bytes; None if there is no such hole
+    (or the file system cannot say: SEEK_HOLE then answers the file's end)."""
+    try:
+        raw = _raw_data_extents(fd, size)
+    except OSError:
+        return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    merged: list[tuple[int, int]] = []
+    for start, end in raw:
+        previous_end = merged[-1][1] if merged else 0
+        if start - previous_end < min_hole:  # a short hole is read as data
+            start = merged.pop()[0] if merged else 0
+        merged.append((start, end))
+    if merged and size - merged[-1][1] < min_hole:
+        merged[-1] = (merged[-1][0], size)
+    if merged == [(0, size)] or (not merged and size < min_hole):
+        return None
+    return merged
+
+
+def _raw_data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    extents: list[tuple[int, int]] = []
+    position = 0
+    while position < size:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # nothing but hole from here to the end
+                break
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        extents.append((data, hole))
+        position = hole
+    return extents
+
+
+class _RangeReader(io.RawIOBase):
+    """Bytes [start, end) of a file descriptor, by pread (the descriptor's offset is left alone)."""
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        super().__init__()
+        self._fd, self._position, self._end = fd, start, end
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self._end - self._position)
+        if count <= 0:
+            return 0
+        data = os.pread(self._fd, count, self._position)
+        buffer[: len(data)] = data
+        self._position += len(data)
         return len(data)
