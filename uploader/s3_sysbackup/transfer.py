@@ -66,6 +66,8 @@ class Transfer:
     def open_range(self, url: str, start: int, length: int) -> RangeBody:
         """Bytes [start, start+length) of a presigned GET, read as they arrive (`RangeBody.read_exact`):
         a reader holds what it asked for, not the whole range."""
+        if length <= 0:
+            return RangeBody(None, f"GET range {start}+0", 0)  # nothing to ask S3 for
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         response = self._request(
             "GET", url, headers=headers, body=None, counter_route="get", preload_content=False
@@ -120,7 +122,7 @@ class Transfer:
 class RangeBody:
     """The body of one ranged GET, read in exact pieces; `close` it (a context manager) when done."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, what: str, length: int) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse | None, what: str, length: int) -> None:
         self._response = response
         self._what = what
         self.remaining = length  # bytes of the range not read yet
@@ -148,6 +150,9 @@ class RangeBody:
             count -= step
 
     def _read(self, count: int) -> bytes:
+        if count == 0:
+            return b""
+        assert self._response is not None  # only an empty range has none
         pieces: list[bytes] = []
         wanted = count
         try:
@@ -165,6 +170,8 @@ class RangeBody:
     def close(self) -> None:
         # A fully read body leaves the connection reusable; one cut short (or a whole object sent for
         # a range) leaves unread bytes on it: that connection is closed, not reused.
+        if self._response is None:
+            return
         if self._response.length_remaining != 0:
             self._response.close()
         self._response.release_conn()

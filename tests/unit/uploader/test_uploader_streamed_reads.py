@@ -133,6 +133,14 @@ def test_a_body_cut_short_is_a_transfer_error(serve):
             body.read_exact(30_000)
 
 
+def test_an_empty_blob_costs_no_request(serve):
+    pack, index = packed([b""])
+    server = serve(pack)
+    fetcher = BlobFetcher(UrlApi(server.url), Transfer(), index)  # type: ignore[arg-type]
+    assert dict(fetcher.fetch([blob_hash(b"")])) == {blob_hash(b""): b""}
+    assert server.ranges == []
+
+
 def test_a_cut_get_is_asked_again_from_the_first_blob_not_handed_over(serve):
     blobs = [os.urandom(100_000) for _ in range(5)]
     pack, index = packed(blobs)
