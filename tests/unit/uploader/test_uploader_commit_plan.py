@@ -182,6 +182,7 @@ def test_every_plan_of_a_changing_tree_is_accepted_at_once_and_restores(
     if read_batch is not None:
         monkeypatch.setattr(archiver_module, "READ_BATCH", read_batch)
         monkeypatch.setattr(archiver_module, "WAITING_ENTRIES_MAX", waiting_entries)
+        monkeypatch.setattr(archiver_module, "STAGED_ROWS_MAX", 3)
     rng = random.Random(4)
     data = host_root / "data"
     for n in range(12):
