@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import botocore.auth
 import pytest
+from s3_sysbackup import sigv4
 from s3_sysbackup.api import ClockSkewError
 from s3_sysbackup.commands.common import open_session
 from sysbackup_local.stack import LocalHost
@@ -179,8 +179,8 @@ def test_crashed_runs_are_finished_by_the_next_run_without_resending(
 
 def test_a_wrong_host_clock_is_named_as_such(host_config: LocalHost, monkeypatch: pytest.MonkeyPatch):
     session = open_session(Namespace(config_dir=host_config.config_dir))
-    real_now = botocore.auth.get_current_datetime
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: real_now() - timedelta(minutes=20))
+    real_now = sigv4.utc_now
+    monkeypatch.setattr(sigv4, "utc_now", lambda: real_now() - timedelta(minutes=20))
     with pytest.raises(ClockSkewError, match="host clock is off by"):
         session.api.list_manifests()
 

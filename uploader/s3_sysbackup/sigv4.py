@@ -43,6 +43,11 @@ class StaticCredentials:
         return self._keys
 
 
+def utc_now() -> datetime:
+    """The signing clock (tests move it to play a host whose clock is off)."""
+    return datetime.now(timezone.utc)
+
+
 def signed_headers(
     method: str,
     url: str,
@@ -54,7 +59,7 @@ def signed_headers(
     now: datetime | None = None,
 ) -> dict[str, str]:
     """`headers` plus X-Amz-Date, X-Amz-Security-Token (with a session token) and Authorization."""
-    timestamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    timestamp = (now or utc_now()).strftime("%Y%m%dT%H%M%SZ")
     result = {name: value for name, value in headers.items() if name.lower() != "authorization"}
     result["X-Amz-Date"] = timestamp
     if keys.token:
