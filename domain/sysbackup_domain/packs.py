@@ -13,8 +13,9 @@ no overlaps, no duplicate hashes) and every blob is re-hashed before it is belie
 """
 
 import hashlib
+import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, BinaryIO
@@ -233,6 +234,15 @@ class PackWriter:
         self._entries[blob_hash] = entry
         self._size += len(stored)
         return entry
+
+    def stored_blobs(self) -> Iterator[tuple[PackEntry, bytes]]:
+        """The blobs added so far, as stored, in offset order (to move them into another pack)."""
+        if self._spool is None:
+            yield from zip(self._entries.values(), self._parts, strict=True)
+            return
+        self._spool.flush()
+        for entry in self._entries.values():
+            yield entry, os.pread(self._spool.fileno(), entry.length, entry.offset)
 
     def finish(self) -> tuple[bytes, list[PackEntry]]:
         """The whole pack (blobs, trailer, tail) and its entries in offset order. Ends this writer."""

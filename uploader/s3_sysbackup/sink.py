@@ -4,10 +4,12 @@ Dedup is a lookup in the host's local index (docs/PACK_INDEX.md, "Uploader"): no
 is indexed locally as soon as it is in S3 (its PUT succeeded, or presign said the backend already
 stores it), before any commit, so a re-run after a crash does not send it again.
 
-Memory is bounded: one open writer, one sealed batch waiting while at most one other batch is on
-the wire. Data and tree blobs share packs: a small run (one changed file and the trees above it) is
-one pack, one PUT, which the commit reads and verifies in one GET. Producers (file-reading
-threads) block while a batch waits: the backpressure.
+Memory is bounded: one open writer per kind, one sealed batch waiting while at most one other batch
+is on the wire. Tree blobs go to packs of their own, as restic's do: a commit, a restore or gc reads a
+run's trees in one ranged GET, not one per stretch of data they were scattered between. A run's last
+trees join its last data pack when both fit in one: a small run (one changed file and the trees
+above it) is one pack, one PUT, which the commit reads and verifies in one GET. Producers
+(file-reading threads) block while a batch waits: the backpressure.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import BinaryIO
 
 from sysbackup_domain.compression import compress_if_worth
 from sysbackup_domain.hashing import blob_hash
-from sysbackup_domain.packs import TARGET_PACK_BYTES, PackEntry, PackWriter, next_pack_target
+from sysbackup_domain.packs import MAX_PACK_BLOBS, TARGET_PACK_BYTES, PackEntry, PackWriter, next_pack_target
 
 from .api import ApiClient, ApiError
 from .transfer import Transfer
@@ -178,7 +180,7 @@ class BlobSink:
     _sealed_bytes: int = 0
     _ready_bytes: int = 0
     _seen: set[str] = field(default_factory=set)
-    _writer: PackWriter | None = None
+    _writers: dict[str, PackWriter] = field(default_factory=dict)  # the open pack of each blob kind
     _ready: list[SealedPack] = field(default_factory=list)
     _in_flight: deque[Future] = field(default_factory=deque)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -200,13 +202,15 @@ class BlobSink:
             if digest in self.known or digest in self._seen:
                 return
             self._seen.add(digest)
-            if self._writer is not None and not self._writer.has_room(len(stored)):
-                self._seal()
-            if self._writer is None:
-                self._writer = self._new_writer()
-            self._writer.add_stored(digest, kind, codec, stored, raw_length)
-            if self._writer.size >= next_pack_target(self._sealed_bytes, self.target_pack_bytes):
-                self._seal()
+            writer = self._writers.get(kind)
+            if writer is not None and not writer.has_room(len(stored)):
+                self._seal(kind)
+                writer = None
+            if writer is None:
+                writer = self._writers[kind] = self._new_writer()
+            writer.add_stored(digest, kind, codec, stored, raw_length)
+            if writer.size >= self._pack_target():
+                self._seal(kind)
 
     def add_plaintext(self, kind: str, plaintext: bytes) -> str:
         """Hash, compress if new, add; returns the hash. Safe from any thread."""
@@ -220,7 +224,9 @@ class BlobSink:
         """Send everything still held; returns when every blob added is in S3 and indexed."""
         try:
             with self._lock:
-                self._seal(ship=False)
+                self._fold_trees_into_data()
+                for kind in list(self._writers):
+                    self._seal(kind, ship=False)
                 self._ship_ready()  # with the last sealed packs: one presign call for all
                 self._wait_in_flight()
         finally:
@@ -234,8 +240,24 @@ class BlobSink:
     def _new_writer(self) -> PackWriter:
         return PackWriter(spool=tempfile.TemporaryFile(dir=self.spool_dir, prefix="pack-"))
 
-    def _seal(self, ship: bool = True) -> None:
-        writer, self._writer = self._writer, None
+    def _pack_target(self) -> int:
+        return next_pack_target(self._sealed_bytes, self.target_pack_bytes)
+
+    def _fold_trees_into_data(self) -> None:
+        """The run's last trees join its last data pack if both fit in one pack: one PUT, not two."""
+        trees, data = self._writers.get("tree"), self._writers.get("data")
+        if trees is None or data is None or data.size + trees.size > self._pack_target():
+            return
+        if data.count + trees.count > MAX_PACK_BLOBS:
+            return
+        for entry, stored in trees.stored_blobs():
+            data.add_stored(entry.hash, entry.kind, entry.codec, stored, entry.raw_length)
+        del self._writers["tree"]
+        if trees.spool is not None:
+            trees.spool.close()
+
+    def _seal(self, kind: str, ship: bool = True) -> None:
+        writer = self._writers.pop(kind, None)
         if writer is None or writer.count == 0:
             return
         sha256, size, entries = writer.finish_spool()

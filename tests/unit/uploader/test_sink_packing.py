@@ -100,3 +100,33 @@ def test_a_go_ahead_that_refuses_stops_the_run_with_nothing_sent(backend, transf
         sink.finish()
     sink.abort()
     assert backend.counter.as_dict().get("api", {}) == {} and transfer.puts == []
+
+
+def test_trees_go_to_packs_of_their_own(backend, transfer, tmp_path: Path):
+    shipper = RecordingShipper(backend, transfer, on_stored=lambda pack: None)  # type: ignore[arg-type]
+    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path, target_pack_bytes=20_000)
+    for number in range(40):  # a directory's files, then its tree, as a walk adds them
+        sink.add_plaintext("data", os.urandom(3000))
+        if number % 4 == 3:
+            sink.add_plaintext("tree", os.urandom(2500))
+    sink.finish()
+    kinds = sorted(
+        ",".join(sorted({e.kind for e in parse_trailer(pack)})) for pack in backend.objects.values()
+    )
+    # Trees filled a pack of their own; only the run's last trees may ride with its last data.
+    assert kinds.count("tree") >= 1 and kinds.count("data,tree") <= 1
+    assert kinds.count("tree") + kinds.count("data,tree") <= 2 and len(kinds) >= 5
+    blobs = [entry for pack in backend.objects.values() for entry in parse_trailer(pack)]
+    assert len(blobs) == 50 and len({entry.hash for entry in blobs}) == 50
+
+
+def test_a_small_run_is_one_pack(backend, transfer, tmp_path: Path):
+    shipper = RecordingShipper(backend, transfer, on_stored=lambda pack: None)  # type: ignore[arg-type]
+    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path)
+    sink.add_plaintext("data", b"the one changed file")
+    for depth in range(3):  # the trees above it
+        sink.add_plaintext("tree", b'{"tree at depth": %d}' % depth)
+    sink.finish()
+    assert len(transfer.puts) == 1
+    (pack,) = backend.objects.values()
+    assert sorted(entry.kind for entry in parse_trailer(pack)) == ["data", "tree", "tree", "tree"]
