@@ -39,6 +39,8 @@ PARALLEL_GETS = 2
 # Verified plaintext decoded ahead of the consumer (a restore's writes): with the blob each GET
 # thread is decoding, this is a restore's memory for data.
 DECODED_AHEAD_BYTES = 4 * 1024 * 1024
+# Blobs read and handed over together, up to this much plaintext (or one bigger blob).
+READ_GROUP_BYTES = 512 * 1024
 # Presigned GETs live 300 s (DOWNLOAD_URL_EXPIRY_SECONDS); one is reused for this long, then asked again.
 URL_REUSE_S = 240
 # Trees of one pack sit together (written after the files): the first tree wanted from a pack brings
@@ -220,14 +222,13 @@ class BlobFetcher:
             try:
                 with self.transfer.open_range(url, start, span.end - start) as body:
                     position = start
-                    for entry in span.entries[done:]:
-                        if entry.offset < position:
+                    for group in read_groups(span.entries[done:]):
+                        if group[0].offset < position:
                             raise MissingBlob(f"pack {span.pack_id}: the index has overlapping blobs")
-                        body.skip(entry.offset - position)
-                        stored = body.read_exact(entry.length)
-                        position = entry.offset + entry.length
-                        blobs.put(entry.hash, open_blob(entry, stored))
-                        done += 1
+                        body.skip(group[0].offset - position)
+                        position = group[-1].offset + group[-1].length
+                        blobs.put_many(open_group(group, body.read_exact(position - group[0].offset)))
+                        done += len(group)
             except TransferError as error:
                 if failed_at == done:
                     raise
@@ -238,6 +239,31 @@ class BlobFetcher:
                 if span.pack_id not in fresh:
                     raise MissingBlob(f"pack {span.pack_id} is no longer served") from error
                 url = fresh[span.pack_id]
+
+
+def read_groups(entries: Sequence[PackEntry]) -> Iterator[list[PackEntry]]:
+    """Consecutive blobs (in offset order) read, decoded and handed over together: one read and one
+    hand-over per `READ_GROUP_BYTES` of plaintext rather than per blob (most blobs are small files)."""
+    group: list[PackEntry] = []
+    plaintext = 0
+    for entry in entries:
+        if group and plaintext + entry.raw_length > READ_GROUP_BYTES:
+            yield group
+            group, plaintext = [], 0
+        group.append(entry)
+        plaintext += entry.raw_length
+    if group:
+        yield group
+
+
+def open_group(group: Sequence[PackEntry], stored: bytes) -> list[tuple[str, bytes]]:
+    """(hash, verified plaintext) of each blob of `group`, whose bytes, gaps included, are `stored`."""
+    view = memoryview(stored)
+    first = group[0].offset
+    return [
+        (entry.hash, open_blob(entry, view[entry.offset - first : entry.offset - first + entry.length]))
+        for entry in group
+    ]
 
 
 class ConsumerGone(Exception):
@@ -252,23 +278,25 @@ class DecodedBlobs:
     def __init__(self, limit: int, producers: int) -> None:
         self._limit = limit
         self._producers = producers
-        self._ready: deque[tuple[str, bytes]] = deque()
+        self._ready: deque[list[tuple[str, bytes]]] = deque()
         self._ready_bytes = 0
         self._error: BaseException | None = None
         self._stopped = False
         self._changed = threading.Condition()
 
     def put(self, digest: str, plaintext: bytes) -> None:
-        """Wait for room, then queue the blob; ConsumerGone once the consumer has stopped."""
+        self.put_many([(digest, plaintext)])
+
+    def put_many(self, batch: list[tuple[str, bytes]]) -> None:
+        """Wait for room, then queue the blobs; ConsumerGone once the consumer has stopped."""
+        size = sum(len(plaintext) for _, plaintext in batch)
         with self._changed:
-            while (
-                self._ready_bytes and self._ready_bytes + len(plaintext) > self._limit and not self._stopped
-            ):
+            while self._ready_bytes and self._ready_bytes + size > self._limit and not self._stopped:
                 self._changed.wait()
             if self._stopped:
                 raise ConsumerGone
-            self._ready.append((digest, plaintext))
-            self._ready_bytes += len(plaintext)
+            self._ready.append(batch)
+            self._ready_bytes += size
             self._changed.notify_all()
 
     def producer_done(self, error: BaseException | None = None) -> None:
@@ -294,10 +322,10 @@ class DecodedBlobs:
                     raise self._error
                 if not self._ready:
                     return
-                digest, plaintext = self._ready.popleft()
-                self._ready_bytes -= len(plaintext)
+                batch = self._ready.popleft()
+                self._ready_bytes -= sum(len(plaintext) for _, plaintext in batch)
                 self._changed.notify_all()
-            yield digest, plaintext
+            yield from batch
 
 
 def _describe_unknown(unknown: set[str]) -> str:

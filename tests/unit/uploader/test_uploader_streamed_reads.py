@@ -11,12 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from s3_sysbackup.api import PackDownloads
-from s3_sysbackup.fetch import BlobFetcher, ConsumerGone, DecodedBlobs
+from s3_sysbackup.fetch import READ_GROUP_BYTES, BlobFetcher, ConsumerGone, DecodedBlobs, read_groups
 from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.transfer import Transfer, TransferError
 from sysbackup_domain.errors import CorruptBlob
 from sysbackup_domain.hashing import blob_hash
-from sysbackup_domain.packs import PackWriter
+from sysbackup_domain.packs import PackEntry, PackWriter
 
 PACK_ID = "ab" * 32
 
@@ -142,10 +142,11 @@ def test_an_empty_blob_costs_no_request(serve):
 
 
 def test_a_cut_get_is_asked_again_from_the_first_blob_not_handed_over(serve):
-    blobs = [os.urandom(100_000) for _ in range(5)]
+    size = READ_GROUP_BYTES * 3 // 4  # one blob a read group
+    blobs = [os.urandom(size) for _ in range(5)]
     pack, index = packed(blobs)
     server = serve(pack)
-    server.cut_after = [250_000]  # the first GET delivers two whole blobs, then dies in the third
+    server.cut_after = [size * 5 // 2]  # the first GET delivers two whole blobs, then dies in the third
     api = UrlApi(server.url)
     fetcher = BlobFetcher(api, Transfer(attempts=1), index)  # type: ignore[arg-type]
     got = dict(fetcher.fetch(blob_hash(b) for b in blobs))
@@ -189,6 +190,21 @@ def test_closing_the_blobs_early_stops_the_get_threads(serve):
     stream.close()
     assert threading.active_count() <= before + 1  # the server's idle handler thread, at most
     assert not [t for t in threading.enumerate() if t.name.startswith("get")]
+
+
+def test_small_blobs_are_read_in_groups_and_a_big_one_alone():
+    def entry(n: int, offset: int, raw_length: int) -> PackEntry:
+        return PackEntry(f"{n:064x}", "data", "zstd", offset, 10, raw_length)
+
+    small = [entry(n, 10 * n, READ_GROUP_BYTES // 4) for n in range(6)]
+    big = entry(6, 60, READ_GROUP_BYTES * 2)
+    groups = list(read_groups([*small, big, entry(7, 70, 1)]))
+    assert [[e.hash for e in g] for g in groups] == [
+        [e.hash for e in small[:4]],
+        [e.hash for e in small[4:]],
+        [big.hash],
+        [f"{7:064x}"],
+    ]
 
 
 def test_producers_wait_for_room_and_the_consumer_sees_every_blob():
