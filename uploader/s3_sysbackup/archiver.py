@@ -620,9 +620,8 @@ class DirectoryTrees:
         batch, self._to_read = self._to_read, []
         if not batch:
             return
-        batch.sort(
-            key=lambda item: item[0].stat.st_size, reverse=True
-        )  # a big file last would leave a thread idle
+        # Largest first: a big file read last would leave the other threads idle.
+        batch.sort(key=lambda item: item[0].stat.st_size, reverse=True)
         lock = threading.Lock()
         stats = self.stats
 
