@@ -42,7 +42,6 @@ class Walk:
     """The picked paths and their parents (`root`), walked by `nodes`; `warnings` grows as it goes."""
 
     root: Node
-    root_path: str
     warnings: list[str] = field(default_factory=list)
 
     def nodes(self) -> Iterator[Node]:
@@ -68,15 +67,6 @@ class Walk:
                 stack.append(self._enter(child, device))
             elif child.type == "file":
                 yield child
-
-    def iter_nodes(self) -> Iterator[Node]:
-        """Every node recorded so far (after `nodes` ran through: the whole tree, unless dropped)."""
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            yield node
-            if node.children:
-                stack.extend(node.children.values())
 
     def _enter(self, directory: Node, device: int | None) -> _Frame:
         """List `directory` if it is walked (`device` set); its entries are taken in path byte order."""
@@ -119,7 +109,7 @@ def walk(picked: Iterable[str], root_path: str = "/") -> Walk:
     root = _make_node("", root_path, os.lstat(root_path), warnings)
     if root is None or not root.is_dir:
         raise NotADirectoryError(f"walk root {root_path!r} is not a directory")
-    result = Walk(root=root, root_path=root_path, warnings=warnings)
+    result = Walk(root=root, warnings=warnings)
     for path in picked:
         components = _components(path, result.warnings)
         if components is None:
