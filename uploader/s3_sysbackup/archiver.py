@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import marshal
 import os
 import stat
 import sys
@@ -842,7 +843,11 @@ def _fallback(previous: FileOutcome | None, warnings: list[str], problem: str) -
 
 
 # Bump when what a tree entry is made of (or how trees are encoded) changes: remembered trees then miss.
-TREE_MEMO_VERSION = "1"
+TREE_MEMO_VERSION = "2"
+# marshal's version 0 has no shared-reference or interned-string flags: equal values give equal bytes,
+# and it is ~6x faster than repr (a 100k-file no-change run signs every directory). Its format may
+# change with Python's version: remembered trees then miss once (they are encoded again).
+SIGNATURE_MARSHAL_VERSION = 0
 
 
 def _tree_signature(children: list[tuple[Node, FileOutcome | None]]) -> str:
@@ -863,7 +868,7 @@ def _tree_signature(children: list[tuple[Node, FileOutcome | None]]) -> str:
                 sorted((child.xattrs or {}).items()),
             )
         )
-    return hashlib.sha256(repr((TREE_MEMO_VERSION, parts)).encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256(marshal.dumps((TREE_MEMO_VERSION, parts), SIGNATURE_MARSHAL_VERSION)).hexdigest()
 
 
 def _tree_entry(node: Node, outcome: FileOutcome | None, subtree: str | None) -> TreeEntry | None:

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import pick
 from s3_sysbackup import archiver as archiver_module
-from s3_sysbackup.cache import ParentCache, host_state_dir
+from s3_sysbackup.archiver import FileOutcome
+from s3_sysbackup.cache import FileState, ParentCache, host_state_dir
+from s3_sysbackup.metadata import Stat
+from s3_sysbackup.walker import Node
 
 
 def build_tree(root: Path) -> Path:
@@ -95,3 +98,22 @@ def test_a_remembered_tree_the_local_index_lost_is_encoded_again(
     encoded.clear()
     run_archive()
     assert len(encoded) == 5
+
+
+def test_a_signature_depends_on_values_not_on_which_objects_hold_them():
+    st = Stat(0o100644, 7, 1, 1, 0, 0, 3, 10**18, 10**18, 0)
+    digest = "ab" * 32
+
+    def file_child(name: str, content: tuple[str, ...]) -> tuple[Node, FileOutcome]:
+        node = Node(name=name, path="/d/" + name, stat=st, type="file")
+        return node, FileOutcome(content, FileState.of(st), st)
+
+    # Equal names and contents, as shared objects in one case and as distinct copies in the other.
+    shared = [file_child("f1", (digest, digest)), file_child("f2", (digest,))]
+    copies = [
+        file_child("".join(["f", "1"]), ("".join(["ab"] * 32), "".join(["ab"] * 32))),
+        file_child("".join(["f", "2"]), ("".join(["ab"] * 32),)),
+    ]
+    assert archiver_module._tree_signature(shared) == archiver_module._tree_signature(copies)
+    changed = [file_child("f1", (digest, digest)), file_child("f2", ("cd" * 32,))]
+    assert archiver_module._tree_signature(changed) != archiver_module._tree_signature(shared)
