@@ -23,12 +23,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sysbackup_domain import canonical
-from sysbackup_domain.chunking import FILE_CHUNKING, chunk_file
+from sysbackup_domain.chunking import FILE_CHUNKING, chunk_file, chunk_sparse_file
 from sysbackup_domain.manifest import MAX_WARNING_CHARS, MAX_WARNINGS, MAX_WARNINGS_BYTES, SnapshotRecord
 from sysbackup_domain.tree import Tree, TreeEntry, encode_tree
 
@@ -81,6 +82,14 @@ STAGED_ROWS_MAX = 8192
 
 class CommitConflict(RuntimeError):
     """The backend's head for this host is not the parent this host knows."""
+
+
+class CacheWasLost(RuntimeError):
+    """A new cache's host has a head: its index must be rebuilt before anything is sent."""
+
+    def __init__(self, head: dict) -> None:
+        super().__init__(f"this host's cache is new but the backend has its head {head.get('manifest_id')}")
+        self.head = head
 
 
 class MissingBlobs(RuntimeError):
@@ -198,14 +207,16 @@ class Archiver:
             cache = ParentCache(state_dir, scope=self.api.endpoint)
             try:
                 self.cache_was_lost = cache.parent_manifest is None and not cache.index_ready
-                if self.cache_was_lost:
-                    self._start_new_cache(cache)
-                else:
+                go_ahead = self._head_check() if self.cache_was_lost else _no_wait
+                if not self.cache_was_lost:
                     self._ensure_index(cache)
                 for attempt in range(1, RUNS_MAX + 1):
                     try:
                         with cyclic_gc_paused():
-                            return self._run_once(cache)
+                            return self._run_once(cache, go_ahead)
+                    except CacheWasLost as lost:
+                        self._adopt_head_of_lost_cache(cache, lost.head)
+                        go_ahead = _no_wait
                     except MissingBlobs as error:
                         if attempt == RUNS_MAX:
                             raise CommitRefused(f"{error} (still, after {RUNS_MAX} passes)") from error
@@ -234,27 +245,39 @@ class Archiver:
         cache.mark_index_ready()
         return report.packs_listed
 
-    def _start_new_cache(self, cache: ParentCache) -> None:
-        """A new cache (a host's first run, or a lost cache): ask for the head (GET /manifests, from the
-        function the commit calls anyway, so a first run starts no other function). No head: nothing
-        committed, an empty index. A head: the cache was lost; the index is rebuilt from the host's
-        packs (nothing stored is sent again) and the head is the parent (rather than a 409 for a
-        commit planned against no parent)."""
-        head = self._head()
-        if head is None:
-            cache.mark_index_ready()
-            return
+    def _head_check(self) -> Callable[[], None]:
+        """A new cache (a host's first run, or a lost cache) must know the backend's head before it sends
+        anything. It is asked (GET /manifests, from the function the commit calls anyway, so a first run
+        starts no other function) while the pickers, the walk and the first reads run: its cold start is
+        off the run's critical path. The returned go-ahead waits for the answer: no head, a first run
+        (an empty index is right); a head, CacheWasLost (the run stops with nothing sent)."""
+        asking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
+        answer = asking.submit(self._head)
+        asking.shutdown(wait=False)
+
+        def go_ahead() -> None:
+            head = answer.result()
+            if head is not None:
+                raise CacheWasLost(head)
+
+        return go_ahead
+
+    def _adopt_head_of_lost_cache(self, cache: ParentCache, head: dict) -> None:
+        """The cache was lost: the index is rebuilt from the host's packs (nothing stored is sent again)
+        and the head is the parent (rather than a 409 for a commit planned against no parent)."""
         self._ensure_index(cache)
         logger.warning("this host's cache is new: taking %s as parent", head["manifest_id"])
         cache.adopt_parent(str(head["manifest_id"]))
 
-    def _run_once(self, cache: ParentCache) -> ArchiveResult:
+    def _run_once(self, cache: ParentCache, go_ahead: Callable[[], None]) -> ArchiveResult:
         run_id = uuid.uuid4().hex
         scan_started_ns = time.time_ns()
         stats = RunStats()
         warnings: list[str] = []
         progress = Progress(not self.options.quiet)
-        shipper = PackShipper(self.api, self.transfer, on_stored=lambda pack: _index_pack(cache, pack))
+        shipper = PackShipper(
+            self.api, self.transfer, on_stored=lambda pack: _index_pack(cache, pack), go_ahead=go_ahead
+        )
         sink = BlobSink(shipper, known=cache.known_blobs(), spool_dir=cache.path.parent)  # type: ignore[arg-type]
 
         picked = run_pickers(self.config.pickers_dir, self.config.content.picker_timeout_s)
@@ -292,6 +315,9 @@ class Archiver:
             progress.done()
             raise
         progress.done()
+        go_ahead()  # a run that sent nothing still learns the head before planning its commit
+        if not cache.index_ready:
+            cache.mark_index_ready()  # a first run: the index is what this run sent
         manifest_stats = self._manifest_stats(stats, shipper, run_id, len(warnings))
         manifest_id = self._commit(cache, run_id, content, warnings, manifest_stats)
         fault_point("mid-commit")
@@ -352,8 +378,11 @@ class Archiver:
             before = os.fstat(fd)
             content: list[str] = []
             length = 0
+            last_chunk, digest = None, ""
             for chunk in _file_chunks(fd, before.st_size):
-                content.append(sink.add_plaintext("data", chunk))
+                if chunk is not last_chunk:  # a hole's zero block comes back as one object: hashed once
+                    last_chunk, digest = chunk, sink.add_plaintext("data", chunk)
+                content.append(digest)
                 length += len(chunk)
             bytes_read += length
             after = os.fstat(fd)
@@ -795,6 +824,10 @@ def _file_chunks(fd: int, size_hint: int) -> Iterator[bytes]:
                 yield data
             return
         os.lseek(fd, 0, os.SEEK_SET)  # it grew since fstat: read it the general way
+    around_holes = chunk_sparse_file(fd, size_hint, FILE_CHUNKING)  # a disk image is read, its holes not
+    if around_holes is not None:
+        yield from around_holes
+        return
     with open(fd, "rb", buffering=0, closefd=False) as stream:
         yield from chunk_file(stream, FILE_CHUNKING)  # type: ignore[arg-type]
 
@@ -928,3 +961,7 @@ def _conflict_message(parent: str | None, head: dict | None) -> str:
 
 def write_stats_json(path: Path, stats: dict[str, Any]) -> None:
     path.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _no_wait() -> None:
+    """The go-ahead of a run whose cache knows its parent: nothing to wait for."""
