@@ -43,6 +43,9 @@ DECODED_AHEAD_BYTES = 4 * 1024 * 1024
 READ_GROUP_BYTES = 512 * 1024
 # Presigned GETs live 300 s (DOWNLOAD_URL_EXPIRY_SECONDS); one is reused for this long, then asked again.
 URL_REUSE_S = 240
+# An index of at most this many packs gets every URL in the first call: a restore then asks once, not
+# once per pack of trees met and once more for the data (each call an API request and an invocation).
+ALL_URLS_UP_TO_PACKS = 16
 # Trees of one pack sit together (written after the files): the first tree wanted from a pack brings
 # every tree the index knows in it, in one GET, up to this many bytes held for the walk to come.
 TREE_PREFETCH_BYTES = 64 * 1024 * 1024
@@ -139,13 +142,20 @@ class BlobFetcher:
         wanted = pack_ids - urls.keys()
         if not wanted:
             return urls, {}
-        downloads = self.api.download_urls(wanted, host=self.host)
+        downloads = self.api.download_urls(wanted | self._packs_worth_asking_too(recent), host=self.host)
         for pack_id, url in downloads.urls.items():
             self._urls[pack_id] = (url, now)
         urls.update({p: url for p, url in downloads.urls.items() if p in wanted})
         for pack_id in downloads.missing:
             self._urls.pop(pack_id, None)
-        return urls, dict(downloads.missing)
+        return urls, {p: why for p, why in downloads.missing.items() if p in wanted}
+
+    def _packs_worth_asking_too(self, recent: dict[str, str]) -> set[str]:
+        """Every other pack of a small index (see ALL_URLS_UP_TO_PACKS) without a recent URL."""
+        known = self.index.known_packs()
+        if len(known) > ALL_URLS_UP_TO_PACKS:
+            return set()
+        return known.keys() - recent.keys()
 
     def fetch_trees(self, digests: Iterable[str]) -> dict[str, bytes]:
         """Tree blobs by hash (verified). A pack's first wanted tree brings all its indexed trees."""

@@ -11,7 +11,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from s3_sysbackup.api import PackDownloads
-from s3_sysbackup.fetch import READ_GROUP_BYTES, BlobFetcher, ConsumerGone, DecodedBlobs, read_groups
+from s3_sysbackup.fetch import (
+    ALL_URLS_UP_TO_PACKS,
+    READ_GROUP_BYTES,
+    BlobFetcher,
+    ConsumerGone,
+    DecodedBlobs,
+    read_groups,
+)
 from s3_sysbackup.index_rebuild import MemoryIndex
 from s3_sysbackup.transfer import Transfer, TransferError
 from sysbackup_domain.errors import CorruptBlob
@@ -89,6 +96,7 @@ class UrlApi:
 
     def download_urls(self, pack_ids: Iterable[str], host: str | None = None) -> PackDownloads:
         self.calls += 1
+        self.asked = set(pack_ids)
         return PackDownloads(urls={p: self.url for p in pack_ids}, sizes={}, missing={})
 
 
@@ -190,6 +198,35 @@ def test_closing_the_blobs_early_stops_the_get_threads(serve):
     stream.close()
     assert threading.active_count() <= before + 1  # the server's idle handler thread, at most
     assert not [t for t in threading.enumerate() if t.name.startswith("get")]
+
+
+def index_of_packs(count: int, blobs: list[bytes]) -> MemoryIndex:
+    """`packed(blobs)` as PACK_ID, and `count - 1` other packs the index knows."""
+    _, index = packed(blobs)
+    for n in range(count - 1):
+        index.record_pack(f"{n:064x}", 100, [PackEntry(f"{n + 1:064x}", "data", "none", 0, 1, 1)])
+    return index
+
+
+def test_a_small_index_gets_every_url_in_the_first_call(serve):
+    blobs = [os.urandom(1000)]
+    server = serve(packed(blobs)[0])
+    api = UrlApi(server.url)
+    index = index_of_packs(ALL_URLS_UP_TO_PACKS, blobs)
+    fetcher = BlobFetcher(api, Transfer(), index)  # type: ignore[arg-type]
+    list(fetcher.fetch([blob_hash(blobs[0])]))
+    assert api.asked == set(index.known_packs())  # the other packs' blobs come without another call
+    fetcher.locate([f"{1:064x}"])
+    assert api.calls == 1
+
+
+def test_a_big_index_gets_only_the_urls_needed(serve):
+    blobs = [os.urandom(1000)]
+    server = serve(packed(blobs)[0])
+    api = UrlApi(server.url)
+    fetcher = BlobFetcher(api, Transfer(), index_of_packs(ALL_URLS_UP_TO_PACKS + 1, blobs))  # type: ignore[arg-type]
+    list(fetcher.fetch([blob_hash(blobs[0])]))
+    assert api.asked == {PACK_ID}
 
 
 def test_small_blobs_are_read_in_groups_and_a_big_one_alone():
