@@ -99,8 +99,9 @@ def test_a_session_token_in_the_file_is_used(tmp_path: Path):
 def test_archiving_with_file_keys_does_not_import_botocore() -> None:
     # botocore's import is ~30 MiB of every run's peak RSS (sigv4.py): the host's commands keep it out.
     code = (
-        "import sys, s3_sysbackup.cli as cli; cli.build_parser(); heavy = ('botocore.auth', 'botocore.session', "
-        "'boto3'); print(sorted(name for name in sys.modules if name.startswith(heavy)))"
+        "import sys, s3_sysbackup.cli as cli; cli.build_parser(); "
+        "heavy = ('botocore.auth', 'botocore.session', 'boto3'); "
+        "print(sorted(name for name in sys.modules if name.startswith(heavy)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
