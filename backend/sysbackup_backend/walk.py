@@ -12,6 +12,7 @@ The walk's state serialises to bytes so a walk that outlasts one API call contin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -373,6 +374,8 @@ class TreeWalker:
         self.walked: set[str] = set()
         # The parent-side blobs the hints locate, read at the first need in one batch (see _prefetch).
         self._prefetched: dict[str, bytes] | None = None
+        # The trees the listed packs hold, read at the first step in one batch (see _read_ahead).
+        self._read_ahead_trees: dict[str, bytes] | None = None
         self._noted: set[str] = set()  # state.packs, as a set during a step
 
     def run(self, state: WalkState, budget: Budget) -> None:
@@ -459,9 +462,35 @@ class TreeWalker:
             self._noted.add(pack_id)
             state.packs.append(pack_id)
 
+    def _read_ahead(self) -> dict[str, bytes]:
+        """Every tree the listed packs hold (up to the prefetch bounds), read in one batch: one ranged GET
+        per pack and cluster (a run's trees share packs of their own) instead of one per level of the tree.
+        A tree that does not check out here is only not used: its step reads it again and judges it."""
+        places: dict[str, BlobPlace] = {}
+        total = 0
+        for blob, entry in self.listed.entries.items():
+            place = self.listed.place(blob) if entry.kind == "tree" else None
+            if place is None:
+                continue
+            if len(places) >= PREFETCH_MAX_BLOBS or total + entry.length > PREFETCH_MAX_BYTES:
+                break
+            places[blob] = place
+            total += entry.length
+        found: dict[str, bytes] = {}
+        for blob, place, stored in read_stored_blobs(self.store, places, self.listed.bodies):
+            with contextlib.suppress(CorruptBlob):
+                if stored is not None:
+                    found[blob] = open_blob(place.entry, stored)
+        return found
+
     def _read(self, state: WalkState, nodes: list[_Node]) -> None:
         """Read the new and parent sides of the nodes (each checked against its hash)."""
-        plain = self._fetch(state, {node.new: node.new_place for node in nodes}, from_trailer=True)
+        if self._read_ahead_trees is None and nodes:
+            self._read_ahead_trees = self._read_ahead()
+        ahead = self._read_ahead_trees or {}
+        plain = {node.new: ahead[node.new] for node in nodes if node.new in ahead}
+        rest = {node.new: node.new_place for node in nodes if node.new not in plain}
+        plain.update(self._fetch(state, rest, from_trailer=True))
         parents = {node.parent for node in nodes if node.parent is not None} - plain.keys()
         parent_plain = self._parent_plaintexts(state, parents) if parents else {}
         for node in nodes:

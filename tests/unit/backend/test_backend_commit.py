@@ -717,3 +717,18 @@ def test_more_packs_than_one_batch_get_holds_are_all_read(backend: Services) -> 
     # 20 small presigned packs at most are verified inline; the others go to the verifier.
     states = [record.state for record in backend.registry.get_many(p.pack_id for p in packs).values()]
     assert states.count("verified") == 20
+
+
+def test_a_first_commit_reads_all_its_trees_in_one_get_not_one_per_level(backend: Services) -> None:
+    trees = nested(b"leaf", depth=8)
+    filler = os.urandom(walk.INLINE_VERIFY_MAX_BYTES)  # a pack too big to be read whole and verified inline
+    pack = store_pack(
+        backend,
+        "alpha",
+        [("data", filler), ("data", b"leaf"), ("data", b"same"), *(("tree", tree) for tree in trees)],
+    )
+    gets = KeyedGets(backend)
+    body = commit_body(blob_hash(trees[-1]), packs=[pack])
+    assert backend.committer.start("alpha", body, Budget(PLENTY)).status_code == 201
+    # The trailer, then the nine trees (one level after another) in one ranged GET.
+    assert gets.keys == [f"packs/{pack.pack_id}"] * 2
