@@ -278,7 +278,7 @@ class Archiver:
         shipper = PackShipper(
             self.api, self.transfer, on_stored=lambda pack: _index_pack(cache, pack), go_ahead=go_ahead
         )
-        sink = BlobSink(shipper, known=cache.known_blobs(), spool_dir=cache.path.parent)  # type: ignore[arg-type]
+        sink = BlobSink(shipper, known=cache.known_blobs(), spool_dir=cache.path.parent)
 
         picked = run_pickers(self.config.pickers_dir, self.config.content.picker_timeout_s)
         warnings.extend(picked.warnings)

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +172,7 @@ class BlobSink:
     """Accepts blobs (thread-safe), drops the ones the local index knows, packs and ships the rest."""
 
     shipper: PackShipper
-    known: set[str]  # the local index's hashes when the run started
+    known: Container[str]  # the local index's hashes when the run started (a set, or the index itself)
     spool_dir: Path  # where packs are built, as unlinked files
     max_packs_per_batch: int = MAX_PACKS_PER_BATCH
     _batch_size: int = 1  # packs the next batch waits for (doubles after each batch)
