@@ -11,12 +11,13 @@ beside the consumer's writes (zstd and SHA-256 release the GIL).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sysbackup_domain.manifest import decode_stream_index
@@ -107,6 +108,22 @@ class BlobFetcher:
         self.rebuilt = False  # the index was rebuilt from the backend's pack list by this fetcher
         self._urls: dict[str, tuple[str, float]] = {}  # pack_id -> (presigned GET, when it was issued)
         self._trees: dict[str, bytes] = {}  # prefetched tree plaintext, dropped once handed out
+        self._asked_ahead: Future[None] | None = None  # see ask_urls_ahead
+
+    def ask_urls_ahead(self) -> None:
+        """Ask for a small index's URLs now, in the background, while the caller fetches the manifest: the
+        restore function's cold start then overlaps the manifest's request instead of following it."""
+        known = set(self.index.known_packs())
+        if self._asked_ahead is not None or not 0 < len(known) <= ALL_URLS_UP_TO_PACKS:
+            return
+        asking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="urls")
+        self._asked_ahead = asking.submit(self._ask_ahead, known)
+        asking.shutdown(wait=False)
+
+    def _ask_ahead(self, pack_ids: set[str]) -> None:
+        issued = time.monotonic()
+        downloads = self.api.download_urls(pack_ids, host=self.host)
+        self._urls.update((pack_id, (url, issued)) for pack_id, url in downloads.urls.items())
 
     def rebuild_index(self) -> None:
         """Learn the packs the backend lists that the index does not know (once per fetcher)."""
@@ -136,6 +153,10 @@ class BlobFetcher:
     def _urls_for(self, pack_ids: set[str]) -> tuple[dict[str, str], dict[str, str]]:
         """({pack_id: presigned GET}, {pack_id: why refused}): one POST /downloads for the packs
         without a recent URL (a restore walks level by level; each round used to ask again)."""
+        if self._asked_ahead is not None:
+            asked, self._asked_ahead = self._asked_ahead, None
+            with contextlib.suppress(Exception):  # a failed early ask is only not used: asked again below
+                asked.result()
         now = time.monotonic()
         recent = {p: url for p, (url, issued) in self._urls.items() if now - issued < URL_REUSE_S}
         urls = {p: recent[p] for p in pack_ids if p in recent}

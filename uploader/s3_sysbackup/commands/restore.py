@@ -64,10 +64,11 @@ def run(args: argparse.Namespace) -> int:
         return report_failure("restore", ValueError(problem))
     try:
         session = open_session(args)
-        manifest_id = resolve_manifest_id(session.api, args.manifest, args.host)
-        manifest = session.api.get_manifest(manifest_id, host=args.host)
         started = time.monotonic()
         with blob_fetcher(session, args.host) as fetcher:
+            fetcher.ask_urls_ahead()  # while the manifest is fetched (two functions, two cold starts)
+            manifest_id = resolve_manifest_id(session.api, args.manifest, args.host)
+            manifest = session.api.get_manifest(manifest_id, host=args.host)
             if args.snapshot is not None:
                 return _restore_snapshot(args, fetcher, manifest)
             result = Restorer(fetcher, args.target, overwrite=args.overwrite).restore(manifest, args.paths)
