@@ -144,7 +144,7 @@ def test_create_user_makes_a_host_user_in_the_hosts_group_with_working_keys(
 
     assert mode(config_dir / "credentials") == 0o600
     credentials = load_credentials(load_config(config_dir).aws, REGION)
-    assert credentials.access_key == key["AccessKeyId"]
+    assert credentials.get_frozen_credentials().access_key == key["AccessKeyId"]
 
 
 @pytest.mark.parametrize("role", ["host", "restore"])
@@ -264,7 +264,8 @@ def test_encrypted_keys_travel_to_another_host_and_import_there(
     assert status == 0
     assert mode(other_host / "credentials") == 0o600
     (other_host / "conf").write_bytes((config_dir / "conf").read_bytes())
-    assert load_credentials(load_config(other_host).aws, REGION).access_key == key["AccessKeyId"]
+    keys = load_credentials(load_config(other_host).aws, REGION).get_frozen_credentials()
+    assert keys.access_key == key["AccessKeyId"]
 
 
 @pytest.fixture(
