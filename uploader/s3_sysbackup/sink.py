@@ -115,6 +115,11 @@ class PackShipper:
         self.parallel_puts = parallel_puts
         self.counts = ShipCounts()
         self._counting = threading.Lock()
+        # Until the first presign call has returned, others wait for it: two calls at once to a function
+        # not yet started start (and bill) two cold environments; one after the other, the second finds
+        # the first warm, and waits no longer than its own cold start would have taken.
+        self._first_presign = threading.Lock()
+        self._presigned_once = False
 
     def ship(self, packs: list[SealedPack]) -> None:
         """Presign and PUT `packs`; waits out gc deleting an identical old pack (409 collecting)."""
@@ -139,7 +144,7 @@ class PackShipper:
                 pack.close()
 
     def _ship_once(self, packs: list[SealedPack]) -> None:
-        uploads, stored = self.api.presign_packs([{"sha256": p.sha256, "size": p.size} for p in packs])
+        uploads, stored = self._presign(packs)
         upload_for = {upload.get("pack_id"): upload for upload in uploads}
         # Byte-identical packs the backend holds for us (a crashed run's, another host's) are not sent.
         to_send = [p for p in packs if p.sha256 not in stored]
@@ -161,6 +166,15 @@ class PackShipper:
                 else:
                     self.counts.packs_already_there += 1
         fault_point("after-index")
+
+    def _presign(self, packs: list[SealedPack]) -> tuple[list[dict], set[str]]:
+        request = [{"sha256": pack.sha256, "size": pack.size} for pack in packs]
+        if self._presigned_once:
+            return self.api.presign_packs(request)
+        with self._first_presign:
+            answer = self.api.presign_packs(request)
+            self._presigned_once = True
+            return answer
 
     def _put(self, pack: SealedPack, upload: dict) -> bool:
         headers = upload.get("headers") or {}

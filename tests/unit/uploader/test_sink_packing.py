@@ -130,3 +130,31 @@ def test_a_small_run_is_one_pack(backend, transfer, tmp_path: Path):
     assert len(transfer.puts) == 1
     (pack,) = backend.objects.values()
     assert sorted(entry.kind for entry in parse_trailer(pack)) == ["data", "tree", "tree", "tree"]
+
+
+def test_the_first_presign_call_runs_alone(backend, transfer, tmp_path: Path, monkeypatch):
+    # Two calls at once to a cold function start two environments (two cold starts billed): the second
+    # batch's call waits for the first's answer; after that, calls run side by side.
+    running = 0
+    most_at_once: list[int] = []
+    guard = threading.Lock()
+    real_presign = backend.presign_packs
+
+    def slow_presign(packs):
+        nonlocal running
+        with guard:
+            running += 1
+            most_at_once.append(running)
+        time.sleep(0.05)
+        with guard:
+            running -= 1
+        return real_presign(packs)
+
+    monkeypatch.setattr(backend, "presign_packs", slow_presign)
+    shipper = PackShipper(backend, transfer, on_stored=lambda pack: None)  # type: ignore[arg-type]
+    sink = BlobSink(shipper, known=set(), spool_dir=tmp_path, target_pack_bytes=1000)
+    for _ in range(30):  # each blob seals a pack: batches of 1, 2, 4, 8... two on the wire at once
+        sink.add_plaintext("data", os.urandom(5000))
+    sink.finish()
+    assert most_at_once[0] == 1 and most_at_once[1] == 1  # the first call alone; the second after it
+    assert shipper.counts.packs == 30
