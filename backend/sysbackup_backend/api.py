@@ -6,19 +6,19 @@ import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
-from pydantic import StringConstraints
 
 from .catalogue import Catalogue
-from .clients import dynamodb_client, s3_client, sqs_client
+from .clients import dynamodb_client, sqs_client
 from .commit import Committer, verify_queue_from_environment
 from .errors import ApiError, BadRequest, Forbidden
 from .identity import Caller, caller, target_host
 from .jobs import JobStore
+from .pack_access import pack_access
 from .registry import PackRegistry
 from .retention_worker import queue_from_environment
 from .settings import Settings, get_settings
@@ -28,9 +28,6 @@ from .walk import Budget
 # API Gateway gives up on an integration after 29 s; leave room for the commit's writes and the response.
 WALK_BUDGET_SECONDS = 20.0
 WALK_RESERVE_SECONDS = 6.0
-
-# A blob or pack hash in a request body: lowercase hex SHA-256.
-BlobHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 @dataclass(frozen=True)
@@ -47,8 +44,7 @@ class Services:
 def services() -> Services:
     """The backend objects of this process, built on first use (settings and clients are read once)."""
     settings = get_settings()
-    registry = PackRegistry(settings.blob_index_table, dynamodb_client())
-    store = PackStore(settings.bucket_name, s3_client())
+    registry, store = pack_access().registry, pack_access().store
     catalogue = Catalogue(settings.manifest_table, dynamodb_client())
     jobs = JobStore(settings.jobs_table, dynamodb_client())
     return Services(

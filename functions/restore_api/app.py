@@ -13,7 +13,6 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field
 from sysbackup_backend.api import (
-    BlobHash,
     page_limit,
     reading_host,
     register_error_handlers,
@@ -26,6 +25,7 @@ from sysbackup_backend.downloads import (
     download_urls,
     pack_page,
 )
+from sysbackup_backend.pack_access import BlobHash
 
 logger = Logger()
 tracer = Tracer()

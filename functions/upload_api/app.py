@@ -9,7 +9,8 @@ from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field
-from sysbackup_backend.api import BlobHash, register_error_handlers, services, writing_host
+from sysbackup_backend.api import register_error_handlers, services, writing_host
+from sysbackup_backend.pack_access import BlobHash
 from sysbackup_backend.presign import Presigner, refuse_collecting, refuse_corrupt
 from sysbackup_domain.packs import MAX_PACK_BYTES, TRAILER_TAIL_BYTES
 from sysbackup_domain.retention import iso_utc, retain_until

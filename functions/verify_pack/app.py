@@ -15,7 +15,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, Field, Json
-from sysbackup_backend.api import BlobHash, services
+from sysbackup_backend.pack_access import BlobHash, pack_access
 from sysbackup_backend.registry import PACK_CORRUPT, PACK_VERIFIED
 from sysbackup_backend.verification import SKIPPED, VerifyOutcome, verify_registered_packs
 
@@ -55,7 +55,7 @@ def report(outcome: VerifyOutcome, source: str) -> None:
 
 @tracer.capture_method
 def record_handler(record: VerifyRecord) -> None:
-    backend = services()
+    backend = pack_access()
     pack_ids = dict.fromkeys(record.body.packs)  # once each, in the message's order
     for outcome in verify_registered_packs(backend.registry, backend.store, pack_ids):
         report(outcome, record.body.source)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import boto3
 import pytest
 from moto import mock_aws
-from sysbackup_backend import api, clients, settings
+from sysbackup_backend import api, clients, pack_access, settings
 from sysbackup_backend.registry import BY_HOST_INDEX
 from sysbackup_domain.hashing import blob_hash
 from sysbackup_domain.manifest import encode_stream_index
@@ -53,6 +53,7 @@ def _reset_caches() -> None:
     settings.get_settings.cache_clear()
     clients.reset_clients()
     api.services.cache_clear()
+    pack_access.pack_access.cache_clear()
 
 
 def _create_resources() -> None:
