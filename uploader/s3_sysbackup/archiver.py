@@ -321,9 +321,7 @@ class Archiver:
         manifest_stats = self._manifest_stats(stats, shipper, run_id, len(warnings))
         manifest_id = self._commit(cache, run_id, content, warnings, manifest_stats)
         fault_point("mid-commit")
-        cache.record_commit(
-            manifest_id, (), scan_started_ns, gone=gone, trees=memo, snapshots=content.snapshots_for_cache()
-        )
+        cache.record_commit(manifest_id, gone=gone, trees=memo, snapshots=content.snapshots_for_cache())
         report = dict(manifest_stats)
         report.update(
             elapsed_s=round(time.monotonic() - stats.started, 3),

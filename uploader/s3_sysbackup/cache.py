@@ -341,22 +341,16 @@ class ParentCache:
     def record_commit(
         self,
         manifest_id: str,
-        files: Iterable[tuple[str, FileState, tuple[str, ...]]],
-        scanned_ns: int,
         gone: Iterable[KeyRange] = (),
         trees: dict[str, tuple[str, str]] | None = None,
         snapshots: dict[str, ParentSnapshot] | None = None,
     ) -> None:
         """Make the cache a committed run's view, atomically: the file rows in the `gone` ranges go
-        (FileRows.finish), the staged rows (stage_files) take effect, then `files` (the rows a run
-        read) are written; every other row stays as it was. `trees`: directory path -> (signature of
-        what its tree was made from, tree hash); `snapshots`: what its snapshots hold.
+        (FileRows.finish), the staged rows (stage_files) take effect; every other row stays as it was.
+        `trees`: directory path -> (signature of what its tree was made from, tree hash); `snapshots`:
+        what its snapshots hold.
 
         Only differences are written: a no-change run of 100k files rewrites nothing."""
-        rows = [
-            (os.fsencode(path), s.size, s.mtime_ns, s.ctime_ns, s.inode, encode_content(c), scanned_ns)
-            for path, s, c in files
-        ]
         with self._transaction():
             for low, high in gone:
                 self._delete_range(low, high)
@@ -367,7 +361,6 @@ class ParentCache:
                 "INSERT OR REPLACE INTO files SELECT * FROM files_pending WHERE content IS NOT NULL"
             )
             self.db.execute("DELETE FROM files_pending")
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             if trees is not None:
                 self.db.execute("DELETE FROM trees")
                 self.db.executemany(

@@ -51,18 +51,12 @@ def test_a_file_modified_just_before_the_scan_is_read_again():
 def test_record_commit_writes_the_view_and_deletes_the_rows_a_walk_passed_over(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="https://api.one")
     first_snapshots = {"db": ParentSnapshot("d" * 64, ("1" * 64,)), "old": ParentSnapshot("e" * 64, ())}
-    cache.record_commit(
-        "m1", [("/a", STATE, ("1" * 64,)), ("/gone", STATE, ())], SCANNED, snapshots=first_snapshots
-    )
+    cache.stage_files([("/a", STATE, ("1" * 64,)), ("/gone", STATE, ())], SCANNED)
+    cache.record_commit("m1", snapshots=first_snapshots)
     rows = cache.file_rows()
     assert rows.lookup("/a") is not None  # the walk has /a, no /gone
-    cache.record_commit(
-        "m2",
-        [("/a", STATE, ("2" * 64,))],
-        SCANNED,
-        gone=rows.finish(),
-        snapshots={"db": ParentSnapshot("f" * 64, ())},
-    )
+    cache.stage_files([("/a", STATE, ("2" * 64,))], SCANNED)
+    cache.record_commit("m2", gone=rows.finish(), snapshots={"db": ParentSnapshot("f" * 64, ())})
     assert cache.parent_manifest == "m2" and cache.view_matches_parent
     assert cache.lookup("/gone") is None
     cached = cache.lookup("/a")
@@ -73,13 +67,15 @@ def test_record_commit_writes_the_view_and_deletes_the_rows_a_walk_passed_over(t
 def test_non_utf8_paths_round_trip(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
     odd = os.fsdecode(b"/data/latin1-\xe9\nnewline")
-    cache.record_commit("m1", [(odd, STATE, ())], SCANNED)
+    cache.stage_files([(odd, STATE, ())], SCANNED)
+    cache.record_commit("m1")
     assert cache.lookup(odd) is not None
 
 
 def test_another_stack_starts_from_scratch(tmp_path: Path):
     one = ParentCache(tmp_path, scope="https://api.one")
-    one.record_commit("m1", [("/a", STATE, ())], SCANNED)
+    one.stage_files([("/a", STATE, ())], SCANNED)
+    one.record_commit("m1")
     one.record_pack("p" * 64, 100, [entry("1" * 64, 0)])
     one.mark_index_ready()
     other = ParentCache(tmp_path, scope="https://api.two")
@@ -89,7 +85,8 @@ def test_another_stack_starts_from_scratch(tmp_path: Path):
 
 def test_uncommitted_run_leaves_the_last_good_state(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
-    cache.record_commit("m1", [("/a", STATE, ())], SCANNED)
+    cache.stage_files([("/a", STATE, ())], SCANNED)
+    cache.record_commit("m1")
     cache.mark_inflight("run-2")  # a run that crashes after this never calls record_commit
     reopened = ParentCache(tmp_path, scope="s")
     assert reopened.parent_manifest == "m1" and reopened.inflight_run == "run-2"
@@ -115,14 +112,13 @@ def test_each_host_config_has_its_own_state(tmp_path: Path):
 def test_record_commit_keeps_reused_rows_as_they_were(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
     other = FileState(20, STATE.mtime_ns, STATE.ctime_ns, 43)
-    cache.record_commit(
-        "m1", [("/kept", STATE, ("1" * 64,)), ("/reread", STATE, ()), ("/gone", STATE, ())], SCANNED
-    )
+    cache.stage_files([("/kept", STATE, ("1" * 64,)), ("/reread", STATE, ()), ("/gone", STATE, ())], SCANNED)
+    cache.record_commit("m1")
     later = SCANNED + 10 * SECOND
     rows = cache.file_rows()
     assert rows.lookup("/kept") is not None and rows.lookup("/reread") is not None
     cache.stage_files([("/reread", other, ("2" * 64,))], later)
-    cache.record_commit("m2", [], later, gone=rows.finish())
+    cache.record_commit("m2", gone=rows.finish())
     kept, reread = cache.lookup("/kept"), cache.lookup("/reread")
     assert kept == CachedFile(STATE, ("1" * 64,), SCANNED)  # untouched, read-time included
     assert reread == CachedFile(other, ("2" * 64,), later)
@@ -131,14 +127,15 @@ def test_record_commit_keeps_reused_rows_as_they_were(tmp_path: Path):
     rows = cache.file_rows()
     assert rows.lookup("/reread") is not None
     cache.stage_files([("/reread", None, ())], later)  # skipped this time: its row goes too
-    cache.record_commit("m3", [], later, gone=rows.finish())
+    cache.record_commit("m3", gone=rows.finish())
     assert cache.lookup("/kept") is None and cache.lookup("/reread") is None
     assert cache.parent_manifest == "m3"
 
 
 def test_rows_staged_by_a_run_that_never_committed_are_dropped(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
-    cache.record_commit("m1", [("/a", STATE, ("1" * 64,))], SCANNED)
+    cache.stage_files([("/a", STATE, ("1" * 64,))], SCANNED)
+    cache.record_commit("m1")
     cache.file_rows()
     cache.stage_files([("/a", STATE, ("2" * 64,)), ("/b", STATE, ())], SCANNED)
     cache.close()  # the run crashed before its commit
@@ -147,7 +144,7 @@ def test_rows_staged_by_a_run_that_never_committed_are_dropped(tmp_path: Path):
     rows = rerun.file_rows()
     cached = rows.lookup("/a")
     assert cached is not None and cached.content == ("1" * 64,)
-    rerun.record_commit("m2", [], SCANNED, gone=rows.finish())
+    rerun.record_commit("m2", gone=rows.finish())
     assert rerun.lookup("/a") == cached and rerun.lookup("/b") is None
 
 
@@ -204,7 +201,8 @@ def test_dropping_a_pack_forgets_its_blobs_and_the_files_that_need_them(tmp_path
     cache = ParentCache(tmp_path, scope="s")
     cache.record_pack("p" * 64, 100, [entry("1" * 64, 0), entry("2" * 64, 10)])
     cache.record_pack("q" * 64, 50, [entry("3" * 64, 0)])
-    cache.record_commit("m1", [("/a", STATE, ("1" * 64,)), ("/b", STATE, ("3" * 64,))], SCANNED)
+    cache.stage_files([("/a", STATE, ("1" * 64,)), ("/b", STATE, ("3" * 64,))], SCANNED)
+    cache.record_commit("m1")
     cache.drop_packs(["p" * 64])
     assert cache.indexed_hashes() == {"3" * 64} and cache.known_packs() == {"q" * 64: 50}
     assert cache.forget_unindexed_files() == 1
@@ -216,7 +214,7 @@ def test_dropping_a_pack_forgets_its_blobs_and_the_files_that_need_them(tmp_path
 def test_a_parent_taken_from_the_backend_is_not_described_by_the_view(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
     assert not cache.view_matches_parent  # no parent at all
-    cache.record_commit("m1", [], SCANNED)
+    cache.record_commit("m1")
     assert cache.view_matches_parent
     cache.adopt_parent("m2")  # a crashed run's commit had landed
     assert cache.parent_manifest == "m2" and not cache.view_matches_parent
@@ -224,7 +222,8 @@ def test_a_parent_taken_from_the_backend_is_not_described_by_the_view(tmp_path: 
 
 def test_a_v1_cache_keeps_its_parent_and_files_and_rebuilds_its_index(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
-    cache.record_commit("m1", [("/a", STATE, ("1" * 64,))], SCANNED)
+    cache.stage_files([("/a", STATE, ("1" * 64,))], SCANNED)
+    cache.record_commit("m1")
     cache.close()
     db = sqlite3.connect(tmp_path / "cache.sqlite", isolation_level=None)
     db.execute("CREATE TABLE stored (hash TEXT PRIMARY KEY)")
@@ -250,7 +249,8 @@ def test_file_rows_answer_a_walk_in_byte_order_and_keep_what_it_passed_over_as_g
     cache = ParentCache(tmp_path, scope="s")
     rows = [("/b", STATE, ("1" * 64,)), ("/a/\udcff", STATE, ("2" * 64,)), ("/a/z", STATE, ())]
     rows += [(f"/other/{n}", STATE, ("3" * 64,)) for n in range(5)]
-    cache.record_commit("m1", rows, SCANNED)
+    cache.stage_files(rows, SCANNED)
+    cache.record_commit("m1")
 
     scan = cache.file_rows()
     found = {path: scan.lookup(path) for path in ["/a/z", "/a/\udcff", "/missing"]}  # z < \xff as bytes
@@ -262,7 +262,7 @@ def test_file_rows_answer_a_walk_in_byte_order_and_keep_what_it_passed_over_as_g
     }
     with pytest.raises(ValueError, match="out of order"):
         scan.lookup("/b")
-    cache.record_commit("m2", [], SCANNED, gone=scan.finish())
+    cache.record_commit("m2", gone=scan.finish())
     assert (
         cache.lookup("/b") is None and cache.lookup("/other/0") is None and cache.lookup("/other/4") is None
     )
@@ -271,6 +271,7 @@ def test_file_rows_answer_a_walk_in_byte_order_and_keep_what_it_passed_over_as_g
 
 def test_a_walk_of_nothing_leaves_no_file_rows(tmp_path: Path):
     cache = ParentCache(tmp_path, scope="s")
-    cache.record_commit("m1", [("/a", STATE, ()), ("/b", STATE, ())], SCANNED)
-    cache.record_commit("m2", [], SCANNED, gone=cache.file_rows().finish())
+    cache.stage_files([("/a", STATE, ()), ("/b", STATE, ())], SCANNED)
+    cache.record_commit("m1")
+    cache.record_commit("m2", gone=cache.file_rows().finish())
     assert cache.lookup("/a") is None and cache.lookup("/b") is None
