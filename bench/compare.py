@@ -86,8 +86,7 @@ class Usage:
     s3: Counter[str] = field(default_factory=Counter)  # SeaweedFS request type -> count
     api_calls: int = 0
     lambda_invocations: int = 0
-    lambda_gb_s: float = 0.0
-    gb_s_by_function: Counter[str] = field(default_factory=Counter)  # where the GB-s went
+    gb_s_by_function: Counter[str] = field(default_factory=Counter)  # Lambda GB-s, per function
     dynamodb: Counter[str] = field(default_factory=Counter)  # operation -> requests
     rru: float = 0.0
     wru: float = 0.0
@@ -96,6 +95,10 @@ class Usage:
     @property
     def s3_requests(self) -> int:
         return sum(self.s3.values())
+
+    @property
+    def lambda_gb_s(self) -> float:
+        return sum(self.gb_s_by_function.values())
 
     @property
     def dynamodb_requests(self) -> int:
@@ -268,7 +271,6 @@ class Meter:
             invocations = now["invocations"] - then["invocations"]
             usage.lambda_invocations += invocations
             gb_s = (now["billed_ms"] - then["billed_ms"]) / 1000 * self.memory_mb[function] / 1024
-            usage.lambda_gb_s += gb_s
             if gb_s:
                 usage.gb_s_by_function[function] += gb_s
             if function in self.api_functions:

@@ -61,7 +61,7 @@ def test_dynamodb_capacity_model(operation: str, body: dict, expected: tuple[flo
 
 def test_cost_bills_each_kind_at_its_price() -> None:
     usage = Usage(s3=Counter({"PUT": 2, "LIST": 1, "GET": 10}), api_calls=3, lambda_invocations=4)
-    usage.lambda_gb_s, usage.rru, usage.wru, usage.sqs_messages = 2.0, 8.0, 6.0, 1
+    usage.gb_s_by_function, usage.rru, usage.wru, usage.sqs_messages = Counter(F=1.5, G=0.5), 8.0, 6.0, 1
     expected = (
         3 * PRICES["s3 PUT/COPY/POST/LIST"]
         + 10 * PRICES["s3 GET/HEAD/other"]
