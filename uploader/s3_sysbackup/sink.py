@@ -192,7 +192,6 @@ class BlobSink:
     _batch_size: int = 1  # packs the next batch waits for (doubles after each batch)
     target_pack_bytes: int = TARGET_PACK_BYTES  # the run's first packs; later ones grow (next_pack_target)
     _sealed_bytes: int = 0
-    _ready_bytes: int = 0
     _seen: set[str] = field(default_factory=set)
     _writers: dict[str, PackWriter] = field(default_factory=dict)  # the open pack of each blob kind
     _ready: list[SealedPack] = field(default_factory=list)
@@ -260,9 +259,9 @@ class BlobSink:
     def _fold_trees_into_data(self) -> None:
         """The run's last trees join its last data pack if both fit in one pack: one PUT, not two."""
         trees, data = self._writers.get("tree"), self._writers.get("data")
-        if trees is None or data is None or data.size + trees.size > self._pack_target():
+        if trees is None or data is None:
             return
-        if data.count + trees.count > MAX_PACK_BLOBS:
+        if data.size + trees.size > self._pack_target() or data.count + trees.count > MAX_PACK_BLOBS:
             return
         for entry, stored in trees.stored_blobs():
             data.add_stored(entry.hash, entry.kind, entry.codec, stored, entry.raw_length)
@@ -278,9 +277,9 @@ class BlobSink:
         assert writer.spool is not None  # every writer of the sink spools (_new_writer)
         self._ready.append(SealedPack(sha256, writer.spool, size, entries))
         self._sealed_bytes += size
-        self._ready_bytes += size
+        ready_bytes = sum(pack.size for pack in self._ready)
         batch_bytes = self.max_packs_per_batch * self.target_pack_bytes
-        if ship and (len(self._ready) >= self._batch_size or self._ready_bytes >= batch_bytes):
+        if ship and (len(self._ready) >= self._batch_size or ready_bytes >= batch_bytes):
             self._ship_ready()
 
     def _ship_ready(self) -> None:
@@ -288,7 +287,7 @@ class BlobSink:
             return
         while len(self._in_flight) >= BATCHES_IN_FLIGHT:
             self._in_flight.popleft().result()  # re-raises a shipping failure in the producer
-        batch, self._ready, self._ready_bytes = self._ready, [], 0
+        batch, self._ready = self._ready, []
         self._in_flight.append(self._executor.submit(self.shipper.ship, batch))
         self._batch_size = min(2 * self._batch_size, self.max_packs_per_batch)
 
