@@ -73,7 +73,7 @@ def require_object(value: object, where: str, required: Iterable[str], optional:
     missing = required_keys - keys
     if missing:
         raise InvalidDocument(f"{where} is missing {', '.join(sorted(missing))}")
-    unknown = value.keys() - required_keys - set(optional)
+    unknown = keys - allowed_keys
     if unknown:
         raise InvalidDocument(f"{where} has unknown field(s) {', '.join(sorted(map(repr, unknown)))}")
     return value

@@ -178,8 +178,8 @@ def _validate_entry_json(item: object) -> dict[str, Any]:
 
 
 # What _is_plain_entry accepts: no xattrs, ACL or hard link (those take the field-by-field path).
-_PLAIN_KEYS = frozenset(_REQUIRED_FIELDS) | {"size", "content", "subtree", "target", "rdev"}
 _TYPED_KEYS = frozenset({"size", "content", "subtree", "target", "rdev"})
+_PLAIN_KEYS = _REQUIRED_KEYS | _TYPED_KEYS
 
 
 def _is_plain_entry(item: object) -> bool:
@@ -187,7 +187,7 @@ def _is_plain_entry(item: object) -> bool:
     `_validate_entry_json_field_by_field` accepts, checked without building its messages; False means
     "take the field-by-field path", which then accepts it or names its problem. A commit decodes every
     new tree of a run (100k entries for a first backup of 100k files); this is most of its time.
-    tests/unit/domain/test_domain_tree_fast_path.py holds it to a subset of the full checks."""
+    tests/unit/domain/test_domain_fast_paths.py holds it to a subset of the full checks."""
     if type(item) is not dict:
         return False
     keys = item.keys()
