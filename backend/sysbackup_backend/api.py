@@ -44,7 +44,8 @@ class Services:
 def services() -> Services:
     """The backend objects of this process, built on first use (settings and clients are read once)."""
     settings = get_settings()
-    registry, store = pack_access().registry, pack_access().store
+    access = pack_access()
+    registry, store = access.registry, access.store
     catalogue = Catalogue(settings.manifest_table, dynamodb_client())
     jobs = JobStore(settings.jobs_table, dynamodb_client())
     return Services(

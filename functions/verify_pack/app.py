@@ -39,8 +39,12 @@ processor = BatchProcessor(event_type=EventType.SQS, model=VerifyRecord)
 
 
 def report(outcome: VerifyOutcome, source: str) -> None:
-    context = {"pack_id": outcome.pack_id, "source": source, "result": outcome.result}
-    context["detail"] = outcome.detail
+    context = {
+        "pack_id": outcome.pack_id,
+        "source": source,
+        "result": outcome.result,
+        "detail": outcome.detail,
+    }
     if outcome.result == PACK_CORRUPT:
         logger.error("corrupt pack", extra=context)
         metrics.add_metric(name="PacksCorrupt", unit=MetricUnit.Count, value=1)
