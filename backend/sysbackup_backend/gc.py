@@ -458,7 +458,9 @@ class GarbageCollector:
         data, entries = writer.finish()
         new_pack = hashlib.sha256(data).hexdigest()
         need = max(reach.until[entry.hash] for entry in alive)
-        lock_until = max(parse_iso_utc(need), now) + self.policy.fold_window
+        # From the time of the write, not the run's start: a retain-until S3 sees in the past is refused
+        # (a run slower than the fold window, or a window of 0, would fail here).
+        lock_until = max(parse_iso_utc(need), now, self.clock()) + self.policy.fold_window
         try:
             self.store.client.put_object(
                 Bucket=self.store.bucket,
