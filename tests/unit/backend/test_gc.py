@@ -637,3 +637,22 @@ def test_a_run_crashing_after_its_repack_is_finished_by_the_next(
     old = backend.registry.get(old_pack)
     assert after.packs_repacked == 1 and old is not None and old.superseded_by == written.pop()
     assert restorable(backend, "alpha", m2) and usable_for_every_kept_manifest(backend)
+
+
+def test_a_repacked_pack_is_locked_from_the_time_it_is_written(backend: Services) -> None:
+    # A run slower than the fold window (or a window of 0) must not write a retain-until already past:
+    # S3 refuses it. The lock runs from the clock at the write, not from the run's start.
+    big, small = os.urandom(20_000), b"small and still needed " * 4
+    alpha = Host(backend, "alpha")
+    alpha.backup({"big": big, "small": small}, REAL_NOW - timedelta(days=41))
+    alpha.backup({"small": small}, REAL_NOW - timedelta(days=40))
+    old_pack = alpha.index[blob_hash(small)]
+    started = REAL_NOW + 2 * GRACE
+    readings = iter([started])  # the run's start; every later reading is a minute on
+    slow = collector(backend, started)
+    slow.clock = lambda: next(readings, started + timedelta(minutes=1))
+    assert slow.run().packs_repacked == 1
+    old = backend.registry.get(old_pack)
+    new = backend.registry.get(old.superseded_by) if old is not None and old.superseded_by else None
+    assert new is not None
+    assert new.retain_until >= iso_utc(started + timedelta(minutes=1) + timedelta(days=7))
